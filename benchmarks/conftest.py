@@ -1,0 +1,52 @@
+"""pytest-benchmark set-up: GPU only, and the device's measured copy bandwidth.
+
+Run as `pytest benchmarks/ --benchmark-only`. Without CUDA every benchmark skips with
+the reason (the numerics still run in tests/ and in `python -m vit_kernels.bench`).
+"""
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="benchmarks need a CUDA device (none found)")
+    for item in items:
+        item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth_gbps():
+    from vit_kernels.bench import copy_bandwidth_gbps
+
+    return copy_bandwidth_gbps(torch.device("cuda"))
+
+
+@pytest.fixture
+def measure(benchmark, copy_bandwidth_gbps):
+    """measure(case): time case.run with pytest-benchmark (synchronizing inside the timed call),
+    and record CUDA-event timing, GB/s and % of the measured copy bandwidth in extra_info."""
+    return lambda case: _measure(benchmark, case, copy_bandwidth_gbps)
+
+
+def _measure(benchmark, case, copy_bandwidth_gbps, rounds=50):
+    from vit_kernels.bench import time_cuda_ms
+
+    def timed():
+        case.run()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"{case.op} {case.shape} {case.mode}"
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=5, iterations=1)
+    ms = time_cuda_ms(case.run)
+    gbps = case.bytes_moved / (ms * 1e-3) / 1e9
+    benchmark.extra_info.update(
+        provider=case.provider,
+        cuda_event_median_ms=ms,
+        gbps=gbps,
+        pct_of_copy_bandwidth=100 * gbps / copy_bandwidth_gbps,
+        copy_bandwidth_gbps=copy_bandwidth_gbps,
+    )

@@ -1,0 +1,68 @@
+"""The csrc/ build mechanism: setup.py's ahead-of-time build and the first-use JIT build."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit_kernels import _build_config, _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_BUILD = _build_config.build_cuda_sources(torch.version.cuda)
+
+
+def test_extension_loads_and_reports_its_build():
+    where = _extension.load()
+    assert where == "prebuilt" or where.startswith("jit:")
+    version = _extension.cuda_version()
+    if CUDA_BUILD:
+        assert version >= 11000, "CUDA sources should have been compiled (torch is a CUDA build, nvcc exists)"
+    else:
+        assert version == 0
+
+
+def test_setup_py_builds_the_extension(tmp_path):
+    """`setup.py build_ext` with torch importable compiles csrc/ (CUDA sources too when nvcc exists:
+    no GPU needed) into a library that registers the ops."""
+    env = dict(os.environ, VIT_KERNELS_SKIP_EXT="0")
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+         "--build-temp", str(tmp_path / "tmp")],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=900,
+    )
+    built = list((tmp_path / "lib" / "vit_kernels").glob("_C*.so"))
+    assert len(built) == 1, built
+    code = (
+        "import sys, torch\n"
+        f"torch.ops.load_library({str(built[0])!r})\n"
+        "print(torch.ops.vit_kernels.extension_cuda_version())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=300)
+    assert (int(out.stdout.strip()) > 0) == CUDA_BUILD
+
+
+def test_skip_env_gives_a_clear_error(tmp_path):
+    """VIT_KERNELS_SKIP_EXT=1 with no prebuilt extension: loading names the variable, never a traceback from ninja."""
+    if list((ROOT / "vit_kernels").glob("_C*.so")):
+        pytest.skip("a prebuilt vit_kernels._C is installed in the tree")
+    code = (
+        "from vit_kernels import _extension\n"
+        "try:\n"
+        "    _extension.load()\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = dict(os.environ, VIT_KERNELS_SKIP_EXT="1", VIT_KERNELS_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True, timeout=300)
+    assert "VIT_KERNELS_SKIP_EXT=1" in out.stdout
+
+
+def test_cuda_home_is_the_toolkit_root():
+    root = _build_config.cuda_home()
+    if shutil.which("nvcc") is None and root is None:
+        pytest.skip("no nvcc on this machine")
+    assert (Path(root) / "include" / "cuda_runtime_api.h").is_file()

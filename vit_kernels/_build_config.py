@@ -1,0 +1,74 @@
+"""What the csrc/ extension is built from, shared by setup.py and the first-use JIT build.
+
+Imported by setup.py by file path (before the package or torch may be importable), so
+it must not import torch or anything from vit_kernels at module level.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+EXTENSION_NAME = "vit_kernels._C"
+SKIP_ENV = "VIT_KERNELS_SKIP_EXT"
+
+
+def skip_requested() -> bool:
+    return os.environ.get(SKIP_ENV, "0") not in ("", "0")
+
+
+def cuda_home():
+    """The CUDA toolkit root, or None when there is no nvcc.
+
+    torch guesses the root as nvcc's grandparent directory, which is wrong when
+    nvcc on PATH is a wrapper script (/usr/local/bin/nvcc here): the toolkit's
+    headers and libcudart are then not where it looks. So the root is the one whose
+    include/ has the CUDA runtime headers: $CUDA_HOME/$CUDA_PATH, nvcc's real
+    grandparent, or /usr/local/cuda.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        if (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "include" / "cuda_runtime_api.h").is_file():
+            return root
+    return None
+
+
+def use_cuda_home() -> None:
+    """Point torch.utils.cpp_extension at cuda_home(); call before importing it (it reads CUDA_HOME once)."""
+    root = cuda_home()
+    if root is not None:
+        os.environ.setdefault("CUDA_HOME", root)
+
+
+def build_cuda_sources(torch_cuda_version) -> bool:
+    """CUDA sources are compiled whenever torch is a CUDA build and nvcc is found.
+
+    No GPU is needed: a wheel built on a GPU-less machine still runs on one.
+    """
+    return torch_cuda_version is not None and cuda_home() is not None
+
+
+def sources(csrc: Path, with_cuda: bool):
+    cpp = sorted(str(p) for p in csrc.glob("*.cpp"))
+    cu = sorted(str(p) for p in (csrc / "cuda").glob("*.cu")) if with_cuda else []
+    return cpp + cu
+
+
+def compile_args(with_cuda: bool):
+    # No -std flag: torch's build helpers pick the standard its headers need
+    # (C++17 up to torch 2.9, C++20 after).
+    cxx = ["-O3"]
+    args = {"cxx": cxx + (["-DVIT_KERNELS_WITH_CUDA"] if with_cuda else [])}
+    if with_cuda:
+        # sm_80 (A100) and sm_90 (H100/H200) machine code, plus PTX for newer parts.
+        args["nvcc"] = [
+            "-O3",
+            "-DVIT_KERNELS_WITH_CUDA",
+            "-gencode=arch=compute_80,code=sm_80",
+            "-gencode=arch=compute_90,code=sm_90",
+            "-gencode=arch=compute_90,code=compute_90",
+        ]
+    return args

@@ -1,0 +1,89 @@
+"""Loading the csrc/ extension: the build-time vit_kernels._C, else a first-use JIT build.
+
+`pip install -e .` under pip's default build isolation cannot import torch, so
+setup.py compiles nothing and the first call to `load()` compiles csrc/ with
+`torch.utils.cpp_extension.load` (ninja) into a cache directory, reused by every
+later process: $VIT_KERNELS_CACHE, default ~/.cache/vit_kernels. The CUDA sources
+are included by the same rule as setup.py (torch is a CUDA build and nvcc exists).
+"""
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import _build_config
+
+_loaded_from = None
+
+
+def _csrc_dir() -> Path:
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_csrc", package.parent / "csrc"):
+        if (candidate / "extension.cpp").is_file():
+            return candidate
+    raise RuntimeError(f"vit_kernels: the csrc/ sources are missing (looked in {package / '_csrc'} and {package.parent / 'csrc'})")
+
+
+def _jit_build() -> str:
+    _build_config.use_cuda_home()
+    from torch.utils import cpp_extension
+
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError as err:
+        raise RuntimeError(
+            "vit_kernels: the C++ extension was not built at install time and ninja, needed to "
+            "compile it now, is not installed: `pip install ninja`"
+        ) from err
+    with_cuda = _build_config.build_cuda_sources(torch.version.cuda)
+    cache = Path(os.environ.get("VIT_KERNELS_CACHE", Path.home() / ".cache" / "vit_kernels"))
+    build_dir = cache / f"torch-{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    args = _build_config.compile_args(with_cuda)
+    try:
+        cpp_extension.load(
+            name="vit_kernels_C",
+            sources=_build_config.sources(_csrc_dir(), with_cuda),
+            extra_cflags=args["cxx"],
+            extra_cuda_cflags=args.get("nvcc"),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            build_directory=str(build_dir),
+        )
+    except (RuntimeError, OSError) as err:
+        raise RuntimeError(
+            f"vit_kernels: compiling the C++ extension in {build_dir} failed; it needs a C++17 "
+            f"compiler{' and nvcc' if with_cuda else ''} (set VIT_KERNELS_SKIP_EXT=1 to do without the "
+            f"extension's ops). The build's last output:\n{str(err)[-3000:]}"
+        ) from err
+    return f"jit:{build_dir}"
+
+
+def load() -> str:
+    """Make the csrc/ ops available under torch.ops.vit_kernels; returns where they came from.
+
+    Raises RuntimeError naming what is missing when the extension can be neither
+    imported nor compiled, or when VIT_KERNELS_SKIP_EXT=1 turned it off.
+    """
+    global _loaded_from
+    if _loaded_from is not None:
+        return _loaded_from
+    try:
+        import vit_kernels._C  # noqa: F401  (the shared object's static registrations are the point)
+
+        _loaded_from = "prebuilt"
+    except ImportError:
+        if _build_config.skip_requested():
+            raise RuntimeError(
+                f"vit_kernels: the C++ extension is not built and {_build_config.SKIP_ENV}=1 forbids "
+                "compiling it; unset it (or reinstall without it) to use the extension's ops"
+            ) from None
+        _loaded_from = _jit_build()
+    return _loaded_from
+
+
+def cuda_version() -> int:
+    """CUDA runtime version the extension's CUDA sources were built against; 0 for a CPU-only build."""
+    load()
+    return int(torch.ops.vit_kernels.extension_cuda_version())

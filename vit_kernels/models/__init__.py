@@ -1,0 +1,1 @@
+"""The reference ViT (issue: "The reference ViT, and swap_modules"): not written yet."""

@@ -1,0 +1,22 @@
+"""Triton helpers shared by the op files."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast_for_store(x, dtype: tl.constexpr, RNE_BF16_IN_SOFTWARE: tl.constexpr):
+    """x (float32) rounded to `dtype` for a store, round-to-nearest-even.
+
+    On the GPU `.to(tl.bfloat16)` already rounds to nearest even. Triton's CPU
+    interpreter (seen in 3.9) truncates float32 -> bfloat16 instead, which is a full
+    bf16 ulp of error and fails the numerics rule; with RNE_BF16_IN_SOFTWARE (set by
+    the launchers for interpreted kernels only) the rounding is done on the bits:
+    add 0x7FFF plus the lowest kept bit, clear the low half. NaN is passed through
+    (the addition could carry a NaN's payload into the sign bit).
+    """
+    if RNE_BF16_IN_SOFTWARE and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+    return x.to(dtype)

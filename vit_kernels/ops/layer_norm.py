@@ -1,0 +1,574 @@
+# Fused residual add + LayerNorm: the pre-LN residual step of a ViT block.
+#
+#   h_new = h + row_scale[b] * gamma * x        (h_new = row_scale[b] * gamma * x without h)
+#   y     = (h_new - mean(h_new)) * rstd * weight + bias
+#
+# What is fused and why. Eager PyTorch runs this as up to four kernels: the layer-scale
+# multiply, the drop-path multiply, the residual add (read 2, write 1) and the
+# LayerNorm (read 1, write 1). Here one pass reads x and h once and writes y and h_new
+# once: 4 tensor-sized transfers instead of 5 (7 with layer scale and drop path), and
+# no intermediate ever reaches device memory. Drop path enters as a per-sample scale
+# (0 or 1/keep_prob) and layer scale as a per-channel one, so DropPath and LayerScale
+# modules cost nothing extra. The backward is one pass as well: it takes the gradients
+# of both outputs (the residual stream's gradient flows through h_new) and writes dx,
+# dh and per-program partial sums of dweight, dbias and dgamma.
+#
+# Design choices.
+# - A program owns BLOCK_M whole rows: BLOCK_N = next_power_of_2(D) columns, masked,
+#   so a row's statistics need no cross-program communication. Small D gets several
+#   rows per program so each program still moves a few KB; large D gets more warps.
+# - Statistics in float32, two-pass (mean, then the variance of the centered row,
+#   both from registers), so there is no catastrophic cancellation of E[x^2] - E[x]^2.
+# - y is the LayerNorm of h_new *after* rounding h_new to its stored dtype: the forward
+#   and the backward (which recomputes x_hat from the stored h_new) see one function,
+#   and it is the function eager computes.
+# - residual_in_fp32 stores h_new in float32 while y is in the activation dtype: the
+#   residual stream of a bf16 ViT then accumulates 24 or 32 blocks without bf16
+#   rounding at every add.
+# - dweight/dbias/dgamma: each backward program accumulates its rows in float32
+#   registers and writes one partial row; torch.sum over the partials is the second
+#   stage. No atomics and no spin locks, so gradients are bitwise reproducible.
+# - Row offsets are computed in int64: B*N*D passes 2^31 at ViT-H sizes.
+#
+# Layout: the last dimension must be contiguous (stride 1); any leading shape and any
+# row stride are read in place. Not supported: normalizing over more than the last
+# dimension, D > MAX_HIDDEN (one row must fit a program's registers), float64 (the
+# public function runs the reference for it), RMSNorm.
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._dispatch import interpreted, num_programs_for_reduction, runs_kernel
+from ._triton_helpers import cast_for_store
+from .._validate import (
+    check_float_tensor,
+    check_number,
+    check_optional_float_tensor,
+    check_same_device,
+    check_shape,
+)
+
+MAX_HIDDEN = 16384
+
+
+@triton.jit
+def _add_layer_norm_fwd_kernel(
+    X,
+    RESIDUAL,
+    W,
+    B,
+    GAMMA,
+    ROW_SCALE,
+    Y,
+    RESIDUAL_OUT,
+    MEAN,
+    RSTD,
+    stride_x_row,
+    stride_res_row,
+    stride_y_row,
+    stride_res_out_row,
+    n_rows,
+    n_cols,
+    rows_per_sample,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    STORE_RESIDUAL_OUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    col_mask = cols < n_cols
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+
+    h = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(GAMMA + cols, mask=col_mask, other=0.0).to(tl.float32)
+        h = h * gamma[None, :]
+    if HAS_ROW_SCALE:
+        scale = tl.load(ROW_SCALE + rows // rows_per_sample, mask=row_mask, other=0.0).to(tl.float32)
+        h = h * scale[:, None]
+    if HAS_RESIDUAL:
+        res = tl.load(RESIDUAL + rows64[:, None] * stride_res_row + cols[None, :], mask=mask, other=0.0)
+        h = h + res.to(tl.float32)
+    if STORE_RESIDUAL_OUT:
+        h_stored = cast_for_store(h, RESIDUAL_OUT.dtype.element_ty, RNE_BF16_IN_SOFTWARE)
+        tl.store(RESIDUAL_OUT + rows64[:, None] * stride_res_out_row + cols[None, :], h_stored, mask=mask)
+        h = h_stored.to(tl.float32)
+
+    mean = tl.sum(h, axis=1) / n_cols
+    centered = tl.where(mask, h - mean[:, None], 0.0)
+    var = tl.sum(centered * centered, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+    y = centered * rstd[:, None]
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows64[:, None] * stride_y_row + cols[None, :], cast_for_store(y, Y.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
+
+
+@triton.jit
+def _add_layer_norm_bwd_kernel(
+    X,
+    H,
+    W,
+    GAMMA,
+    ROW_SCALE,
+    MEAN,
+    RSTD,
+    DY,
+    DRESIDUAL_OUT,
+    DX,
+    DRESIDUAL,
+    DW_PARTIAL,
+    DB_PARTIAL,
+    DGAMMA_PARTIAL,
+    stride_x_row,
+    stride_h_row,
+    stride_dy_row,
+    stride_dres_out_row,
+    stride_dx_row,
+    stride_dres_row,
+    n_rows,
+    n_cols,
+    rows_per_sample,
+    rows_per_program,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_DRESIDUAL_OUT: tl.constexpr,
+    STORE_DRESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(GAMMA + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dgamma_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)
+
+        h = tl.load(H + rows64[:, None] * stride_h_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(DY + rows64[:, None] * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            dw_acc += dy * x_hat
+            wdy = dy * w[None, :]
+        else:
+            wdy = dy
+        if HAS_BIAS:
+            db_acc += dy
+        c1 = tl.sum(x_hat * wdy, axis=1) / n_cols
+        c2 = tl.sum(wdy, axis=1) / n_cols
+        dh = (wdy - (x_hat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DRESIDUAL_OUT:
+            dres_out = tl.load(
+                DRESIDUAL_OUT + rows64[:, None] * stride_dres_out_row + cols[None, :], mask=mask, other=0.0
+            )
+            dh = dh + dres_out.to(tl.float32)
+        if STORE_DRESIDUAL:
+            tl.store(
+                DRESIDUAL + rows64[:, None] * stride_dres_row + cols[None, :],
+                cast_for_store(dh, DRESIDUAL.dtype.element_ty, RNE_BF16_IN_SOFTWARE),
+                mask=mask,
+            )
+        dx = dh
+        if HAS_ROW_SCALE:
+            scale = tl.load(ROW_SCALE + rows // rows_per_sample, mask=row_mask, other=0.0).to(tl.float32)
+            dx = dx * scale[:, None]
+        if HAS_GAMMA:
+            x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dgamma_acc += dx * x
+            dx = dx * gamma[None, :]
+        tl.store(DX + rows64[:, None] * stride_dx_row + cols[None, :], cast_for_store(dx, DX.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
+
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    if HAS_GAMMA:
+        tl.store(DGAMMA_PARTIAL + pid * n_cols + cols, tl.sum(dgamma_acc, axis=0), mask=col_mask)
+
+
+def _block_config(n_cols: int, kernel) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols elements.
+
+    GPU: about 4K elements per program (two rows at ViT-H's 1280, four at ViT-B's 768),
+    16 fp32 elements per thread at most, so one row of D = 16384 takes 32 warps.
+    Interpreter: its cost is per operation, not per element, so tiles of up to 64K
+    elements; the kernel code and its masking are the same.
+    """
+    block_n = triton.next_power_of_2(n_cols)
+    if interpreted(kernel):
+        return max(1, min(64, 65536 // block_n)), block_n, 4
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = min(32, max(4, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+def _rows(t: Tensor, n_cols: int) -> Tensor:
+    """A [rows, D] view of t whose last dim is contiguous (a copy only if no such view exists)."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+@torch.library.custom_op("vit_kernels::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd(
+    x: Tensor,
+    residual: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    gamma: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    eps: float,
+    residual_dtype: torch.dtype,
+    store_residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, h_new or an empty tensor when not stored, mean, rstd); mean/rstd are per row, float32."""
+    n_cols = x.shape[-1]
+    x2 = _rows(x, n_cols)
+    n_rows = x2.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    residual_out = (
+        torch.empty(x.shape, dtype=residual_dtype, device=x.device)
+        if store_residual
+        else torch.empty(0, dtype=residual_dtype, device=x.device)
+    )
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return y, residual_out, mean, rstd
+    res2 = _rows(residual, n_cols) if residual is not None else None
+    y2 = y.view(-1, n_cols)
+    res_out2 = residual_out.view(-1, n_cols) if store_residual else None
+    block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_fwd_kernel)
+    _add_layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+        x2,
+        res2,
+        weight,
+        bias,
+        gamma,
+        row_scale,
+        y2,
+        res_out2,
+        mean,
+        rstd,
+        x2.stride(0),
+        res2.stride(0) if res2 is not None else 0,
+        y2.stride(0),
+        res_out2.stride(0) if res_out2 is not None else 0,
+        n_rows,
+        n_cols,
+        n_rows // row_scale.shape[0] if row_scale is not None else 1,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_GAMMA=gamma is not None,
+        HAS_ROW_SCALE=row_scale is not None,
+        STORE_RESIDUAL_OUT=store_residual,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_fwd_kernel),
+        num_warps=num_warps,
+    )
+    return y, residual_out, mean, rstd
+
+
+@_add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual):
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    residual_out = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype)
+    return (
+        x.new_empty(x.shape),
+        residual_out,
+        x.new_empty((n_rows,), dtype=torch.float32),
+        x.new_empty((n_rows,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("vit_kernels::add_layer_norm_bwd", mutates_args=())
+def _add_layer_norm_bwd(
+    dy: Tensor,
+    dresidual_out: Optional[Tensor],
+    x: Optional[Tensor],
+    h: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    gamma: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    mean: Tensor,
+    rstd: Tensor,
+    residual_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dresidual, dweight, dbias, dgamma); an empty tensor stands for a gradient not computed.
+
+    `x` is needed only with gamma (dgamma = sum(dh * row_scale * x)); `h` is the stored
+    h_new (x itself when it was not stored). dresidual is computed when residual_dtype
+    is given; the autograd glue passes None where dresidual equals dx.
+    """
+    n_cols = dy.shape[-1]
+    dy2 = _rows(dy, n_cols)
+    h2 = _rows(h, n_cols)
+    n_rows = dy2.shape[0]
+    device = dy.device
+    dx = torch.empty(dy.shape, dtype=dy.dtype, device=device)
+    store_dresidual = residual_dtype is not None
+    dresidual = torch.empty(dy.shape if store_dresidual else (0,), dtype=residual_dtype or dy.dtype, device=device)
+
+    block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_bwd_kernel)
+    # Whole row blocks per program; the last program may get fewer rows.
+    n_row_blocks = max(1, triton.cdiv(n_rows, block_m))
+    n_programs = min(num_programs_for_reduction(device), n_row_blocks)
+    rows_per_program = triton.cdiv(n_row_blocks, n_programs) * block_m
+    n_programs = triton.cdiv(n_row_blocks * block_m, rows_per_program)
+
+    def partial(param):
+        if param is None:
+            return None
+        return torch.empty((n_programs, n_cols), dtype=torch.float32, device=device)
+
+    dw_partial, db_partial, dgamma_partial = partial(weight), partial(bias), partial(gamma)
+    if n_rows > 0:
+        x2 = _rows(x, n_cols) if gamma is not None else None
+        dres_out2 = _rows(dresidual_out, n_cols) if dresidual_out is not None else None
+        dx2 = dx.view(-1, n_cols)
+        dres2 = dresidual.view(-1, n_cols) if store_dresidual else None
+        _add_layer_norm_bwd_kernel[(n_programs,)](
+            x2,
+            h2,
+            weight,
+            gamma,
+            row_scale,
+            mean,
+            rstd,
+            dy2,
+            dres_out2,
+            dx2,
+            dres2,
+            dw_partial,
+            db_partial,
+            dgamma_partial,
+            x2.stride(0) if x2 is not None else 0,
+            h2.stride(0),
+            dy2.stride(0),
+            dres_out2.stride(0) if dres_out2 is not None else 0,
+            dx2.stride(0),
+            dres2.stride(0) if dres2 is not None else 0,
+            n_rows,
+            n_cols,
+            n_rows // row_scale.shape[0] if row_scale is not None else 1,
+            rows_per_program,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            HAS_GAMMA=gamma is not None,
+            HAS_ROW_SCALE=row_scale is not None,
+            HAS_DRESIDUAL_OUT=dresidual_out is not None,
+            STORE_DRESIDUAL=store_dresidual,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_bwd_kernel),
+            num_warps=num_warps,
+        )
+    else:
+        for p in (dw_partial, db_partial, dgamma_partial):
+            if p is not None:
+                p.zero_()
+
+    def reduce(p, param):
+        return p.sum(0).to(param.dtype) if param is not None else dy.new_empty(0)
+
+    return dx, dresidual, reduce(dw_partial, weight), reduce(db_partial, bias), reduce(dgamma_partial, gamma)
+
+
+@_add_layer_norm_bwd.register_fake
+def _(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, mean, rstd, residual_dtype):
+    def grad_like(param):
+        return param.new_empty(param.shape) if param is not None else dy.new_empty(0)
+
+    dresidual = dy.new_empty(dy.shape if residual_dtype is not None else (0,), dtype=residual_dtype or dy.dtype)
+    return dy.new_empty(dy.shape), dresidual, grad_like(weight), grad_like(bias), grad_like(gamma)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual = inputs
+    _, residual_out, mean, rstd = output
+    ctx.save_for_backward(
+        x if gamma is not None else None,
+        residual_out if store_residual else x,
+        weight,
+        bias,
+        gamma,
+        row_scale,
+        mean,
+        rstd,
+    )
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.store_residual = store_residual
+
+
+def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
+    x, h, weight, bias, gamma, row_scale, mean, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros(h.shape, dtype=h.dtype if x is None else x.dtype, device=h.device)
+    if not ctx.store_residual:
+        # h_new was x itself: its gradient reaches x through autograd, not through here.
+        dresidual_out = None
+    # dresidual equals dx when nothing scales the branch and the dtypes agree: reuse it.
+    separate_dresidual = ctx.has_residual and (
+        gamma is not None or row_scale is not None or ctx.residual_dtype != dy.dtype
+    )
+    dx, dresidual, dweight, dbias, dgamma = torch.ops.vit_kernels.add_layer_norm_bwd(
+        dy,
+        dresidual_out,
+        x,
+        h,
+        weight,
+        bias,
+        gamma,
+        row_scale,
+        mean,
+        rstd,
+        ctx.residual_dtype if separate_dresidual else None,
+    )
+    if ctx.has_residual and not separate_dresidual:
+        dresidual = dx
+    return (
+        dx,
+        dresidual if ctx.has_residual else None,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        dgamma if gamma is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _validate(x, residual, weight, bias, eps, gamma, row_scale):
+    check_float_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the hidden dim D), got a 0-d tensor")
+    n_cols = x.shape[-1]
+    if n_cols == 0 or n_cols > MAX_HIDDEN:
+        raise ValueError(f"x's last dim (the hidden size D) must be in [1, {MAX_HIDDEN}], got {n_cols}")
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias), ("gamma", gamma)):
+        check_optional_float_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_optional_float_tensor("row_scale", row_scale, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_same_device("x", x, residual=residual, weight=weight, bias=bias, gamma=gamma, row_scale=row_scale)
+    check_shape("residual", residual, x.shape)
+    check_shape("weight", weight, (n_cols,))
+    check_shape("bias", bias, (n_cols,))
+    check_shape("gamma", gamma, (n_cols,))
+    if row_scale is not None:
+        if x.dim() < 2:
+            raise ValueError(f"row_scale needs x with a leading batch dim, got x of shape {tuple(x.shape)}")
+        check_shape("row_scale", row_scale, (x.shape[0],))
+    check_number("eps", eps, minimum=0.0)
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    gamma: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The pre-LN residual step in one pass: returns ``(y, h_new)``.
+
+    ::
+
+        h_new = residual + row_scale[b] * gamma * x     (no residual: row_scale[b] * gamma * x)
+        y     = LayerNorm(h_new) * weight + bias         over the last dim, statistics in float32
+
+    Args:
+        x: the branch output ``[..., D]``; float32, float16 or bfloat16, last dim
+            contiguous after reshaping to rows (otherwise it is copied). 1 <= D <= 16384.
+        residual: the residual stream ``h``, same shape as x; any of the three float dtypes.
+        weight, bias: LayerNorm affine ``[D]``, float32 or the activation dtype (autocast
+            keeps LayerNorm weights in float32 while activations are bf16).
+        eps: added to the variance; 1e-6 in timm/torchvision, 1e-12 in transformers' ViT.
+        gamma: layer scale ``[D]`` (LayerScale / DeiT-3 / CaiT ``ls1``/``ls2``).
+        row_scale: per-sample factor ``[B]`` for x of shape ``[B, ...]``: the drop-path mask
+            divided by the keep probability (0 or 1/keep_prob), constant over a sample's tokens.
+            It gets no gradient.
+        residual_in_fp32: store h_new in float32 even when x is bf16/fp16.
+
+    Returns:
+        ``y`` in x's dtype and ``h_new`` in float32 if residual_in_fp32, else residual's
+        dtype (x's when there is no residual). When nothing is added or scaled and the
+        dtype does not change, h_new *is* x (no copy is written).
+
+    Gradients flow to x, residual, weight, bias and gamma, from both outputs. dweight,
+    dbias and dgamma are reduced deterministically (float32 partials per program, then
+    a sum): gradients are bitwise reproducible run to run.
+
+    CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
+    interpreter when TRITON_INTERPRET=1 was set before import, and the PyTorch
+    reference (vit_kernels.reference.add_layer_norm) otherwise. float64 always runs
+    the reference. Empty inputs (no rows) return empty outputs.
+
+    Raises:
+        TypeError: a non-tensor, or an integer/complex dtype, in any tensor argument;
+            eps not a number.
+        ValueError: D out of range, shapes that do not match x, row_scale not [B],
+            tensors on different devices, eps < 0.
+    """
+    _validate(x, residual, weight, bias, eps, gamma, row_scale)
+    if x.dtype == torch.float64 or not runs_kernel(_add_layer_norm_fwd_kernel, x):
+        return reference.add_layer_norm(
+            x, residual, weight, bias, eps, gamma=gamma, row_scale=row_scale, residual_in_fp32=residual_in_fp32
+        )
+    residual_dtype = reference.residual_dtype(x, residual, residual_in_fp32)
+    store_residual = residual is not None or gamma is not None or row_scale is not None or residual_dtype != x.dtype
+    y, residual_out, _, _ = _add_layer_norm_fwd(
+        x, residual, weight, bias, gamma, row_scale, float(eps), residual_dtype, store_residual
+    )
+    return y, residual_out if store_residual else x

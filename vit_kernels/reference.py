@@ -1,0 +1,57 @@
+"""Pure-PyTorch references of every vit_kernels op.
+
+Each function here is three things at once: the CPU path when Triton's interpreter
+is off, the oracle of the tests (called on float64 copies of the inputs), and the
+eager baseline of the benchmarks (called in the activation dtype). So they are
+written the way eager PyTorch code computes the op, with its roundings, and they
+follow the public op's signature and dtype rules exactly.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def residual_dtype(x: Tensor, residual: Optional[Tensor], residual_in_fp32: bool) -> torch.dtype:
+    """The dtype of add_layer_norm's residual output (`h_new`)."""
+    if residual_in_fp32:
+        return torch.float32 if x.dtype != torch.float64 else torch.float64
+    return residual.dtype if residual is not None else x.dtype
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    gamma: Optional[Tensor] = None,
+    row_scale: Optional[Tensor] = None,
+    residual_in_fp32: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """`h_new = residual + row_scale[b] * gamma * x; y = LayerNorm(h_new)`; returns (y, h_new).
+
+    The branch is scaled and added in the operands' own dtypes, as timm's block does
+    (`x + drop_path(ls(branch))`); the LayerNorm statistics and affine run in at least
+    float32 (what PyTorch's layer_norm kernels do internally) and y is rounded once to
+    x's dtype.
+    """
+    branch = x
+    if gamma is not None:
+        branch = branch * gamma
+    if row_scale is not None:
+        branch = branch * row_scale.reshape((-1,) + (1,) * (x.dim() - 1))
+    h_dtype = residual_dtype(x, residual, residual_in_fp32)
+    h_new = branch.to(h_dtype) if residual is None else (residual + branch).to(h_dtype)
+    compute = torch.promote_types(h_dtype, torch.float32)
+    y = F.layer_norm(
+        h_new.to(compute),
+        (x.shape[-1],),
+        None if weight is None else weight.to(compute),
+        None if bias is None else bias.to(compute),
+        eps,
+    )
+    return y.to(x.dtype), h_new

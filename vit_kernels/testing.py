@@ -1,0 +1,105 @@
+"""The numerics rule (DESIGN.md), shared by the tests, the benchmarks and `vit_kernels.bench`.
+
+An op is correct when, against a float64 reference computed from the same
+(already rounded) inputs, its error is at most twice the error of eager PyTorch in
+the same dtype, plus a tiny floor. This is FlashAttention's test rule: it scales to
+every dtype without hand-tuned tolerances, and it cannot be passed by a kernel
+that is merely "close" when eager is much closer.
+
+The floor is relative to the reference's magnitude, 1e-5 by default: far below a
+bf16/fp16 rounding error (4e-3/5e-4), so it only matters where eager happens to be
+exact (float32 sums of a few terms, an output that is all zeros); any indexing or
+formula bug is orders of magnitude above it.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+RULE_FACTOR = 2.0
+RULE_FLOOR = 1e-5
+
+
+def kernel_device() -> torch.device:
+    """Where tests run the kernels: the GPU when there is one, else the CPU (through the interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class RuleCheck:
+    name: str
+    error: float  # max |actual - oracle|
+    eager_error: float  # max |eager - oracle|
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        # `error <= bound` is False for NaN, so an unwritten (poisoned) or NaN output fails.
+        return self.error <= self.bound
+
+    @property
+    def ratio(self) -> float:
+        """Error relative to eager's (1.0 = as accurate as eager); inf when eager is exact."""
+        return self.error / self.eager_error if self.eager_error > 0 else (0.0 if self.error == 0 else float("inf"))
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAILS the rule"
+        return (
+            f"{self.name}: error {self.error:.3e} vs eager's {self.eager_error:.3e} "
+            f"(bound {self.bound:.3e}): {verdict}"
+        )
+
+
+def check_rule(
+    name: str,
+    actual: torch.Tensor,
+    oracle: torch.Tensor,
+    eager: torch.Tensor,
+    *,
+    factor: float = RULE_FACTOR,
+    floor: float = RULE_FLOOR,
+) -> RuleCheck:
+    """Compare `actual` (the kernel) and `eager` (PyTorch in the same dtype) against `oracle` (float64)."""
+    if actual.shape != oracle.shape or eager.shape != oracle.shape:
+        raise AssertionError(
+            f"{name}: shapes differ: actual {tuple(actual.shape)}, eager {tuple(eager.shape)}, "
+            f"oracle {tuple(oracle.shape)}"
+        )
+    if actual.dtype != eager.dtype:
+        raise AssertionError(f"{name}: dtype {actual.dtype} differs from eager's {eager.dtype}")
+    oracle = oracle.detach().to(torch.float64).cpu()
+    if oracle.numel() == 0:
+        return RuleCheck(name, 0.0, 0.0, 0.0)
+    error = (actual.detach().to(torch.float64).cpu() - oracle).abs().max().item()
+    eager_error = (eager.detach().to(torch.float64).cpu() - oracle).abs().max().item()
+    scale = max(1.0, oracle.abs().max().item())
+    return RuleCheck(name, error, eager_error, factor * eager_error + floor * scale)
+
+
+def assert_rule(name, actual, oracle, eager, **kwargs) -> RuleCheck:
+    check = check_rule(name, actual, oracle, eager, **kwargs)
+    assert check.ok, str(check)
+    return check
+
+
+@contextmanager
+def poisoned_allocations():
+    """Within the block, every floating-point `torch.empty` comes back filled with NaN.
+
+    Wrap a kernel call in it: an output element (or a partial-sum row) that the kernel
+    forgets to write stays NaN and fails the rule, instead of passing on leftover memory.
+    """
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        tensor = real_empty(*args, **kwargs)
+        if tensor.is_floating_point():
+            tensor.fill_(float("nan"))
+        return tensor
+
+    torch.empty = poisoned_empty
+    try:
+        yield
+    finally:
+        torch.empty = real_empty
