@@ -55,3 +55,39 @@ def add_layer_norm(
         eps,
     )
     return y.to(x.dtype), h_new
+
+
+def attention_probs(q: Tensor, k: Tensor, softmax_scale: Optional[float] = None) -> Tensor:
+    """softmax(q k^T * scale) as ``[B, H, N_q, N_kv]`` for q ``[B, N_q, H, d]``, k ``[B, N_kv, H, d]``.
+
+    Computed in (at least) float32 and returned in float32: these are the maps the
+    ViT paper visualizes (attention rollout, mean attention distance), not a training path.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
+    return scores.softmax(dim=-1)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: Optional[float] = None,
+    dropout_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Eager attention as timm computes it with fused_attn off: ``[B, N_q, H, d]`` in, out.
+
+    ``q @ k^T * scale``, softmax, optional dropout (``dropout_mask`` ``[B, H, N_q, N_kv]``,
+    True = keep, kept values scaled by ``1 / (1 - dropout_p)``), ``@ v``, each step in
+    the inputs' dtype (matmuls accumulate in float32 and round; softmax runs in float32
+    internally), so its rounding is eager's.
+    """
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
+    attn = (qt * scale) @ kt.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    if dropout_mask is not None:
+        attn = attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
+    return (attn @ vt).transpose(1, 2).contiguous()

@@ -1,0 +1,633 @@
+# Flash attention for ViTs: softmax(q k^T * scale) v in one Triton kernel, forward and backward.
+#
+# What is fused and why. Eager attention writes the [B, H, N, N] score matrix, reads it
+# for the softmax, writes the probabilities and reads them again for the product with v:
+# at ViT-L/16 @ 384 (N = 577) that is 4 passes over 21 MB per head-batch of 64, against
+# 2 MB of q, k, v and out. Here each program keeps one BLOCK_M x BLOCK_N tile of scores
+# in registers, with an online softmax (running max and sum), so the score matrix never
+# reaches memory: O(N) extra memory (the log-sum-exp per row), N = 16384 runs where
+# eager attention runs out of memory.
+#
+# Layout. q, k, v are [B, N, H, d] with any strides whose last one is 1: in particular
+# the three views qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2] of the packed [B, N, 3, H, d]
+# output of a ViT's qkv Linear, read in place (no permute, no copy). The output is
+# written [B, N, H, d] contiguous, so `.reshape(B, N, H * d)` for the proj Linear is free.
+# k/v may have another N than q (cross-attention, attention pooling). Non-causal only.
+#
+# Design choices.
+# - Head dims 32, 64, 80, 96, 128: d is padded to the next power of two inside the
+#   kernel (BLOCK_D) with masked loads, so ViT-H/14's d = 80 needs no copy.
+# - Any N: both sequence dims are masked, no divisibility asserts (197, 257, 577, 1, 17).
+# - Softmax statistics in float32, in base 2: the scale is folded into log2(e) * scale
+#   once, so the inner loop uses exp2. The log-sum-exp (base 2) is saved for backward.
+# - float32 inputs run their dots in full IEEE float32 precision, not tf32: tf32 would be
+#   10x less accurate than eager float32 attention and fail the numerics rule.
+# - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
+#   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
+#   of size N^2 is stored.
+# - Backward: a preprocess kernel for delta = rowsum(dO * O); one kernel per KV block
+#   for dK, dV; and dQ either from a second kernel per Q block (default: every element
+#   written by one program, so gradients are bitwise reproducible) or, with
+#   deterministic=False, accumulated with float32 atomics inside the dK/dV kernel.
+# - Block sizes: a fixed table per head dim (below), not yet tuned on a GPU.
+#
+# Not supported: causal or additive masks (the module falls back to the reference when
+# a mask is given), head dims outside {32, 64, 80, 96, 128}, float64 (runs the reference).
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._dispatch import interpreted, runs_kernel
+from .._validate import check_float_tensor, check_number, check_same_device
+from ._triton_helpers import cast_for_store
+
+HEAD_DIMS = (32, 64, 80, 96, 128)
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p):
+    """The keep mask of one [rows, cols] tile: one Philox draw per (batch*head, row, col)."""
+    offsets = (pid_bh.to(tl.int64) * n_q + rows[:, None]) * n_kv + cols[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    n_heads,
+    n_q,
+    n_kv,
+    qk_scale_log2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_q
+    d_mask = offs_d < HEAD_DIM
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, n_kv, BLOCK_N):
+        cols = start_n + offs_n
+        col_mask = cols < n_kv
+        kv_offsets = cols[:, None].to(tl.int64)
+        k = tl.load(k_base + kv_offsets * stride_kn + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        scores = tl.where(col_mask[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p), p, 0.0)
+        v = tl.load(v_base + kv_offsets * stride_vn + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - dropout_p)
+    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, cast_for_store(acc, O.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * n_q + rows, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O,
+    DO,
+    DELTA,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    n_heads,
+    n_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * n_q + rows, delta, mask=rows < n_q)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    DQ_ACCUM,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    stride_dkb,
+    stride_dkn,
+    stride_dkh,
+    n_heads,
+    n_q,
+    n_kv,
+    softmax_scale,
+    qk_scale_log2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """dK, dV for one KV block, looping over all Q blocks; with ATOMIC_DQ also dQ's share of this
+    block, added with float32 atomics into DQ_ACCUM ([B, N_q, H, d] contiguous). DK and DV share strides."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_mask = cols < n_kv
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = col_mask[:, None] & d_mask[None, :]
+    cols64 = cols[:, None].to(tl.int64)
+    k = tl.load(K + b * stride_kb + h * stride_kh + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    lse_base = LSE + pid_bh.to(tl.int64) * n_q
+    delta_base = DELTA + pid_bh.to(tl.int64) * n_q
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for start_m in range(0, n_q, BLOCK_M):
+        rows = start_m + offs_m
+        row_mask = rows < n_q
+        q_mask = row_mask[:, None] & d_mask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
+
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2(scores - lse[:, None])
+        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
+            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_dropped = p
+        dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            dq_ptrs = DQ_ACCUM + ((b * n_q + rows64) * n_heads + h) * HEAD_DIM + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=q_mask)
+
+    dk = dk * softmax_scale
+    out_offsets = b * stride_dkb + h * stride_dkh + cols64 * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_offsets, cast_for_store(dk, DK.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+    tl.store(DV + out_offsets, cast_for_store(dv, DV.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qn,
+    stride_qh,
+    stride_kb,
+    stride_kn,
+    stride_kh,
+    stride_vb,
+    stride_vn,
+    stride_vh,
+    stride_dob,
+    stride_don,
+    stride_doh,
+    stride_dqb,
+    stride_dqn,
+    stride_dqh,
+    n_heads,
+    n_q,
+    n_kv,
+    softmax_scale,
+    qk_scale_log2,
+    dropout_p,
+    seed,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """dQ for one Q block, looping over all KV blocks: one writer per element, so deterministic."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = (pid_bh % n_heads).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_q
+    d_mask = offs_d < HEAD_DIM
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * n_q + rows, mask=row_mask, other=0.0)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * n_q + rows, mask=row_mask, other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start_n in range(0, n_kv, BLOCK_N):
+        cols = start_n + offs_n
+        col_mask = cols < n_kv
+        kv_mask = col_mask[:, None] & d_mask[None, :]
+        cols64 = cols[:, None].to(tl.int64)
+        k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        p = tl.exp2(scores - lse[:, None])
+        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+    dq = dq * softmax_scale
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, cast_for_store(dq, DQ.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=q_mask)
+
+
+def _block_config(head_dim: int, kernel) -> dict:
+    """Block sizes and launch parameters.
+
+    Interpreter: 64 x 64 tiles, so N = 197 and 257 still cross several tile boundaries.
+    GPU: the FlashAttention-2 Triton tutorial's shapes for d <= 64, smaller KV tiles for
+    the padded d = 128; not yet tuned on a device.
+    """
+    if interpreted(kernel):
+        return dict(BLOCK_M=64, BLOCK_N=64)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def _bwd_block_config(head_dim: int, kernel) -> dict:
+    if interpreted(kernel):
+        return dict(BLOCK_M=64, BLOCK_N=64)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _common_constexprs(q: Tensor, kernel) -> dict:
+    head_dim = q.shape[-1]
+    return dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        RNE_BF16_IN_SOFTWARE=interpreted(kernel),
+    )
+
+
+def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
+    if dropout_p == 0:
+        return 0
+    if seed is None:
+        raise ValueError("seed is required when dropout_p > 0")
+    return int(seed.item())
+
+
+def _strides(t: Tensor) -> tuple:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+@torch.library.custom_op("vit_kernels::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
+    """Returns (out [B, N_q, H, d] contiguous, lse [B, H, N_q] float32, base 2).
+
+    `seed` is a CPU int64 scalar tensor (drawn by the caller, so torch.compile traces the
+    draw instead of freezing a constant), needed when dropout_p > 0. `deterministic` is
+    only carried to the backward.
+    """
+    batch, n_q, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    out = torch.empty((batch, n_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    config = _block_config(head_dim, _attn_fwd_kernel)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
+        HAS_DROPOUT=dropout_p > 0,
+        **_common_constexprs(q, _attn_fwd_kernel),
+        **config,
+    )
+    return out, lse
+
+
+@_flash_attention_fwd.register_fake
+def _(q, k, v, softmax_scale, dropout_p, seed, deterministic):
+    batch, n_q, n_heads, head_dim = q.shape
+    return q.new_empty((batch, n_q, n_heads, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("vit_kernels::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    softmax_scale: float,
+    dropout_p: float,
+    seed: Optional[Tensor],
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv), each [B, N, H, d] contiguous in q's dtype."""
+    batch, n_q, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    dq = torch.empty((batch, n_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, n_kv, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    dv = torch.empty((batch, n_kv, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    if dq.numel() == 0:
+        return dq, dk, dv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
+    delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
+    pre_block = 64
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), batch * n_heads)](
+        out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
+        HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
+    )
+    config = _bwd_block_config(head_dim, _attn_bwd_dkdv_kernel)
+    # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
+    dq_accum = None if deterministic else torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
+    qk_scale_log2 = softmax_scale * LOG2E
+    seed = _seed_value(seed, dropout_p)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, config["BLOCK_N"]), batch * n_heads)](
+        q, k, v, dout, lse, delta, dk, dv, dq_accum,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
+        n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
+        HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs, **config,
+    )
+    if deterministic:
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)](
+            q, k, v, dout, lse, delta, dq,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
+            n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
+            HAS_DROPOUT=dropout_p > 0, **constexprs, **config,
+        )
+    else:
+        dq.copy_(dq_accum)
+    return dq, dk, dv
+
+
+@_flash_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, dropout_p, seed, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, softmax_scale, dropout_p, seed, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.softmax_scale = softmax_scale
+    ctx.dropout_p = dropout_p
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = torch.ops.vit_kernels.flash_attention_bwd(
+        dout, q, k, v, out, lse, ctx.softmax_scale, ctx.dropout_p, seed, ctx.deterministic
+    )
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@triton.jit
+def _dropout_mask_kernel(MASK, n_q, n_kv, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
+    ptrs = MASK + (pid_bh.to(tl.int64) * n_q + rows[:, None]) * n_kv + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
+
+
+def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_kv: int, dropout_p: float,
+                           device) -> Tensor:
+    """The keep mask ``[B, H, N_q, N_kv]`` (bool) that flash_attention draws for `seed`.
+
+    For tests and for debugging a training run: with it, `reference.attention` reproduces
+    a dropped-out forward and backward exactly.
+    """
+    mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
+    grid = (triton.cdiv(n_q, 32), triton.cdiv(n_kv, 32), batch * n_heads)
+    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, _seed_value(seed, dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return mask.bool()
+
+
+def draw_seed() -> Tensor:
+    """A dropout seed from torch's default CPU generator (so torch.manual_seed governs it)."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def _validate(q, k, v, softmax_scale, dropout_p):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, N, H, d] (4-D), got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1 and t.numel() > 0:
+            raise ValueError(f"{name}'s last dim (head dim) must be contiguous (stride 1), got stride {t.stride(-1)}")
+    check_same_device("q", q, k=k, v=v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, N_kv, H, d], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
+        raise ValueError(
+            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim ([B, N, H, d])"
+        )
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+    if k.shape[1] == 0 and q.shape[1] > 0 and q.shape[0] > 0:
+        raise ValueError("k and v must have at least one token (N_kv >= 1): softmax over nothing is undefined")
+    if softmax_scale is not None:
+        check_number("softmax_scale", softmax_scale)
+        if not softmax_scale > 0:
+            raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    check_number("dropout_p", dropout_p, minimum=0.0)
+    if not dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def flash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = True,
+) -> Tensor:
+    """softmax(q k^T * softmax_scale) v without materializing the scores; returns ``[B, N_q, H, d]`` contiguous.
+
+    Args:
+        q: ``[B, N_q, H, d]``; k, v: ``[B, N_kv, H, d]``. Any strides with the last one 1, so
+            the views of a packed ``qkv [B, N, 3, H, d]`` are read in place. float16, bfloat16
+            or float32 (float32 runs its dots in full IEEE precision, not tf32); all three the
+            same dtype. d in {32, 64, 80, 96, 128}; any N >= 1.
+        softmax_scale: default ``d ** -0.5``.
+        dropout_p: dropout on the attention probabilities (training); the mask comes from a
+            Philox seed drawn from torch's default generator and is regenerated in backward.
+        deterministic: dQ without atomics (bitwise reproducible gradients; the default).
+            False accumulates dQ with float32 atomics inside the dK/dV pass.
+
+    CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter
+    when TRITON_INTERPRET=1 was set before import, else `vit_kernels.reference.attention`
+    (as does float64). Empty batches return empty outputs.
+
+    Raises:
+        TypeError: non-tensors, integer dtypes, q/k/v dtypes differing.
+        ValueError: not 4-D, last stride not 1, shapes that disagree (k and v N differing),
+            unsupported head dim, N_kv = 0, mixed devices, dropout_p outside [0, 1),
+            softmax_scale <= 0.
+    """
+    _validate(q, k, v, softmax_scale, dropout_p)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if q.dtype == torch.float64 or not runs_kernel(_attn_fwd_kernel, q):
+        mask = None
+        if dropout_p > 0:
+            mask = torch.rand(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device) >= dropout_p
+        return reference.attention(q, k, v, scale, mask, dropout_p)
+    seed = draw_seed() if dropout_p > 0 else None
+    out, _ = _flash_attention_fwd(q, k, v, scale, float(dropout_p), seed, deterministic)
+    return out
+
+
+def flash_attention_qkvpacked(
+    qkv: Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = True,
+) -> Tensor:
+    """flash_attention on the packed ``qkv [B, N, 3, H, d]`` of a ViT's qkv Linear (reshaped), read in place."""
+    if isinstance(qkv, Tensor) and (qkv.dim() != 5 or qkv.shape[2] != 3):
+        raise ValueError(f"qkv must be [B, N, 3, H, d], got shape {tuple(qkv.shape)}")
+    check_float_tensor("qkv", qkv, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    q, k, v = qkv.unbind(2)
+    return flash_attention(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, deterministic=deterministic)
+
+
+def attention_probs(q: Tensor, k: Tensor, *, softmax_scale: Optional[float] = None) -> Tensor:
+    """The attention probabilities ``[B, H, N_q, N_kv]`` (float32), for visualization.
+
+    An unfused reference path (it materializes the N x N matrix on purpose): the ViT
+    paper's attention maps, attention rollout and mean attention distance need them.
+    Same input rules as flash_attention.
+    """
+    _validate(q, k, k, softmax_scale, 0.0)
+    return reference.attention_probs(q, k, softmax_scale)
