@@ -25,14 +25,21 @@ def copy_bandwidth_gbps():
     return copy_bandwidth_gbps(torch.device("cuda"))
 
 
+@pytest.fixture(scope="session")
+def matmul_tflops():
+    from vit_kernels.bench import matmul_tflops
+
+    return matmul_tflops(torch.device("cuda"))
+
+
 @pytest.fixture
-def measure(benchmark, copy_bandwidth_gbps):
-    """measure(case): time case.run with pytest-benchmark (synchronizing inside the timed call),
-    and record CUDA-event timing, GB/s and % of the measured copy bandwidth in extra_info."""
-    return lambda case: _measure(benchmark, case, copy_bandwidth_gbps)
+def measure(benchmark, copy_bandwidth_gbps, matmul_tflops):
+    """measure(case): time case.run with pytest-benchmark (synchronizing inside the timed call), and
+    record the CUDA-event median, GB/s or TFLOP/s, and % of the measured peak in extra_info."""
+    return lambda case: _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops)
 
 
-def _measure(benchmark, case, copy_bandwidth_gbps, rounds=50):
+def _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops, rounds=50):
     from vit_kernels.bench import time_cuda_ms
 
     def timed():
@@ -42,11 +49,12 @@ def _measure(benchmark, case, copy_bandwidth_gbps, rounds=50):
     benchmark.group = f"{case.op} {case.shape} {case.mode}"
     benchmark.pedantic(timed, rounds=rounds, warmup_rounds=5, iterations=1)
     ms = time_cuda_ms(case.run)
-    gbps = case.bytes_moved / (ms * 1e-3) / 1e9
-    benchmark.extra_info.update(
-        provider=case.provider,
-        cuda_event_median_ms=ms,
-        gbps=gbps,
-        pct_of_copy_bandwidth=100 * gbps / copy_bandwidth_gbps,
-        copy_bandwidth_gbps=copy_bandwidth_gbps,
-    )
+    info = dict(provider=case.provider, cuda_event_median_ms=ms)
+    if case.bytes_moved:
+        gbps = case.bytes_moved / (ms * 1e-3) / 1e9
+        info.update(gbps=gbps, pct_of_copy_bandwidth=100 * gbps / copy_bandwidth_gbps,
+                    copy_bandwidth_gbps=copy_bandwidth_gbps)
+    if case.flops:
+        tflops = case.flops / (ms * 1e-3) / 1e12
+        info.update(tflops=tflops, pct_of_bf16_matmul=100 * tflops / matmul_tflops, bf16_matmul_tflops=matmul_tflops)
+    benchmark.extra_info.update(info)

@@ -8,20 +8,19 @@ device-to-device copy bandwidth.
 import pytest
 import torch
 
-from vit_kernels.bench import LAYER_NORM_SHAPES, PROVIDERS, layer_norm_agreement, layer_norm_case
+from vit_kernels.bench import LAYER_NORM_PROVIDERS, LAYER_NORM_SHAPES, layer_norm_agreement, layer_norm_case
 
 _agreement_checked = set()
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", LAYER_NORM_PROVIDERS)
 @pytest.mark.parametrize("shape", list(LAYER_NORM_SHAPES))
 def test_add_layer_norm(measure, shape, provider, mode):
     device = torch.device("cuda")
-    rows, hidden = LAYER_NORM_SHAPES[shape]
+    dims = LAYER_NORM_SHAPES[shape]
     if shape not in _agreement_checked:
-        for check in layer_norm_agreement(rows, hidden, torch.bfloat16, device).values():
+        for check in layer_norm_agreement(dims, torch.bfloat16, device).values():
             assert check.ok, str(check)
         _agreement_checked.add(shape)
-    case = layer_norm_case(provider, shape, rows, hidden, mode, torch.bfloat16, device)
-    measure(case)
+    measure(layer_norm_case(provider, shape, dims, mode, torch.bfloat16, device))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from vit_kernels.bench import PROVIDERS, layer_norm_case
+from vit_kernels.bench import ATTENTION_PROVIDERS, LAYER_NORM_PROVIDERS, attention_case, layer_norm_case
 from vit_kernels.testing import kernel_device
 
 
@@ -28,11 +28,60 @@ def test_main_job_without_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "compile"])
+@pytest.mark.parametrize("provider", [p for p in LAYER_NORM_PROVIDERS if p != "compile"])
 def test_layer_norm_cases_run(provider, mode):
     """The closures the benchmarks time compute what they claim (compile is exercised on the GPU)."""
-    case = layer_norm_case(provider, "tiny", 37, 96, mode, torch.float32, kernel_device())
+    case = layer_norm_case(provider, "tiny", (37, 96), mode, torch.float32, kernel_device())
     out = case.run()
     assert len(out) == (4 if mode == "fwd+bwd" else 2)
     assert all(torch.isfinite(t).all() for t in out)
     assert case.bytes_moved == (8 if mode == "fwd+bwd" else 4) * 37 * 96 * 4
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["vit_kernels", "eager", "sdpa"])
+def test_attention_cases_agree(provider, mode):
+    """Every attention provider computes the same [B, N, H*d] output from the packed qkv."""
+    device = kernel_device()
+    case = attention_case(provider, "tiny", (2, 17, 2, 32), mode, torch.float32, device)
+    torch.manual_seed(0)
+    out = case.run()
+    assert case.flops == int(4 * 2 * 2 * 17 * 17 * 32 * (3.5 if mode == "fwd+bwd" else 1))
+    shape = (2, 17, 3, 2, 32) if mode == "fwd+bwd" else (2, 17, 64)
+    assert (out[0] if mode == "fwd+bwd" else out).shape == shape
+
+
+def test_attention_providers_match_each_other():
+    qkv = torch.randn(2, 33, 3, 2, 64, device=kernel_device())
+    from vit_kernels.bench import _attention_fn
+
+    want = _attention_fn("eager")(qkv)
+    for provider in ("vit_kernels", "sdpa"):
+        torch.testing.assert_close(_attention_fn(provider)(qkv), want, rtol=1e-4, atol=1e-4)
+    assert set(ATTENTION_PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
+
+
+def test_timed_path_fills_the_report(monkeypatch):
+    """The GPU job's bookkeeping (agreement, speedups, GB/s, TFLOP/s, % of peak), run on the CPU
+    with a host timer standing in for CUDA events and the sdpa backends' absence reported."""
+    import time
+
+    from vit_kernels import bench
+
+    def host_time_ms(fn, **_):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr(bench, "time_cuda_ms", host_time_ms)
+    report = bench.Report("test", "now", "t", "t", "p", copy_bandwidth_gbps=100.0, bf16_matmul_tflops=10.0)
+    monkeypatch.setattr(bench, "_randn", lambda *shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False: (
+        (torch.randn(*shape, device=device) * scale + shift).float().requires_grad_(requires_grad)))
+    for op in bench.OPS:
+        bench.run_timed(report, op, kernel_device(), dict(list(op.small_shapes.items())[:1]), reps=2)
+    assert {r.op for r in report.rows} == {"add_layer_norm", "flash_attention"}
+    for r in report.rows:
+        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS)
+        if r.provider == "vit_kernels":
+            assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
+    assert "| flash_attention |" in bench.markdown(report)

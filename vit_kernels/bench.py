@@ -3,11 +3,12 @@
     python -m vit_kernels.bench [--json FILE] [--markdown FILE] [--quick]
 
 On a CUDA device, for every op and ViT shape: median time of each provider
-(vit_kernels, eager PyTorch, torch.compile of eager), the speedup over eager and
-over torch.compile, achieved GB/s as a share of the measured device-to-device copy
-bandwidth, and the numerics rule (error against float64 relative to eager's error)
-checked at that shape before anything is timed. Without CUDA the first line says so
-and only the numerics run, at small shapes through Triton's interpreter.
+(vit_kernels, eager PyTorch, and the strongest PyTorch alternative: torch.compile,
+SDPA), the speedups over eager and over that alternative, achieved GB/s or TFLOP/s as
+a share of the device's measured copy bandwidth or bf16 matmul rate, and the numerics
+rule (error against float64 relative to eager's error) checked at that shape before
+anything is timed. Without CUDA the first line says so and only the numerics run, at
+small shapes through Triton's interpreter.
 
 The cases defined here are shared with `pytest benchmarks/ --benchmark-only`, so the
 two report the same thing.
@@ -26,12 +27,13 @@ import platform
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-from .testing import check_rule
+from . import reference
+from .testing import RuleCheck, check_rule
 
 DEFAULT_L2_BYTES = 50 * 2**20  # H100's L2; used when the device does not report its own
 
@@ -62,6 +64,14 @@ def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
+def matmul_tflops(device: torch.device, n: int = 8192) -> float:
+    """Measured bf16 matmul rate (cuBLAS through torch.matmul, n x n x n), TFLOP/s."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_cuda_ms(lambda: a @ b, warmup=5, reps=30)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def n_input_sets(set_bytes: int, device: torch.device) -> int:
     """Enough input sets that cycling through them moves at least twice the L2 cache."""
     if device.type != "cuda":
@@ -73,14 +83,19 @@ def n_input_sets(set_bytes: int, device: torch.device) -> int:
 class Rotation:
     """Hands out input sets round-robin."""
 
-    def __init__(self, sets):
-        self.sets = sets
+    def __init__(self, make_set: Callable[[], tuple], set_bytes: int, device: torch.device):
+        self.sets = [make_set() for _ in range(n_input_sets(set_bytes, device))]
         self.i = 0
 
     def next(self):
         s = self.sets[self.i]
         self.i = (self.i + 1) % len(self.sets)
         return s
+
+
+def _randn(*shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False):
+    t = (torch.randn(*shape, device=device) * scale + shift).to(dtype)
+    return t.requires_grad_() if requires_grad else t
 
 
 # ---- cases -------------------------------------------------------------------------------------
@@ -95,9 +110,12 @@ class Case:
     mode: str  # "fwd" or "fwd+bwd"
     provider: str
     run: Callable[[], object]  # one call on the next input set
-    bytes_moved: int  # the fewest bytes the op must move: each input read once, each output written once
-    flops: int = 0
+    bytes_moved: int = 0  # memory-bound ops: the fewest bytes (each input read once, each output written once)
+    flops: int = 0  # compute-bound ops: the FLOPs of the algorithm
 
+
+# add_layer_norm: `y, h = add_layer_norm(x, residual, weight, bias)` against
+# `h = x + residual; y = F.layer_norm(h)` and torch.compile of that.
 
 LAYER_NORM_SHAPES = {
     "ViT-B (256*197, 768)": (256 * 197, 768),
@@ -105,7 +123,7 @@ LAYER_NORM_SHAPES = {
     "ViT-H (64*257, 1280)": (64 * 257, 1280),
 }
 LAYER_NORM_SMALL_SHAPES = {"small (2*197, 384)": (2 * 197, 384)}
-PROVIDERS = ("vit_kernels", "eager", "compile")
+LAYER_NORM_PROVIDERS = ("vit_kernels", "eager", "compile")
 
 
 def _eager_add_layer_norm(x, residual, weight, bias, eps):
@@ -122,31 +140,29 @@ def _layer_norm_fn(provider: str):
         return _eager_add_layer_norm
     if provider == "compile":
         return torch.compile(_eager_add_layer_norm, fullgraph=True)
-    raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    raise ValueError(f"provider must be one of {LAYER_NORM_PROVIDERS}, got {provider!r}")
 
 
-def _layer_norm_inputs(rows: int, hidden: int, dtype: torch.dtype, device: torch.device, requires_grad: bool):
-    def t(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale + shift).to(dtype)
+def _layer_norm_inputs(rows: int, hidden: int, dtype, device, requires_grad: bool):
+    def t(*shape, **kw):
+        return _randn(*shape, device=device, dtype=dtype, **kw)
 
-    x, residual = t(rows, hidden), t(rows, hidden, scale=2.0)
-    weight, bias = t(hidden, scale=0.3, shift=1.0), t(hidden, scale=0.3)
-    dy, dresidual = t(rows, hidden), t(rows, hidden)
-    if requires_grad:
-        for p in (x, residual, weight, bias):
-            p.requires_grad_()
-    return x, residual, weight, bias, dy, dresidual
+    return (
+        t(rows, hidden, requires_grad=requires_grad),
+        t(rows, hidden, scale=2.0, requires_grad=requires_grad),
+        t(hidden, scale=0.3, shift=1.0, requires_grad=requires_grad),
+        t(hidden, scale=0.3, requires_grad=requires_grad),
+        t(rows, hidden),
+        t(rows, hidden),
+    )
 
 
-def layer_norm_case(provider: str, shape: str, rows: int, hidden: int, mode: str, dtype, device) -> Case:
-    """`y, h = add_layer_norm(x, residual, weight, bias)` against `h = x + residual; y = F.layer_norm(h)`."""
+def layer_norm_case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
+    rows, hidden = dims
     fn = _layer_norm_fn(provider)
     backward = mode == "fwd+bwd"
     elem = torch.finfo(dtype).bits // 8
-    one_set = 4 * rows * hidden * elem
-    sets = Rotation(
-        [_layer_norm_inputs(rows, hidden, dtype, device, backward) for _ in range(n_input_sets(one_set, device))]
-    )
+    sets = Rotation(lambda: _layer_norm_inputs(rows, hidden, dtype, device, backward), 6 * rows * hidden * elem, device)
 
     def run():
         x, residual, weight, bias, dy, dresidual = sets.next()
@@ -157,31 +173,145 @@ def layer_norm_case(provider: str, shape: str, rows: int, hidden: int, mode: str
 
     # forward: read x, residual; write y, h_new. backward: read dy, dh, h_new; write dx (= dresidual).
     tensor_passes = 4 + (4 if backward else 0)
-    return Case("add_layer_norm", shape, mode, provider, run, tensor_passes * rows * hidden * elem)
+    return Case("add_layer_norm", shape, mode, provider, run, bytes_moved=tensor_passes * rows * hidden * elem)
 
 
-def layer_norm_agreement(rows: int, hidden: int, dtype, device) -> dict:
-    """The numerics rule at one shape for vit_kernels and torch.compile (eager is the yardstick).
-
-    Returns {provider: worst RuleCheck over y, h_new and every gradient}.
-    """
-    x, residual, weight, bias, dy, dresidual = _layer_norm_inputs(rows, hidden, dtype, device, False)
+def layer_norm_agreement(dims: tuple, dtype, device) -> dict:
+    """{provider: worst RuleCheck over y, h_new and every gradient}, for vit_kernels (and compile on a GPU)."""
+    rows, hidden = dims
+    inputs = _layer_norm_inputs(rows, hidden, dtype, device, False)
 
     def outputs(fn, cast):
-        leaves = [cast(t).detach().requires_grad_() for t in (x, residual, weight, bias)]
+        leaves = [cast(t).detach().requires_grad_() for t in inputs[:4]]
         y, h_new = fn(*leaves, 1e-6)
-        grads = torch.autograd.grad([y, h_new], leaves, [cast(dy), cast(dresidual)])
+        grads = torch.autograd.grad([y, h_new], leaves, [cast(inputs[4]), cast(inputs[5])])
         return dict(zip(("y", "h_new", "dx", "dresidual", "dweight", "dbias"), (y, h_new, *grads)))
 
-    oracle = outputs(_eager_add_layer_norm, lambda t: t.double())
-    eager = outputs(_eager_add_layer_norm, lambda t: t)
-    providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+    return _worst_by_provider(outputs, _layer_norm_fn, ["vit_kernels"] + (["compile"] if device.type == "cuda" else []))
+
+
+# flash attention: every provider starts from the packed qkv [B, N, 3, H, d] a ViT's qkv
+# Linear produces and ends with [B, N, H*d] for its proj Linear, so layout costs count on
+# both sides (timm permutes to [3, B, H, N, d] for SDPA and transposes back).
+
+ATTENTION_SHAPES = {
+    "ViT-S (256, 197, 6, 64)": (256, 197, 6, 64),
+    "ViT-B (256, 197, 12, 64)": (256, 197, 12, 64),
+    "ViT-L/16@384 (64, 577, 16, 64)": (64, 577, 16, 64),
+    "ViT-H/14 (64, 257, 16, 80)": (64, 257, 16, 80),
+    "long (4, 4096, 16, 128)": (4, 4096, 16, 128),
+    "long (1, 16384, 16, 64)": (1, 16384, 16, 64),
+}
+ATTENTION_SMALL_SHAPES = {"small (2, 197, 3, 64)": (2, 197, 3, 64), "small d=80 (1, 257, 2, 80)": (1, 257, 2, 80)}
+ATTENTION_PROVIDERS = ("vit_kernels", "eager", "sdpa", "sdpa_flash", "sdpa_cudnn")
+# The float64 oracle materializes B*H*N^2 scores; past 2^28 (2 GiB) agreement is checked on
+# one sample and 2 heads at the same N and d.
+AGREEMENT_MAX_SCORES = 2**28
+
+
+def _sdpa(backend: Optional[str]):
+    def attend(qkv):
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if backend is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(getattr(SDPBackend, backend)):
+                out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+    return attend
+
+
+def _eager_attention(qkv):
+    b, n = qkv.shape[:2]
+    return reference.attention(*qkv.unbind(2)).reshape(b, n, -1)
+
+
+def _attention_fn(provider: str):
+    if provider == "vit_kernels":
+        from .ops import flash_attention_qkvpacked
+
+        return lambda qkv: flash_attention_qkvpacked(qkv).reshape(qkv.shape[0], qkv.shape[1], -1)
+    if provider == "eager":
+        return _eager_attention
+    backends = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
+    if provider in backends:
+        return _sdpa(backends[provider])
+    raise ValueError(f"provider must be one of {ATTENTION_PROVIDERS}, got {provider!r}")
+
+
+def attention_case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
+    batch, n, heads, head_dim = dims
+    fn = _attention_fn(provider)
+    backward = mode == "fwd+bwd"
+    elem = torch.finfo(dtype).bits // 8
+
+    def make_set():
+        qkv = _randn(batch, n, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
+        return qkv, _randn(batch, n, heads * head_dim, device=device, dtype=dtype)
+
+    sets = Rotation(make_set, 4 * batch * n * heads * head_dim * elem, device)
+
+    def run():
+        qkv, dout = sets.next()
+        out = fn(qkv)
+        return torch.autograd.grad(out, qkv, dout) if backward else out
+
+    flops = 4 * batch * heads * n * n * head_dim * (3.5 if backward else 1.0)
+    return Case("flash_attention", shape, mode, provider, run, flops=int(flops))
+
+
+def attention_agreement(dims: tuple, dtype, device) -> dict:
+    batch, n, heads, head_dim = dims
+    if batch * heads * n * n > AGREEMENT_MAX_SCORES:
+        batch, heads = 1, 2
+    qkv = _randn(batch, n, 3, heads, head_dim, device=device, dtype=dtype)
+    dout = _randn(batch, n, heads * head_dim, device=device, dtype=dtype)
+
+    def outputs(fn, cast):
+        leaf = cast(qkv).detach().requires_grad_()
+        out = fn(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, cast(dout))
+        return {"out": out, "dqkv": grad}
+
+    providers = ["vit_kernels"] + (["sdpa"] if device.type == "cuda" else [])
+    return _worst_by_provider(outputs, _attention_fn, providers)
+
+
+def _worst_by_provider(outputs, fn_for, providers) -> dict:
+    """Run `outputs(fn, cast)` for the float64 oracle, eager and each provider; the worst check per provider."""
+    oracle = outputs(fn_for("eager"), lambda t: t.double())
+    eager = outputs(fn_for("eager"), lambda t: t)
     worst = {}
     for provider in providers:
-        got = outputs(_layer_norm_fn(provider), lambda t: t)
+        got = outputs(fn_for(provider), lambda t: t)
         checks = [check_rule(name, got[name], oracle[name], eager[name]) for name in got]
         worst[provider] = max(checks, key=lambda c: (not c.ok, c.ratio))
     return worst
+
+
+@dataclass
+class OpBench:
+    name: str
+    shapes: dict  # GPU shapes
+    small_shapes: dict  # numerics on CPU through the interpreter
+    providers: tuple
+    baseline: str  # the strongest PyTorch alternative, for the "x baseline" column
+    case: Callable
+    agreement: Callable
+    cpu_dtypes: tuple  # dtypes whose numerics the interpreter can check
+
+
+OPS = [
+    OpBench("add_layer_norm", LAYER_NORM_SHAPES, LAYER_NORM_SMALL_SHAPES, LAYER_NORM_PROVIDERS, "compile",
+            layer_norm_case, layer_norm_agreement, (torch.bfloat16, torch.float16)),
+    # bf16 tl.dot is wrong under the interpreter, so attention's CPU numerics run in fp16.
+    OpBench("flash_attention", ATTENTION_SHAPES, ATTENTION_SMALL_SHAPES, ATTENTION_PROVIDERS, "sdpa",
+            attention_case, attention_agreement, (torch.float16,)),
+]
 
 
 # ---- the job ---------------------------------------------------------------------------------
@@ -195,9 +325,11 @@ class Row:
     provider: str
     ms: float = float("nan")
     gbps: float = float("nan")
-    pct_copy_bw: float = float("nan")
+    tflops: float = float("nan")
+    pct_of_peak: float = float("nan")  # of copy bandwidth (memory-bound ops) or bf16 matmul rate (attention)
     speedup_vs_eager: float = float("nan")
-    speedup_vs_compile: float = float("nan")
+    baseline: str = ""
+    speedup_vs_baseline: float = float("nan")
     error_vs_eager: float = float("nan")  # max error against float64 / eager's; <= 2 passes
     rule_ok: bool = True
     note: str = ""
@@ -211,6 +343,7 @@ class Report:
     triton: str
     python: str
     copy_bandwidth_gbps: float = float("nan")
+    bf16_matmul_tflops: float = float("nan")
     rows: list = field(default_factory=list)
 
 
@@ -220,38 +353,54 @@ def _triton_version() -> str:
     return triton.__version__
 
 
-def run_layer_norm(report: Report, device, *, quick: bool) -> None:
-    dtype = torch.bfloat16
-    shapes = LAYER_NORM_SHAPES if device.type == "cuda" else LAYER_NORM_SMALL_SHAPES
-    if device.type != "cuda":
-        # bf16 and fp16 both, at a small shape: numerics only.
-        for dt in (torch.bfloat16, torch.float16):
-            for shape, (rows, hidden) in shapes.items():
-                worst = layer_norm_agreement(rows, hidden, dt, device)["vit_kernels"]
-                report.rows.append(
-                    Row("add_layer_norm", f"{shape} {str(dt)[6:]}", "fwd+bwd", "vit_kernels",
-                        error_vs_eager=worst.ratio, rule_ok=worst.ok, note=f"worst: {worst.name}")
-                )
-        return
-    reps = 10 if quick else 50
-    for shape, (rows, hidden) in shapes.items():
-        worst = layer_norm_agreement(rows, hidden, dtype, device)
+def _numerics_row(op: OpBench, shape: str, mode: str, provider: str, check: RuleCheck) -> Row:
+    return Row(op.name, shape, mode, provider, error_vs_eager=check.ratio, rule_ok=check.ok, note=f"worst: {check.name}")
+
+
+def _time_into(row: Row, case: Case, report: Report, reps: int) -> None:
+    row.ms = time_cuda_ms(case.run, reps=reps)
+    if case.bytes_moved:
+        row.gbps = case.bytes_moved / (row.ms * 1e-3) / 1e9
+        row.pct_of_peak = 100 * row.gbps / report.copy_bandwidth_gbps
+    if case.flops:
+        row.tflops = case.flops / (row.ms * 1e-3) / 1e12
+        row.pct_of_peak = 100 * row.tflops / report.bf16_matmul_tflops
+
+
+def run_numerics(report: Report, op: OpBench, device: torch.device) -> None:
+    """The numerics rule at op.small_shapes in each of op.cpu_dtypes; no timing (the no-GPU job)."""
+    for dtype in op.cpu_dtypes:
+        for shape, dims in op.small_shapes.items():
+            check = op.agreement(dims, dtype, device)["vit_kernels"]
+            report.rows.append(_numerics_row(op, f"{shape} {str(dtype)[6:]}", "fwd+bwd", "vit_kernels", check))
+
+
+def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *, reps: int) -> None:
+    """Agreement, then every provider timed in both modes, in bf16, at each shape."""
+    for shape, dims in shapes.items():
+        worst = op.agreement(dims, torch.bfloat16, device)
         for mode in ("fwd", "fwd+bwd"):
-            times = {}
-            for provider in PROVIDERS:
-                case = layer_norm_case(provider, shape, rows, hidden, mode, dtype, device)
-                ms = time_cuda_ms(case.run, reps=reps)
-                times[provider] = ms
-                gbps = case.bytes_moved / (ms * 1e-3) / 1e9
-                row = Row("add_layer_norm", shape, mode, provider, ms=ms, gbps=gbps,
-                          pct_copy_bw=100 * gbps / report.copy_bandwidth_gbps)
+            rows = {}
+            for provider in op.providers:
+                row = Row(op.name, shape, mode, provider, baseline=op.baseline)
+                try:
+                    case = op.case(provider, shape, dims, mode, torch.bfloat16, device)
+                    _time_into(row, case, report, reps)
+                except torch.cuda.OutOfMemoryError:
+                    row.note = "out of memory"
+                    torch.cuda.empty_cache()
+                except RuntimeError as err:  # an SDPA backend that does not support this shape/device
+                    if not provider.startswith("sdpa_"):
+                        raise
+                    row.note = f"unavailable: {str(err).splitlines()[0][:80]}"
                 if provider in worst:
                     row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok
                     row.note = f"worst: {worst[provider].name}"
-                report.rows.append(row)
-            for row in report.rows[-len(PROVIDERS):]:
-                row.speedup_vs_eager = times["eager"] / row.ms
-                row.speedup_vs_compile = times["compile"] / row.ms
+                rows[provider] = row
+            for row in rows.values():
+                row.speedup_vs_eager = rows["eager"].ms / row.ms
+                row.speedup_vs_baseline = rows[op.baseline].ms / row.ms
+            report.rows.extend(rows.values())
 
 
 def _fmt(v, spec):
@@ -259,20 +408,27 @@ def _fmt(v, spec):
 
 
 def markdown(report: Report) -> str:
+    if report.device == "cpu":
+        header = "no CUDA device: timings skipped, numerics checked through Triton's interpreter"
+    else:
+        header = (
+            f"measured copy bandwidth {_fmt(report.copy_bandwidth_gbps, '.0f')} GB/s, "
+            f"bf16 matmul {_fmt(report.bf16_matmul_tflops, '.0f')} TFLOP/s (% of peak is of these)"
+        )
     lines = [
         f"device: {report.device}; torch {report.torch}, triton {report.triton}, python {report.python}; {report.date}",
         "",
-        f"measured copy bandwidth: {_fmt(report.copy_bandwidth_gbps, '.0f')} GB/s" if report.device != "cpu" else
-        "no CUDA device: timings skipped, numerics checked through Triton's interpreter",
+        header,
         "",
-        "| op | shape | mode | provider | ms | GB/s | % copy BW | x eager | x compile | error / eager's | rule |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| op | shape | mode | provider | ms | GB/s | TFLOP/s | % of peak | x eager | x baseline | error / eager's | rule |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in report.rows:
+        baseline = f"{_fmt(r.speedup_vs_baseline, '.2f')} ({r.baseline})" if r.baseline else ""
         lines.append(
             f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '.3f')} | {_fmt(r.gbps, '.0f')} | "
-            f"{_fmt(r.pct_copy_bw, '.0f')} | {_fmt(r.speedup_vs_eager, '.2f')} | {_fmt(r.speedup_vs_compile, '.2f')} | "
-            f"{_fmt(r.error_vs_eager, '.2f')} | {'ok' if r.rule_ok else 'FAIL'} {r.note} |"
+            f"{_fmt(r.tflops, '.0f')} | {_fmt(r.pct_of_peak, '.0f')} | {_fmt(r.speedup_vs_eager, '.2f')} | "
+            f"{baseline} | {_fmt(r.error_vs_eager, '.2f')} | {'ok' if r.rule_ok else 'FAIL'} {r.note} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -293,6 +449,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="vit_kernels_bench.json", help="where to write the results as JSON")
     parser.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     parser.add_argument("--quick", action="store_true", help="fewer timed repetitions")
+    parser.add_argument("--ops", nargs="+", choices=[op.name for op in OPS], default=[op.name for op in OPS],
+                        help="which ops to run (default: all)")
     args = parser.parse_args(argv)
 
     has_cuda = torch.cuda.is_available()
@@ -310,7 +468,14 @@ def main(argv=None) -> int:
     )
     if has_cuda:
         report.copy_bandwidth_gbps = copy_bandwidth_gbps(device)
-    run_layer_norm(report, device, quick=args.quick)
+        report.bf16_matmul_tflops = matmul_tflops(device)
+    for op in OPS:
+        if op.name not in args.ops:
+            continue
+        if has_cuda:
+            run_timed(report, op, device, op.shapes, reps=10 if args.quick else 50)
+        else:
+            run_numerics(report, op, device)
 
     table = markdown(report)
     print(table, end="")

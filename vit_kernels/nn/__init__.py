@@ -1,5 +1,6 @@
 """Drop-in nn.Modules over the fused ops; parameter names match the modules they replace."""
 
+from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
 
-__all__ = ["FusedLayerNorm"]
+__all__ = ["FlashAttention", "FusedLayerNorm"]

@@ -1,0 +1,302 @@
+"""vit_kernels.ops.flash_attention (and the packed form, dropout, attention_probs).
+
+Outputs and dq/dk/dv are held to the numerics rule against a float64 oracle, with
+eager attention (timm's unfused path, vit_kernels.reference.attention) in the same
+dtype as the yardstick. Kernel allocations are poisoned with NaN.
+bf16 runs on the GPU only: tl.dot on bf16 is wrong under Triton's interpreter.
+"""
+
+import pytest
+import torch
+
+from vit_kernels import reference
+from vit_kernels.nn import FlashAttention
+from vit_kernels.ops import attention_probs, flash_attention, flash_attention_qkvpacked
+from vit_kernels.ops.attention import attention_dropout_mask
+from vit_kernels.testing import assert_rule, kernel_device, poisoned_allocations
+
+DEVICE = kernel_device()
+ON_GPU = DEVICE.type == "cuda"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+SEQ_LENS = [1, 17, 50, 197, 257]
+HEAD_DIMS = [32, 64, 80, 96, 128]
+
+
+def _make(batch, n_q, n_kv, heads, head_dim, dtype, packed):
+    """q, k, v and the leaves gradients are taken for: packed -> views of one qkv tensor."""
+    if packed:
+        assert n_q == n_kv
+        qkv = torch.randn(batch, n_q, 3, heads, head_dim, device=DEVICE).to(dtype).requires_grad_()
+        return qkv.unbind(2), [qkv]
+    q = torch.randn(batch, n_q, heads, head_dim, device=DEVICE).to(dtype).requires_grad_()
+    k = torch.randn(batch, n_kv, heads, head_dim, device=DEVICE).to(dtype).requires_grad_()
+    v = torch.randn(batch, n_kv, heads, head_dim, device=DEVICE).to(dtype).requires_grad_()
+    return (q, k, v), [q, k, v]
+
+
+def _grads(fn, leaves, dout, as_dtype=None):
+    """fn(q, k, v) on fresh copies of the leaves (optionally cast); returns output and leaf grads."""
+    copies = [t.detach().to(as_dtype or t.dtype).requires_grad_() for t in leaves]
+    qkv = copies[0].unbind(2) if len(copies) == 1 else copies
+    out = fn(*qkv)
+    grads = torch.autograd.grad(out, copies, dout.to(out.dtype))
+    return out, grads
+
+
+def check_attention(batch, n_q, n_kv, heads, head_dim, dtype, packed, **kwargs):
+    _, leaves = _make(batch, n_q, n_kv, heads, head_dim, dtype, packed)
+    dout = torch.randn(batch, n_q, heads, head_dim, device=DEVICE).to(dtype)
+    with poisoned_allocations():
+        out, grads = _grads(lambda q, k, v: flash_attention(q, k, v, **kwargs), leaves, dout)
+    out_eager, grads_eager = _grads(reference.attention, leaves, dout)
+    out_ref, grads_ref = _grads(reference.attention, leaves, dout, torch.float64)
+    assert out.shape == (batch, n_q, heads, head_dim) and out.is_contiguous()
+    assert_rule("out", out, out_ref, out_eager)
+    names = ["dqkv"] if packed else ["dq", "dk", "dv"]
+    for name, g, g_eager, g_ref in zip(names, grads, grads_eager, grads_ref):
+        assert_rule(name, g, g_ref, g_eager)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("seq_len", SEQ_LENS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_rule(seed, dtype, seq_len, head_dim, packed):
+    check_attention(2, seq_len, seq_len, 2, head_dim, dtype, packed)
+
+
+@pytest.mark.parametrize("n_q,n_kv", [(1, 197), (197, 1), (50, 257), (257, 17)])
+def test_cross_attention_lengths(seed, n_q, n_kv):
+    check_attention(2, n_q, n_kv, 3, 64, torch.float16, packed=False)
+
+
+def test_non_deterministic_dq_matches_rule(seed):
+    check_attention(2, 197, 197, 2, 64, torch.float16, packed=True, deterministic=False)
+
+
+def test_custom_scale(seed):
+    _, leaves = _make(1, 50, 50, 2, 32, torch.float32, packed=False)
+    dout = torch.randn(1, 50, 2, 32, device=DEVICE)
+    out, grads = _grads(lambda q, k, v: flash_attention(q, k, v, softmax_scale=0.3), leaves, dout)
+    out_ref, grads_ref = _grads(lambda q, k, v: reference.attention(q, k, v, 0.3), leaves, dout, torch.float64)
+    out_eager, grads_eager = _grads(lambda q, k, v: reference.attention(q, k, v, 0.3), leaves, dout)
+    assert_rule("out", out, out_ref, out_eager)
+    for name, g, g_eager, g_ref in zip("qkv", grads, grads_eager, grads_ref):
+        assert_rule(f"d{name}", g, g_ref, g_eager)
+
+
+def test_packed_form_reads_in_place(seed):
+    qkv = torch.randn(2, 33, 3, 2, 64, device=DEVICE)
+    torch.testing.assert_close(flash_attention_qkvpacked(qkv), flash_attention(*qkv.unbind(2)), rtol=0, atol=0)
+
+
+def test_gradients_are_bitwise_reproducible(seed):
+    (q, k, v), leaves = _make(2, 197, 197, 2, 64, torch.float16, packed=True)
+    dout = torch.randn(2, 197, 2, 64, device=DEVICE).half()
+    first = _grads(flash_attention, leaves, dout)[1][0]
+    second = _grads(flash_attention, leaves, dout)[1][0]
+    assert torch.equal(first, second)
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+
+def test_dropout_keep_rate(seed):
+    p = 0.3
+    mask = attention_dropout_mask(torch.tensor(1234), 2, 3, 197, 257, p, DEVICE)
+    keep_rate = mask.float().mean().item()
+    n = mask.numel()
+    assert abs(keep_rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5, keep_rate
+    other = attention_dropout_mask(torch.tensor(1235), 2, 3, 197, 257, p, DEVICE)
+    assert not torch.equal(mask, other)
+    # Masks differ across heads (each (batch*head, row, col) has its own draw).
+    assert not torch.equal(mask[0, 0], mask[0, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
+    """The kernel's dropped-out output and gradients equal the reference's with the same mask."""
+    p = 0.25
+    seed_value = torch.tensor(987654)
+    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: seed_value)
+    (q, k, v), leaves = _make(2, 50, 50, 2, 64, dtype, packed=False)
+    dout = torch.randn(2, 50, 2, 64, device=DEVICE).to(dtype)
+    mask = attention_dropout_mask(seed_value, 2, 2, 50, 50, p, DEVICE)
+
+    def masked_reference(q, k, v):
+        return reference.attention(q, k, v, None, mask, p)
+
+    with poisoned_allocations():
+        out, grads = _grads(lambda q, k, v: flash_attention(q, k, v, dropout_p=p), leaves, dout)
+    out_eager, grads_eager = _grads(masked_reference, leaves, dout)
+    out_ref, grads_ref = _grads(masked_reference, leaves, dout, torch.float64)
+    assert_rule("out", out, out_ref, out_eager)
+    for name, g, g_eager, g_ref in zip(["dq", "dk", "dv"], grads, grads_eager, grads_ref):
+        assert_rule(name, g, g_ref, g_eager)
+
+
+def test_dropout_draws_a_new_mask_each_call(seed):
+    q = torch.randn(1, 17, 2, 32, device=DEVICE)
+    a = flash_attention(q, q, q, dropout_p=0.5)
+    b = flash_attention(q, q, q, dropout_p=0.5)
+    assert not torch.equal(a, b)
+
+
+# ---- edges, errors -------------------------------------------------------------------------------
+
+
+def test_empty_batch():
+    q = torch.randn(0, 197, 3, 64, device=DEVICE, requires_grad=True)
+    out = flash_attention(q, q, q)
+    assert out.shape == (0, 197, 3, 64)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_float64_runs_the_reference(seed):
+    q, k, v = (torch.randn(1, 9, 2, 32, dtype=torch.float64) for _ in range(3))
+    assert torch.equal(flash_attention(q, k, v), reference.attention(q, k, v))
+
+
+def test_attention_probs(seed):
+    q, k = torch.randn(2, 17, 3, 64, device=DEVICE), torch.randn(2, 19, 3, 64, device=DEVICE)
+    probs = attention_probs(q, k)
+    assert probs.shape == (2, 3, 17, 19) and probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3, 17, device=DEVICE))
+    v = torch.randn(2, 19, 3, 64, device=DEVICE)
+    torch.testing.assert_close(
+        torch.einsum("bhqk,bkhd->bqhd", probs, v), flash_attention(q, k, v), rtol=1e-4, atol=1e-4
+    )
+
+
+def _qkv(n=17, d=64, dtype=torch.float32, device=DEVICE):
+    return [torch.randn(2, n, 3, d, device=device, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize(
+    "make,error,match",
+    [
+        (lambda: _qkv(d=48), ValueError, r"head dim must be one of"),
+        (lambda: _qkv(d=256), ValueError, r"head dim must be one of"),
+        (lambda: [*_qkv()[:2], torch.randn(2, 18, 3, 64, device=DEVICE)], ValueError, "k and v must have the same shape"),
+        (lambda: [_qkv()[0], *_qkv(dtype=torch.float16)[1:]], TypeError, "must share one dtype"),
+        (lambda: [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv()], ValueError, "must be contiguous"),
+        (lambda: [_qkv()[0], *_qkv(device="meta")[1:]], ValueError, "k is on meta"),
+        (lambda: [t.int() for t in _qkv()], TypeError, "q must have dtype"),
+        (lambda: [t[0] for t in _qkv()], ValueError, r"must be \[B, N, H, d\]"),
+        (lambda: [torch.randn(2, 17, 4, 64, device=DEVICE), *_qkv()[1:]], ValueError, "must agree in batch, heads"),
+        (lambda: [_qkv()[0], torch.randn(2, 0, 3, 64, device=DEVICE), torch.randn(2, 0, 3, 64, device=DEVICE)],
+         ValueError, "at least one token"),
+    ],
+)
+def test_bad_input_is_named(make, error, match):
+    with pytest.raises(error, match=match):
+        flash_attention(*make())
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(dropout_p=1.0), "dropout_p"), (dict(dropout_p=-0.1), "dropout_p"),
+                                          (dict(softmax_scale=0.0), "softmax_scale")])
+def test_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(*_qkv(), **kwargs)
+
+
+def test_bad_packed_shape():
+    with pytest.raises(ValueError, match=r"qkv must be \[B, N, 3, H, d\]"):
+        flash_attention_qkvpacked(torch.randn(2, 17, 4, 3, 64))
+
+
+# ---- custom ops, compile -------------------------------------------------------------------------
+
+
+def test_opcheck(seed):
+    qkv = torch.randn(2, 33, 3, 2, 64, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    fwd = torch.ops.vit_kernels.flash_attention_fwd.default
+    torch.library.opcheck(fwd, (q, k, v, 0.125, 0.0, None, True))
+    torch.library.opcheck(fwd, (q, k, v, 0.125, 0.2, torch.tensor(7), False))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = fwd(q, k, v, 0.125, 0.0, None, True)
+    torch.library.opcheck(
+        torch.ops.vit_kernels.flash_attention_bwd.default,
+        (torch.randn_like(out), q, k, v, out, lse, 0.125, 0.0, None, True),
+    )
+
+
+def test_compile_fullgraph(seed):
+    def attend(qkv, dropout_p):
+        b, n = qkv.shape[:2]
+        return flash_attention_qkvpacked(qkv, dropout_p=dropout_p).reshape(b, n, -1)
+
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
+    qkv = torch.randn(2, 33, 3, 2, 32, device=DEVICE, requires_grad=True)
+    out = compiled(qkv, 0.0)
+    (grad,) = torch.autograd.grad(out.sum(), qkv)
+    out_eager = attend(qkv, 0.0)
+    (grad_eager,) = torch.autograd.grad(out_eager.sum(), qkv)
+    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_eager, rtol=0, atol=0)
+    # With dropout the seed draw is traced too: two calls of the compiled graph differ.
+    assert not torch.equal(compiled(qkv, 0.5), compiled(qkv, 0.5))
+
+
+# ---- GPU only ----------------------------------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+def test_long_sequence_runs_in_linear_memory(seed):
+    """N = 16384: the scores would take 16 GiB in eager per (B=1, H=16); the kernel needs O(N)."""
+    q = torch.randn(1, 16384, 16, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = flash_attention(q, q, q)
+    out.float().sum().backward()
+    peak = torch.cuda.max_memory_allocated() - before
+    assert peak < 20 * q.numel() * q.element_size()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("seq_len", [577, 1025, 4096])
+def test_long_matches_rule_gpu(seed, seq_len):
+    check_attention(1, seq_len, seq_len, 4, 128 if seq_len == 4096 else 64, torch.bfloat16, packed=True)
+
+
+@pytest.mark.requires_cuda
+def test_compile_inductor_cuda(seed):
+    qkv = torch.randn(4, 197, 3, 12, 64, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(flash_attention_qkvpacked, fullgraph=True)
+    torch.testing.assert_close(compiled(qkv), flash_attention_qkvpacked(qkv))
+
+
+# ---- the module --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_module_matches_timm_attention(seed, qk_norm):
+    timm_layers = pytest.importorskip("timm.layers")
+    ours = FlashAttention(192, num_heads=3, qkv_bias=True, qk_norm=qk_norm).to(DEVICE)
+    theirs = timm_layers.Attention(192, num_heads=3, qkv_bias=True, qk_norm=qk_norm, norm_layer=torch.nn.LayerNorm)
+    theirs = theirs.to(DEVICE)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 50, 192, device=DEVICE)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-4)
+    mask = torch.rand(2, 1, 50, 50, device=DEVICE) > 0.2
+    torch.testing.assert_close(ours(x, attn_mask=mask), theirs(x, attn_mask=mask), rtol=1e-4, atol=1e-4)
+
+
+def test_module_refuses_unsupported_head_dim():
+    with pytest.raises(ValueError, match="head dim"):
+        FlashAttention(192, num_heads=4)  # d = 48
+    with pytest.raises(ValueError, match="divisible"):
+        FlashAttention(190, num_heads=4)
+
+
+def test_module_attn_drop_in_training_only(seed):
+    attn = FlashAttention(64, num_heads=2, attn_drop=0.5).to(DEVICE)
+    x = torch.randn(1, 17, 64, device=DEVICE)
+    attn.eval()
+    assert torch.equal(attn(x), attn(x))
+    attn.train()
+    assert not torch.equal(attn(x), attn(x))
