@@ -66,3 +66,18 @@ def test_cuda_home_is_the_toolkit_root():
     if shutil.which("nvcc") is None and root is None:
         pytest.skip("no nvcc on this machine")
     assert (Path(root) / "include" / "cuda_runtime_api.h").is_file()
+
+
+def test_jit_build_after_cpp_extension_was_imported(tmp_path):
+    """cpp_extension fixes CUDA_HOME at import; the JIT build must not depend on importing it first."""
+    code = (
+        "import torch.utils.cpp_extension\n"
+        "from vit_kernels import _extension\n"
+        "_extension.load()\n"
+        "print(_extension.cuda_version())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env["VIT_KERNELS_CACHE"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (int(out.stdout.strip().splitlines()[-1]) > 0) == CUDA_BUILD

@@ -41,12 +41,17 @@ def _jit_build() -> str:
     build_dir = cache / f"torch-{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
     build_dir.mkdir(parents=True, exist_ok=True)
     args = _build_config.compile_args(with_cuda)
+    # cpp_extension reads CUDA_HOME once, at its import; if something imported it before
+    # use_cuda_home() ran, its guess may be wrong, so name the toolkit's dirs explicitly.
+    cuda_root = _build_config.cuda_home() if with_cuda else None
     try:
         cpp_extension.load(
             name="vit_kernels_C",
             sources=_build_config.sources(_csrc_dir(), with_cuda),
             extra_cflags=args["cxx"],
             extra_cuda_cflags=args.get("nvcc"),
+            extra_include_paths=[f"{cuda_root}/include"] if cuda_root else None,
+            extra_ldflags=[f"-L{cuda_root}/lib64", f"-L{cuda_root}/lib"] if cuda_root else None,
             with_cuda=with_cuda,
             is_python_module=False,
             build_directory=str(build_dir),

@@ -343,26 +343,32 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, cast_for_store(dq, DQ.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=q_mask)
 
 
-def _block_config(head_dim: int, kernel) -> dict:
-    """Block sizes and launch parameters.
+def _block_config(head_dim: int, dtype: torch.dtype, kernel) -> dict:
+    """Forward block sizes and launch parameters.
 
     Interpreter: 64 x 64 tiles, so N = 197 and 257 still cross several tile boundaries.
-    GPU: the FlashAttention-2 Triton tutorial's shapes for d <= 64, smaller KV tiles for
-    the padded d = 128; not yet tuned on a device.
+    GPU: picked so that ptxas reports no register spills for sm_80 and sm_90
+    (tests/gpu_compile_check.py) with and without dropout; not yet timed on a device.
+    float32 runs its dots without tensor cores, on smaller tiles.
     """
     if interpreted(kernel):
         return dict(BLOCK_M=64, BLOCK_N=64)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
 
 
-def _bwd_block_config(head_dim: int, kernel) -> dict:
+def _bwd_block_config(head_dim: int, dtype: torch.dtype, kernel) -> dict:
+    """Backward block sizes (dK/dV and dQ kernels); chosen as _block_config's."""
     if interpreted(kernel):
         return dict(BLOCK_M=64, BLOCK_N=64)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
     if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
 def _common_constexprs(q: Tensor, kernel) -> dict:
@@ -409,7 +415,7 @@ def _flash_attention_fwd(
     lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = _block_config(head_dim, _attn_fwd_kernel)
+    config = _block_config(head_dim, q.dtype, _attn_fwd_kernel)
     grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -453,12 +459,12 @@ def _flash_attention_bwd(
         dout = dout.contiguous()
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
-    pre_block = 64
+    pre_block = 32
     _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), batch * n_heads)](
         out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
     )
-    config = _bwd_block_config(head_dim, _attn_bwd_dkdv_kernel)
+    config = _bwd_block_config(head_dim, q.dtype, _attn_bwd_dkdv_kernel)
     # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
     dq_accum = None if deterministic else torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     qk_scale_log2 = softmax_scale * LOG2E

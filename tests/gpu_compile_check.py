@@ -1,0 +1,143 @@
+"""Compile every Triton launch the ops make on a GPU, for sm_80 and sm_90, without a GPU.
+
+Run by tests/test_gpu_compile.py in a subprocess (TRITON_INTERPRET must be off so the
+kernels are real JITFunctions). The custom-op implementations are called with CPU
+tensors; `JITFunction.run` is replaced by a recorder that, instead of launching, compiles
+the kernel with exactly the arguments, constexprs, num_warps and num_stages the launcher
+chose, down to a cubin for each target, and reads ptxas's resource report. This catches
+what the interpreter cannot: code the GPU compiler rejects, shared memory over the
+limit, register spills.
+
+Prints one JSON line per compiled launch: kernel, target, constexprs, shared bytes,
+registers, spill bytes.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+assert os.environ.get("TRITON_INTERPRET", "0") == "0", "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.int64: "i64"}
+_seen = set()
+
+
+def _arg_type(value):
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _ptxas(capability: int) -> str:
+    """The ptxas Triton itself uses for this architecture (it ships one per PTX generation)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        return get_ptxas(capability).path
+    except TypeError:  # older Triton: one ptxas for all
+        return get_ptxas().path
+
+
+def _ptxas_report(ptx: str, arch: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        gpu = arch + ("a" if arch == "sm_90" else "")
+        out = subprocess.run([_ptxas(int(arch[3:])), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {out.stderr[-2000:]}")
+    text = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", text)
+    spill_stores = re.search(r"(\d+) bytes spill stores", text)
+    spill_loads = re.search(r"(\d+) bytes spill loads", text)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "spill_bytes": (int(spill_stores.group(1)) if spill_stores else 0) + (int(spill_loads.group(1)) if spill_loads else 0),
+    }
+
+
+def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(self.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs = {}, {}
+    for i, name in enumerate(self.arg_names):
+        value = bound[name]
+        if i in self.constexprs or value is None:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = value
+        else:
+            signature[name] = _arg_type(value)
+    key = (self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), repr(options))
+    if key in _seen:
+        return None
+    _seen.add(key)
+    for arch, target in TARGETS.items():
+        compiled = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+        record = {
+            "kernel": self.fn.__name__,
+            "target": arch,
+            "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
+            "options": options,
+            "shared_bytes": compiled.metadata.shared,
+            **_ptxas_report(compiled.asm["ptx"], arch),
+        }
+        print(json.dumps(record, default=str), flush=True)
+    return None
+
+
+def main(argv):
+    """Default: the launches a bf16 ViT makes (every head dim, ViT hidden sizes). --full: every
+    dtype, D up to 16384 and fp32 attention too (minutes)."""
+    full = "--full" in argv
+    JITFunction.run = compile_instead_of_launch
+    from vit_kernels.ops import attention, layer_norm
+
+    hiddens = (192, 768, 1280, 8192, 16384) if full else (768, 1280, 8192)
+    variants = [(torch.bfloat16, torch.float32, True), (torch.bfloat16, torch.bfloat16, False)]
+    if full:
+        variants += [(torch.float16, torch.float16, False), (torch.float32, torch.float32, True)]
+    for hidden in hiddens:
+        for dtype, param_dtype, everything in variants:
+            x = torch.randn(6, hidden, dtype=dtype)
+            params = [torch.randn(hidden, dtype=param_dtype) for _ in range(3)]
+            residual = torch.randn_like(x) if everything else None
+            gamma = params[2] if everything else None
+            row_scale = torch.ones(2, dtype=dtype) if everything else None
+            res_dtype = torch.float32 if everything else dtype
+            layer_norm._add_layer_norm_fwd(x, residual, params[0], params[1], gamma, row_scale, 1e-6, res_dtype, True)
+            mean, rstd = torch.zeros(6), torch.ones(6)
+            layer_norm._add_layer_norm_bwd(x, x if everything else None, x if everything else None, x, params[0],
+                                           params[1], gamma, row_scale, mean, rstd, res_dtype if everything else None)
+    attention_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
+    for head_dim in (32, 64, 80, 96, 128):
+        for dtype in attention_dtypes:
+            for dropout_p, deterministic in ((0.0, True), (0.1, False)):
+                seed = torch.tensor(3) if dropout_p else None
+                qkv = torch.randn(1, 5, 3, 2, head_dim, dtype=dtype)
+                q, k, v = qkv.unbind(2)
+                out, lse = attention._flash_attention_fwd(q, k, v, 0.1, dropout_p, seed, deterministic)
+                attention._flash_attention_bwd(out, q, k, v, out, lse, 0.1, dropout_p, seed, deterministic)
+    attention.attention_dropout_mask(torch.tensor(3), 1, 1, 5, 5, 0.1, torch.device("cpu"))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
