@@ -29,7 +29,10 @@
 #   for dK, dV; and dQ either from a second kernel per Q block (default: every element
 #   written by one program, so gradients are bitwise reproducible) or, with
 #   deterministic=False, accumulated with float32 atomics inside the dK/dV kernel.
-# - Block sizes: a fixed table per head dim (below), not yet tuned on a GPU.
+# - Grid (query or key blocks, heads, batch): blocks of one head run next to each other
+#   (they share K/V in L2) and B*H is not bound by CUDA's 65535 limit on grid.y.
+# - Block sizes: a fixed table per head dim and dtype (below), checked spill-free by
+#   ptxas for sm_80/sm_90, not yet timed on a GPU.
 #
 # Not supported: causal or additive masks (the module falls back to the reference when
 # a mask is given), head dims outside {32, 64, 80, 96, 128}, float64 (runs the reference).
@@ -53,7 +56,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p):
     """The keep mask of one [rows, cols] tile: one Philox draw per (batch*head, row, col)."""
-    offsets = (pid_bh.to(tl.int64) * n_q + rows[:, None]) * n_kv + cols[None, :]
+    offsets = (pid_bh * n_q + rows[:, None]) * n_kv + cols[None, :]
     return tl.rand(seed, offsets) >= dropout_p
 
 
@@ -91,9 +94,9 @@ def _attn_fwd_kernel(
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * n_heads + h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -130,7 +133,7 @@ def _attn_fwd_kernel(
         acc = acc / (1.0 - dropout_p)
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
     tl.store(o_ptrs, cast_for_store(acc, O.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * n_q + rows, m_i + tl.log2(l_i), mask=row_mask)
+    tl.store(LSE + pid_bh * n_q + rows, m_i + tl.log2(l_i), mask=row_mask)
 
 
 @triton.jit
@@ -151,9 +154,9 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * n_heads + h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -161,7 +164,7 @@ def _attn_bwd_preprocess_kernel(
     o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh.to(tl.int64) * n_q + rows, delta, mask=rows < n_q)
+    tl.store(DELTA + pid_bh * n_q + rows, delta, mask=rows < n_q)
 
 
 @triton.jit
@@ -209,9 +212,9 @@ def _attn_bwd_dkdv_kernel(
     """dK, dV for one KV block, looping over all Q blocks; with ATOMIC_DQ also dQ's share of this
     block, added with float32 atomics into DQ_ACCUM ([B, N_q, H, d] contiguous). DK and DV share strides."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * n_heads + h
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -223,8 +226,8 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(V + b * stride_vb + h * stride_vh + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh.to(tl.int64) * n_q
-    delta_base = DELTA + pid_bh.to(tl.int64) * n_q
+    lse_base = LSE + pid_bh * n_q
+    delta_base = DELTA + pid_bh * n_q
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -303,9 +306,9 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ for one Q block, looping over all KV blocks: one writer per element, so deterministic."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // n_heads).to(tl.int64)
-    h = (pid_bh % n_heads).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    pid_bh = b * n_heads + h
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -315,8 +318,8 @@ def _attn_bwd_dq_kernel(
     rows64 = rows[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(LSE + pid_bh.to(tl.int64) * n_q + rows, mask=row_mask, other=0.0)
-    delta = tl.load(DELTA + pid_bh.to(tl.int64) * n_q + rows, mask=row_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh * n_q + rows, mask=row_mask, other=0.0)
+    delta = tl.load(DELTA + pid_bh * n_q + rows, mask=row_mask, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -416,7 +419,7 @@ def _flash_attention_fwd(
     if out.numel() == 0:
         return out, lse
     config = _block_config(head_dim, q.dtype, _attn_fwd_kernel)
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)
+    grid = (triton.cdiv(n_q, config["BLOCK_M"]), n_heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -460,7 +463,7 @@ def _flash_attention_bwd(
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     pre_block = 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), batch * n_heads)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), n_heads, batch)](
         out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
     )
@@ -469,14 +472,14 @@ def _flash_attention_bwd(
     dq_accum = None if deterministic else torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     qk_scale_log2 = softmax_scale * LOG2E
     seed = _seed_value(seed, dropout_p)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, config["BLOCK_N"]), batch * n_heads)](
+    _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, config["BLOCK_N"]), n_heads, batch)](
         q, k, v, dout, lse, delta, dk, dv, dq_accum,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
         n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
         HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs, **config,
     )
     if deterministic:
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), batch * n_heads)](
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), n_heads, batch)](
             q, k, v, dout, lse, delta, dq,
             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
             n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
@@ -518,7 +521,7 @@ def _dropout_mask_kernel(MASK, n_q, n_kv, dropout_p, seed, BLOCK_M: tl.constexpr
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
-    ptrs = MASK + (pid_bh.to(tl.int64) * n_q + rows[:, None]) * n_kv + cols[None, :]
+    ptrs = MASK + (pid_bh * n_q + rows[:, None]) * n_kv + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
 
 
