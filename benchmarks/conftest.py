@@ -25,6 +25,23 @@ def copy_bandwidth_gbps():
     return copy_bandwidth_gbps(torch.device("cuda"))
 
 
+_agreement_checked = set()
+
+
+@pytest.fixture
+def assert_agreement_once():
+    """assert_agreement_once(agreement, shape, dims): the numerics rule at this shape, once a session."""
+
+    def check(agreement, shape, dims):
+        if (agreement, shape) in _agreement_checked:
+            return
+        for result in agreement(dims, torch.bfloat16, torch.device("cuda")).values():
+            assert result.ok, str(result)
+        _agreement_checked.add((agreement, shape))
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def matmul_tflops():
     from vit_kernels.bench import matmul_tflops

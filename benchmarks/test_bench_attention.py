@@ -12,19 +12,14 @@ import torch
 
 from vit_kernels.bench import ATTENTION_PROVIDERS, ATTENTION_SHAPES, attention_agreement, attention_case
 
-_agreement_checked = set()
-
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ATTENTION_PROVIDERS)
 @pytest.mark.parametrize("shape", list(ATTENTION_SHAPES))
-def test_flash_attention(measure, shape, provider, mode):
+def test_flash_attention(measure, assert_agreement_once, shape, provider, mode):
     device = torch.device("cuda")
     dims = ATTENTION_SHAPES[shape]
-    if shape not in _agreement_checked:
-        for check in attention_agreement(dims, torch.bfloat16, device).values():
-            assert check.ok, str(check)
-        _agreement_checked.add(shape)
+    assert_agreement_once(attention_agreement, shape, dims)
     case = attention_case(provider, shape, dims, mode, torch.bfloat16, device)
     try:
         measure(case)

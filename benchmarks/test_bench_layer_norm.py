@@ -10,17 +10,12 @@ import torch
 
 from vit_kernels.bench import LAYER_NORM_PROVIDERS, LAYER_NORM_SHAPES, layer_norm_agreement, layer_norm_case
 
-_agreement_checked = set()
-
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", LAYER_NORM_PROVIDERS)
 @pytest.mark.parametrize("shape", list(LAYER_NORM_SHAPES))
-def test_add_layer_norm(measure, shape, provider, mode):
+def test_add_layer_norm(measure, assert_agreement_once, shape, provider, mode):
     device = torch.device("cuda")
     dims = LAYER_NORM_SHAPES[shape]
-    if shape not in _agreement_checked:
-        for check in layer_norm_agreement(dims, torch.bfloat16, device).values():
-            assert check.ok, str(check)
-        _agreement_checked.add(shape)
+    assert_agreement_once(layer_norm_agreement, shape, dims)
     measure(layer_norm_case(provider, shape, dims, mode, torch.bfloat16, device))

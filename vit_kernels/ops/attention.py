@@ -61,6 +61,30 @@ def _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p):
 
 
 @triton.jit
+def _bwd_tile(
+    q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, n_kv,
+    HAS_DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One [rows, cols] tile of the backward, shared by the dK/dV and dQ kernels.
+
+    Recomputes P from the saved log-sum-exp, applies the forward's dropout mask to P and
+    to dP = dO V^T, and returns (P after dropout, dS = P * (dP - delta)).
+    """
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    p = tl.exp2(scores - lse[:, None])
+    p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
+        p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+    else:
+        p_dropped = p
+    return p_dropped, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -241,18 +265,11 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
 
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2(scores - lse[:, None])
-        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
-            p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        else:
-            p_dropped = p
+        p_dropped, ds = _bwd_tile(
+            q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh,
+            n_q, n_kv, HAS_DROPOUT, DOT_PRECISION,
+        )
         dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
@@ -331,14 +348,10 @@ def _attn_bwd_dq_kernel(
         cols64 = cols[:, None].to(tl.int64)
         k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.exp2(scores - lse[:, None])
-        p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        ds = p * (dp - delta[:, None])
+        _, ds = _bwd_tile(
+            q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh,
+            n_q, n_kv, HAS_DROPOUT, DOT_PRECISION,
+        )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
     dq = dq * softmax_scale
