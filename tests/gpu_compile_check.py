@@ -110,6 +110,7 @@ def main(argv):
     full = "--full" in argv
     JITFunction.run = compile_instead_of_launch
     from vit_kernels.ops import attention, layer_norm
+    from vit_kernels.ops.bias_gelu import _bias_gelu_bwd, _bias_gelu_fwd
 
     hiddens = (192, 768, 1280, 8192, 16384) if full else (768, 1280, 8192)
     variants = [(torch.bfloat16, torch.float32, True), (torch.bfloat16, torch.bfloat16, False)]
@@ -137,6 +138,12 @@ def main(argv):
                 out, lse = attention._flash_attention_fwd(q, k, v, 0.1, dropout_p, seed, deterministic)
                 attention._flash_attention_bwd(out, q, k, v, out, lse, 0.1, dropout_p, seed, deterministic)
     attention.attention_dropout_mask(torch.tensor(3), 1, 1, 5, 5, 0.1, torch.device("cpu"))
+    for n_cols in (1000, 3072, 5120):
+        for approximate in ("none", "tanh"):
+            x = torch.randn(6, n_cols, dtype=torch.bfloat16)
+            bias = torch.randn(n_cols)
+            _bias_gelu_fwd(x, bias, approximate)
+            _bias_gelu_bwd(x, x, bias, approximate)
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ def test_timed_path_fills_the_report(monkeypatch):
         (torch.randn(*shape, device=device) * scale + shift).float().requires_grad_(requires_grad)))
     for op in bench.OPS:
         bench.run_timed(report, op, kernel_device(), dict(list(op.small_shapes.items())[:1]), reps=2)
-    assert {r.op for r in report.rows} == {"add_layer_norm", "flash_attention"}
+    assert {r.op for r in report.rows} == {op.name for op in bench.OPS}
     for r in report.rows:
-        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS)
+        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS + bench.MLP_PROVIDERS)
         if r.provider == "vit_kernels":
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
     assert "| flash_attention |" in bench.markdown(report)

@@ -281,6 +281,125 @@ def attention_agreement(dims: tuple, dtype, device) -> dict:
     return _worst_by_provider(outputs, _attention_fn, providers)
 
 
+# bias + GELU and the MLP: the fc1 output [M, 4D] is the largest activation of a block.
+# "bias_gelu" times the elementwise op alone; "fc1_bias_gelu" the fc1 GEMM with its bias
+# and GELU; "mlp" the whole fc1 -> GELU -> fc2.
+
+MLP_SHAPES = {
+    "ViT-B (256*197, 768->3072)": (256 * 197, 768, 3072),
+    "ViT-L (128*197, 1024->4096)": (128 * 197, 1024, 4096),
+    "ViT-H (64*257, 1280->5120)": (64 * 257, 1280, 5120),
+}
+MLP_SMALL_SHAPES = {"small (2*197, 192->768)": (2 * 197, 192, 768)}
+MLP_PROVIDERS = ("vit_kernels", "eager", "compile")
+
+
+def _eager_bias_gelu(x, bias):
+    return F.gelu(x + bias)
+
+
+def _eager_fc1_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias))
+
+
+def _eager_mlp(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _fused_fc1_gelu(x, weight, bias):
+    from .ops import bias_gelu
+
+    return bias_gelu(F.linear(x, weight), bias)
+
+
+def _fused_mlp(x, w1, b1, w2, b2):
+    return F.linear(_fused_fc1_gelu(x, w1, b1), w2, b2)
+
+
+def _mlp_fns(op: str):
+    from .ops import bias_gelu
+
+    return {
+        "bias_gelu": (bias_gelu, _eager_bias_gelu),
+        "fc1_bias_gelu": (_fused_fc1_gelu, _eager_fc1_gelu),
+        "mlp": (_fused_mlp, _eager_mlp),
+    }[op]
+
+
+def _mlp_fn(op: str, provider: str):
+    fused, eager = _mlp_fns(op)
+    if provider == "vit_kernels":
+        return fused
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager, fullgraph=True)
+    raise ValueError(f"provider must be one of {MLP_PROVIDERS}, got {provider!r}")
+
+
+def _mlp_inputs(op: str, dims: tuple, dtype, device, requires_grad: bool):
+    """(inputs..., upstream gradient) for `op` at (M, D, 4D); weights scaled like a trained ViT's."""
+    rows, dim, hidden = dims
+
+    def t(*shape, scale=1.0):
+        return _randn(*shape, device=device, dtype=dtype, scale=scale, requires_grad=requires_grad)
+
+    if op == "bias_gelu":
+        inputs = (t(rows, hidden), t(hidden, scale=0.5))
+    elif op == "fc1_bias_gelu":
+        inputs = (t(rows, dim), t(hidden, dim, scale=dim**-0.5), t(hidden, scale=0.5))
+    else:
+        inputs = (t(rows, dim), t(hidden, dim, scale=dim**-0.5), t(hidden, scale=0.5),
+                  t(dim, hidden, scale=hidden**-0.5), t(dim, scale=0.5))
+    out_cols = dim if op == "mlp" else hidden
+    return inputs + (_randn(rows, out_cols, device=device, dtype=dtype),)
+
+
+def mlp_case(op: str):
+    def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
+        rows, dim, hidden = dims
+        fn = _mlp_fn(op, provider)
+        backward = mode == "fwd+bwd"
+        elem = torch.finfo(dtype).bits // 8
+        sets = Rotation(lambda: _mlp_inputs(op, dims, dtype, device, backward), 3 * rows * hidden * elem, device)
+
+        def run():
+            *inputs, dy = sets.next()
+            y = fn(*inputs)
+            return torch.autograd.grad(y, inputs, dy) if backward else y
+
+        if op == "bias_gelu":
+            # forward: read x, write y. backward: read dy, x; write dx.
+            return Case(op, shape, mode, provider, run, bytes_moved=(5 if backward else 2) * rows * hidden * elem)
+        gemms = 1 if op == "fc1_bias_gelu" else 2
+        return Case(op, shape, mode, provider, run, flops=int(2 * rows * dim * hidden * gemms * (3 if backward else 1)))
+
+    return case
+
+
+_MLP_GRAD_NAMES = {
+    "bias_gelu": ("dx", "dbias"),
+    "fc1_bias_gelu": ("dx", "dweight", "dbias"),
+    "mlp": ("dx", "dfc1.weight", "dfc1.bias", "dfc2.weight", "dfc2.bias"),
+}
+
+
+def mlp_agreement(op: str):
+    def agreement(dims: tuple, dtype, device) -> dict:
+        *inputs, dy = _mlp_inputs(op, dims, dtype, device, False)
+
+        def outputs(fn, cast):
+            leaves = [cast(t).detach().requires_grad_() for t in inputs]
+            y = fn(*leaves)
+            grads = torch.autograd.grad(y, leaves, cast(dy))
+            return {"y": y, **dict(zip(_MLP_GRAD_NAMES[op], grads))}
+
+        providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+        return _worst_by_provider(outputs, lambda provider: _mlp_fn(op, provider), providers)
+
+    return agreement
+
+
 def _worst_by_provider(outputs, fn_for, providers) -> dict:
     """Run `outputs(fn, cast)` for the float64 oracle, eager and each provider; the worst check per provider."""
     oracle = outputs(fn_for("eager"), lambda t: t.double())
@@ -311,6 +430,13 @@ OPS = [
     # bf16 tl.dot is wrong under the interpreter, so attention's CPU numerics run in fp16.
     OpBench("flash_attention", ATTENTION_SHAPES, ATTENTION_SMALL_SHAPES, ATTENTION_PROVIDERS, "sdpa",
             attention_case, attention_agreement, (torch.float16,)),
+    OpBench("bias_gelu", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
+            mlp_case("bias_gelu"), mlp_agreement("bias_gelu"), (torch.bfloat16, torch.float16)),
+    # The GEMMs run in cuBLAS for every provider; only the epilogue differs.
+    OpBench("fc1_bias_gelu", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
+            mlp_case("fc1_bias_gelu"), mlp_agreement("fc1_bias_gelu"), (torch.float16,)),
+    OpBench("mlp", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
+            mlp_case("mlp"), mlp_agreement("mlp"), (torch.float16,)),
 ]
 
 

@@ -91,3 +91,10 @@ def attention(
     if dropout_mask is not None:
         attn = attn * dropout_mask.to(attn.dtype) / (1.0 - dropout_p)
     return (attn @ vt).transpose(1, 2).contiguous()
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """``gelu(x + bias)`` as eager computes it after a bias-free Linear: the sum is rounded to
+    x's dtype, then GELU (float32 inside PyTorch's kernel) is rounded once more."""
+    pre = x if bias is None else (x + bias).to(x.dtype)
+    return F.gelu(pre, approximate=approximate)

@@ -2,5 +2,6 @@
 
 from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
+from .mlp import FusedMlp
 
-__all__ = ["FlashAttention", "FusedLayerNorm"]
+__all__ = ["FlashAttention", "FusedLayerNorm", "FusedMlp"]

@@ -1,6 +1,7 @@
 """Fused ops: one file per op, each a Triton kernel (or the csrc/ extension) behind a custom op."""
 
 from .attention import attention_probs, flash_attention, flash_attention_qkvpacked
+from .bias_gelu import bias_gelu
 from .layer_norm import add_layer_norm
 
-__all__ = ["add_layer_norm", "attention_probs", "flash_attention", "flash_attention_qkvpacked"]
+__all__ = ["add_layer_norm", "attention_probs", "bias_gelu", "flash_attention", "flash_attention_qkvpacked"]

@@ -1,0 +1,55 @@
+from typing import Optional, Type
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.bias_gelu import bias_gelu
+
+
+def _gelu_approximation(act: nn.Module) -> str:
+    """The `approximate` of a GELU module (torch's, or timm's GELU/GELUTanh), else a ValueError."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    name = type(act).__name__
+    if name == "GELU" and type(act).__module__.startswith("timm."):
+        return "none"
+    if name == "GELUTanh" and type(act).__module__.startswith("timm."):
+        return "tanh"
+    raise ValueError(f"FusedMlp fuses GELU only (exact or tanh); act_layer made a {name}")
+
+
+class FusedMlp(nn.Module):
+    """timm's `Mlp` (fc1 -> GELU -> fc2) with fc1's bias fused into the GELU.
+
+    Submodule names match timm's `Mlp` (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``,
+    ``drop2``), so its state_dict loads with ``strict=True``. fc1 runs as a bias-free
+    GEMM (cuBLAS) and `vit_kernels.ops.bias_gelu` adds the bias and applies GELU in one
+    pass, forward and backward; fc2 is a plain Linear. The activation must be GELU (exact
+    or tanh); anything else is refused at construction.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Optional[int] = None,
+        out_features: Optional[int] = None,
+        act_layer: Type[nn.Module] = nn.GELU,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        bias: bool = True,
+        drop: float = 0.0,
+    ):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.approximate = _gelu_approximation(self.act)
+        self.drop1 = nn.Dropout(drop)
+        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, self.approximate)
+        x = self.norm(self.drop1(x))
+        return self.drop2(self.fc2(x))

@@ -1,0 +1,247 @@
+# Fused bias + GELU: y = gelu(x + bias) over the last dim, forward and backward.
+#
+# What is fused and why. In a ViT MLP the fc1 output [M, 4D] is the largest activation
+# of the block. Eager adds the bias inside the GEMM, then GELU reads it and writes it
+# again; its backward reads dy and the pre-activation and writes dx, and the bias
+# gradient is a separate column reduction over dx. Here the forward reads x once and
+# writes y once, and the backward reads dy and x once, writes dx once and reduces the
+# bias gradient in the same pass. Only the pre-activation x (the bias-free GEMM output)
+# is saved for backward; x + bias is recomputed, so no second [M, 4D] tensor is kept.
+#
+# Design choices.
+# - Exact erf GELU (timm, transformers and torchvision ViTs use it) or the tanh form,
+#   chosen by a constexpr; math in float32, one rounding at the store.
+# - tanh(u) is computed as 1 - 2 / (exp(2u) + 1): exact at both saturations and
+#   available on every backend, the interpreter included.
+# - dbias: each backward program owns a group of rows of one column block and writes
+#   one float32 partial row; torch.sum over the partials is the second stage. No
+#   atomics: bitwise reproducible.
+#
+# Layout: x [..., N] with the last dim contiguous (rows may be strided); bias [N] in
+# float32 or x's dtype (autocast keeps parameters in float32), or None.
+# Not supported: float64 (runs the reference), other activations.
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from .._dispatch import interpreted, num_programs_for_reduction, runs_kernel
+from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
+from ._triton_helpers import cast_for_store
+
+APPROXIMATIONS = ("none", "tanh")
+# The kernels spell their constants as literals: the GPU compiler rejects plain float
+# globals (tests/gpu_compile_check.py caught it) and the interpreter mishandles
+# tl.constexpr globals on the left of a product. 0.7071067811865476 = sqrt(1/2),
+# 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi), 0.044715 = the tanh
+# form's cubic coefficient.
+
+
+@triton.jit
+def _tanh(u):
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _gelu(z, TANH: tl.constexpr):
+    if TANH:
+        return 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(z, TANH: tl.constexpr):
+    if TANH:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    return 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+
+
+@triton.jit
+def _bias_gelu_fwd_kernel(
+    X,
+    BIAS,
+    Y,
+    stride_x_row,
+    stride_y_row,
+    n_rows,
+    n_cols,
+    HAS_BIAS: tl.constexpr,
+    TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    mask = (rows < n_rows)[:, None] & col_mask[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    z = tl.load(X + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z = z + tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    y = _gelu(z, TANH)
+    tl.store(Y + rows64 * stride_y_row + cols[None, :], cast_for_store(y, Y.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
+
+
+@triton.jit
+def _bias_gelu_bwd_kernel(
+    DY,
+    X,
+    BIAS,
+    DX,
+    DBIAS_PARTIAL,
+    stride_dy_row,
+    stride_x_row,
+    stride_dx_row,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_BIAS: tl.constexpr,
+    TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    if HAS_BIAS:
+        bias = tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dbias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for block_start in range(row_start, row_end, BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        mask = (rows < row_end)[:, None] & col_mask[None, :]
+        rows64 = rows[:, None].to(tl.int64)
+        z = tl.load(X + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z = z + bias[None, :]
+        dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dz = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
+        tl.store(DX + rows64 * stride_dx_row + cols[None, :], cast_for_store(dz, DX.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
+        dbias += tl.sum(dz, axis=0)
+    if HAS_BIAS:
+        tl.store(DBIAS_PARTIAL + pid * n_cols + cols, dbias, mask=col_mask)
+
+
+def _block_config(n_cols: int, kernel) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 4K-element tiles, at most 1024 columns wide, on the GPU;
+    up to 64K elements under the interpreter, whose cost is per operation."""
+    block_n = min(triton.next_power_of_2(n_cols), 1024)
+    if interpreted(kernel):
+        return max(1, min(64, 65536 // block_n)), block_n, 4
+    return max(1, 4096 // block_n), block_n, 8
+
+
+def _rows(t: Tensor, n_cols: int) -> Tensor:
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+@torch.library.custom_op("vit_kernels::bias_gelu_fwd", mutates_args=())
+def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
+    n_cols = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2 = _rows(x, n_cols)
+    if x2.shape[0] == 0:
+        return y
+    y2 = y.view(-1, n_cols)
+    block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_fwd_kernel)
+    grid = (triton.cdiv(x2.shape[0], block_m), triton.cdiv(n_cols, block_n))
+    _bias_gelu_fwd_kernel[grid](
+        x2, bias, y2, x2.stride(0), y2.stride(0), x2.shape[0], n_cols,
+        HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+        RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_fwd_kernel), num_warps=num_warps,
+    )
+    return y
+
+
+@_bias_gelu_fwd.register_fake
+def _(x, bias, approximate):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("vit_kernels::bias_gelu_bwd", mutates_args=())
+def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dbias); dbias is an empty tensor when there is no bias."""
+    n_cols = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2, dy2 = _rows(x, n_cols), _rows(dy, n_cols)
+    n_rows = x2.shape[0]
+    block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_bwd_kernel)
+    n_row_blocks = max(1, triton.cdiv(n_rows, block_m))
+    n_col_blocks = triton.cdiv(n_cols, block_n)
+    # Enough row groups for a few waves of programs over all column blocks.
+    n_groups = min(n_row_blocks, max(1, num_programs_for_reduction(x.device) // n_col_blocks))
+    rows_per_program = triton.cdiv(n_row_blocks, n_groups) * block_m
+    n_groups = triton.cdiv(n_row_blocks * block_m, rows_per_program)
+    partial = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x.device) if bias is not None else None
+    if n_rows > 0:
+        dx2 = dx.view(-1, n_cols)
+        _bias_gelu_bwd_kernel[(n_groups, n_col_blocks)](
+            dy2, x2, bias, dx2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
+            HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
+            RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_bwd_kernel), num_warps=num_warps,
+        )
+    elif partial is not None:
+        partial.zero_()
+    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
+    return dx, dbias
+
+
+@_bias_gelu_bwd.register_fake
+def _(dy, x, bias, approximate):
+    return x.new_empty(x.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = torch.ops.vit_kernels.bias_gelu_bwd(dy, x, bias, ctx.approximate)
+    return dx, (dbias if bias is not None else None), None
+
+
+_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """``gelu(x + bias)`` over the last dim in one pass, forward and backward.
+
+    Args:
+        x: ``[..., N]``, float32, float16 or bfloat16 (the bias-free output of fc1).
+        bias: ``[N]`` in float32 or x's dtype, or None.
+        approximate: ``"none"`` (exact erf GELU, the default, as in timm, transformers and
+            torchvision ViTs) or ``"tanh"``.
+
+    Returns y in x's dtype. Backward gives dx and dbias; dbias is reduced in two
+    deterministic stages (bitwise reproducible). Only x is saved for backward.
+
+    Runs the Triton kernel on CUDA (and on CPU under TRITON_INTERPRET=1), else
+    `vit_kernels.reference.bias_gelu`, as does float64.
+
+    Raises:
+        TypeError: non-tensors, integer dtypes.
+        ValueError: bias not ``[N]``, mixed devices, unknown ``approximate``, 0-d x.
+    """
+    check_float_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_optional_float_tensor("bias", bias, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    check_shape("bias", bias, (x.shape[-1],))
+    check_same_device("x", x, bias=bias)
+    if x.dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
+        return reference.bias_gelu(x, bias, approximate)
+    return _bias_gelu_fwd(x, bias, approximate)
