@@ -1,7 +1,8 @@
 """Drop-in nn.Modules over the fused ops; parameter names match the modules they replace."""
 
 from .attention import FlashAttention
+from .block import DropPath, FusedBlock, LayerScale, run_blocks_fused
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
 
-__all__ = ["FlashAttention", "FusedLayerNorm", "FusedMlp"]
+__all__ = ["DropPath", "FlashAttention", "FusedBlock", "FusedLayerNorm", "FusedMlp", "LayerScale", "run_blocks_fused"]

@@ -1,0 +1,172 @@
+"""The reference ViT: timm state_dict compatibility, fused vs eager, resampling, hybrid, analysis."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from vit_kernels.models import (
+    MODEL_CONFIGS,
+    VisionTransformer,
+    attention_rollout,
+    create_model,
+    mean_attention_distance,
+    resample_pos_embed,
+)
+from vit_kernels.testing import assert_rule, kernel_device
+
+timm = pytest.importorskip("timm")
+DEVICE = kernel_device()
+SMALL = dict(num_classes=10, img_size=64, depth=2)  # vit_tiny at 64 px: 16 patches, 2 blocks
+
+
+def _timm(**config):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**SMALL, **config}).to(DEVICE)
+
+
+def _ours(fused, **config):
+    return create_model("vit_tiny_patch16_224", fused=fused, **{**SMALL, **config}).to(DEVICE)
+
+
+def _logits_and_grads(model, images):
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    logits.square().sum().backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(qkv_bias=False), dict(init_values=0.1), dict(global_pool="avg", class_token=False),
+     dict(qk_norm=True)],
+    ids=["default", "no-qkv-bias", "layer-scale", "avg-pool", "qk-norm"],
+)
+def test_timm_checkpoint_loads_strict_and_matches_by_rule(seed, config):
+    theirs = _timm(**config)
+    with torch.no_grad():  # trained-looking weights, not the init's zeros and ones
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    eager = _logits_and_grads(theirs.eval(), images)
+    oracle = _logits_and_grads(copy.deepcopy(theirs).double(), images.double())
+    for fused in (False, True):
+        ours = _ours(fused, **config).eval()
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        ours.load_state_dict(theirs.state_dict(), strict=True)
+        got = _logits_and_grads(ours, images)
+        assert_rule("logits", got[0], oracle[0], eager[0])
+        assert got[1].keys() == eager[1].keys()
+        for name in got[1]:
+            assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+
+
+def test_fused_and_eager_agree_in_training_mode(seed):
+    """Same parameters and RNG: drop path draws the same per-sample masks in both paths."""
+    eager = _ours(False, drop_path_rate=0.5, init_values=0.5).train()
+    fused = _ours(True, drop_path_rate=0.5, init_values=0.5).train()
+    fused.load_state_dict(eager.state_dict())
+    images = torch.randn(8, 3, 64, 64, device=DEVICE)
+    torch.manual_seed(1)
+    want = eager(images)
+    torch.manual_seed(1)
+    got = fused(images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.manual_seed(2)
+    assert not torch.allclose(fused(images), got)  # the masks are drawn afresh
+
+
+def test_named_variants():
+    assert MODEL_CONFIGS["vit_huge_patch14_224"] == dict(img_size=224, patch_size=14, embed_dim=1280, depth=32,
+                                                         num_heads=16)
+    assert len(MODEL_CONFIGS) == 30
+    from vit_kernels import models
+
+    model = models.vit_small_patch32_384(depth=1, num_classes=3)
+    assert isinstance(model, VisionTransformer) and model.patch_embed.grid_size == (12, 12)
+    assert model.pos_embed.shape == (1, 145, 384)
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("vit_gigantic_patch16_224")
+
+
+def test_pos_embed_resampling_matches_timm(seed):
+    from timm.layers import resample_abs_pos_embed
+
+    pos = torch.randn(1, 1 + 14 * 14, 192)
+    ours = resample_pos_embed(pos, (24, 24), (14, 14), num_prefix_tokens=1)
+    theirs = resample_abs_pos_embed(pos, (24, 24), (14, 14), num_prefix_tokens=1)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.equal(ours[:, :1], pos[:, :1])  # the class token's entry is kept
+
+
+def test_loading_at_another_resolution_and_forward_at_another_size(seed):
+    small = _ours(False)  # grid 4x4
+    big = _ours(False, img_size=96)  # grid 6x6
+    big.load_state_dict(small.state_dict())  # pos_embed resampled while loading
+    assert big.pos_embed.shape == (1, 37, 192)
+    want = resample_pos_embed(small.pos_embed.detach(), (6, 6), (4, 4))
+    torch.testing.assert_close(big.pos_embed.detach(), want)
+    # At forward, an input of another size resamples on the fly.
+    small.eval()
+    out = small(torch.randn(2, 3, 96, 96, device=DEVICE))
+    assert out.shape == (2, 10)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        small(torch.randn(1, 3, 70, 64, device=DEVICE))
+
+
+def test_hybrid_backbone(seed):
+    backbone = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1))
+    for fused in (False, True):
+        model = VisionTransformer(img_size=32, in_chans=3, num_classes=5, embed_dim=64, depth=1, num_heads=2,
+                                  backbone=backbone, fused=fused).to(DEVICE)
+        assert model.patch_embed.patch_size == (1, 1) and model.patch_embed.num_patches == 64
+        out = model(torch.randn(2, 3, 32, 32, device=DEVICE))
+        out.sum().backward()
+        assert out.shape == (2, 5) and backbone[0].weight.grad is not None
+        backbone.zero_grad()
+
+
+def test_pre_logits_layer():
+    model = _ours(False, pre_logits=True).eval()
+    assert "pre_logits.fc.weight" in model.state_dict()
+    features = model.forward_head(model.forward_features(torch.randn(1, 3, 64, 64, device=DEVICE)), pre_logits=True)
+    assert features.abs().max() <= 1.0  # tanh
+
+
+def test_attention_maps_and_analysis(seed):
+    eager, fused = _ours(False).eval(), _ours(True).eval()
+    fused.load_state_dict(eager.state_dict())
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    maps = eager.get_attention_maps(images)
+    assert len(maps) == 2 and maps[0].shape == (2, 3, 17, 17)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(2, 3, 17, device=DEVICE))
+    for a, b in zip(maps, fused.get_attention_maps(images)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    rollout = attention_rollout(maps)
+    assert rollout.shape == (2, 17, 17)
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(2, 17, device=DEVICE))
+    distance = mean_attention_distance(maps, grid_size=(4, 4), patch_size=16)
+    assert distance.shape == (2, 2, 3)
+    assert (distance >= 0).all() and (distance <= 16 * (2 * 3**2) ** 0.5).all()
+    uniform = [torch.full((1, 1, 17, 17), 1 / 17)]
+    # Uniform attention over a 4x4 grid: the mean pairwise centre distance.
+    centres = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij"), -1).reshape(-1, 2) * 16
+    expected = torch.cdist(centres, centres).mean()
+    torch.testing.assert_close(mean_attention_distance(uniform, (4, 4), 16)[0, 0, 0], expected)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="global_pool"):
+        VisionTransformer(global_pool="max")
+    with pytest.raises(ValueError, match="needs class_token"):
+        VisionTransformer(class_token=False, global_pool="token")
+    with pytest.raises(ValueError, match="divisible"):
+        VisionTransformer(img_size=100, patch_size=16, depth=1)
+
+
+def test_compile_fullgraph_fused_model(seed):
+    model = _ours(True).eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)

@@ -1,0 +1,324 @@
+"""The ViT of Dosovitskiy et al. (2021), with timm's state_dict keys, eager or fused.
+
+Patch embedding (a conv with stride = kernel = P, equal to the paper's linear map of
+flattened P x P x C patches), a learnable class token, learned 1-D position embeddings,
+pre-LN encoder blocks (``x = x + MSA(LN(x)); x = x + MLP(LN(x))``, GELU MLP), a final
+LayerNorm, and a head on the class token (or on the mean of the patch tokens). The
+pre-training head's representation layer (Linear + tanh) is an option.
+
+``fused=False`` is plain eager PyTorch (attention through F.scaled_dot_product_attention,
+as timm's default): the benchmark baseline. ``fused=True`` swaps in FlashAttention,
+FusedMlp and FusedLayerNorm and carries (branch, residual) between blocks so that every
+residual add, with layer scale and drop path, runs inside the LayerNorm after it. Both
+have the same parameters and state_dict keys, identical to timm's VisionTransformer of
+the same configuration, so timm checkpoints load with ``strict=True``.
+
+The patch embedding is still the Conv2d here; the fused CUDA patch embedding is its own
+piece of work.
+"""
+
+import math
+from collections import OrderedDict
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..nn.block import DropPath, FusedBlock, LayerScale, run_blocks_fused
+from ..nn.layer_norm import FusedLayerNorm
+from ..ops.attention import attention_probs
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+class PatchEmbed(nn.Module):
+    """Image ``[B, C, H, W]`` -> patch tokens ``[B, N, D]``, N = HW / P^2 (timm's attribute names)."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768):
+        super().__init__()
+        self.img_size = _pair(img_size)
+        self.patch_size = _pair(patch_size)
+        if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
+            raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
+        self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"images must be [B, {self.proj.in_channels}, H, W], got {tuple(x.shape)}")
+        if x.shape[2] % self.patch_size[0] or x.shape[3] % self.patch_size[1]:
+            raise ValueError(f"image size {tuple(x.shape[2:])} must be divisible by the patch size {self.patch_size}")
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """timm's Attention, eager (F.scaled_dot_product_attention)."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qk_norm=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # eps 1e-6, as timm's ViT builds its qk-norm LayerNorms.
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(b, n, c))))
+
+
+class Mlp(nn.Module):
+    """timm's Mlp: fc1 -> GELU -> fc2."""
+
+    def __init__(self, in_features, hidden_features, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.norm = nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+
+class Block(nn.Module):
+    """timm's pre-LN Block, eager."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, qk_norm=False, proj_drop=0.0, attn_drop=0.0,
+                 init_values=None, drop_path=0.0, norm_eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple, old_grid: tuple, num_prefix_tokens: int = 1,
+                       mode: str = "bicubic") -> Tensor:
+    """Resample learned position embeddings ``[1, prefix + old_h*old_w, D]`` to a new patch grid.
+
+    The paper's higher-resolution fine-tuning: the patch size is kept, so N grows, and the
+    pre-trained embeddings are interpolated in 2-D over the grid (bicubic by default);
+    the class-token (prefix) entries are kept as they are.
+    """
+    new_grid, old_grid = tuple(new_grid), tuple(old_grid)
+    if new_grid == old_grid:
+        return pos_embed
+    if pos_embed.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} tokens, expected {num_prefix_tokens} + {old_grid[0]}x{old_grid[1]}"
+        )
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = pos_embed.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False, antialias=mode in ("bicubic", "bilinear"))
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al., 2021) with timm-compatible state_dict keys.
+
+    Args follow timm's VisionTransformer: img_size, patch_size, in_chans, num_classes,
+    embed_dim, depth, num_heads, mlp_ratio, qkv_bias, global_pool ("token" | "avg"),
+    class_token, pre_logits (the pre-training representation layer: Linear + tanh),
+    drop_rate, attn_drop_rate, drop_path_rate (linearly increasing over depth),
+    init_values (layer scale), qk_norm, backbone (hybrid: a module producing a feature
+    map, embedded with patch size 1), fused.
+    """
+
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        global_pool: str = "token",
+        class_token: bool = True,
+        pre_logits: bool = False,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        init_values: Optional[float] = None,
+        qk_norm: bool = False,
+        backbone: Optional[nn.Module] = None,
+        fused: bool = True,
+    ):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        self.fused = fused
+        self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.backbone = backbone
+        if backbone is not None:
+            # The paper's hybrid: the CNN feature map is the "image", its positions the patches.
+            with torch.no_grad():
+                was_training = backbone.training
+                feature = backbone.eval()(torch.zeros(1, in_chans, *_pair(img_size)))
+                backbone.train(was_training)
+            self.patch_embed = PatchEmbed(feature.shape[-2:], 1, feature.shape[1], embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = torch.linspace(0, drop_path_rate, depth).tolist()
+        make_block = FusedBlock if fused else Block
+        self.blocks = nn.Sequential(*[
+            make_block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, qk_norm=qk_norm, proj_drop=drop_rate,
+                       attn_drop=attn_drop_rate, init_values=init_values, drop_path=drop_paths[i])
+            for i in range(depth)
+        ])
+        use_fc_norm = global_pool == "avg"
+        make_norm = FusedLayerNorm if fused else nn.LayerNorm
+        self.norm = nn.Identity() if use_fc_norm else make_norm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.pre_logits = (
+            nn.Sequential(OrderedDict(fc=nn.Linear(embed_dim, embed_dim), act=nn.Tanh())) if pre_logits else nn.Identity()
+        )
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+        self.register_load_state_dict_pre_hook(self._resample_loaded_pos_embed)
+
+    def _init_weights(self):
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def _resample_loaded_pos_embed(self, module, state_dict, prefix, *args, **kwargs):
+        """Loading a checkpoint trained at another resolution: resample its pos_embed to this grid."""
+        key = prefix + "pos_embed"
+        loaded = state_dict.get(key)
+        if loaded is None or loaded.shape == self.pos_embed.shape:
+            return
+        old_tokens = loaded.shape[1] - self.num_prefix_tokens
+        side = math.isqrt(old_tokens)
+        if side * side != old_tokens:
+            raise ValueError(f"cannot resample {key} of shape {tuple(loaded.shape)}: its grid is not square")
+        state_dict[key] = resample_pos_embed(loaded, self.patch_embed.grid_size, (side, side), self.num_prefix_tokens)
+
+    # ---- forward -------------------------------------------------------------------------------
+
+    def _embed(self, images: Tensor) -> Tensor:
+        if self.backbone is not None:
+            images = self.backbone(images)
+        x = self.patch_embed(images)
+        grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
+        pos_embed = resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        return self.pos_drop(x + pos_embed)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Tokens after the encoder and its final norm, ``[B, N(+1), D]``."""
+        x = self._embed(images)
+        if not self.fused:
+            return self.norm(self.blocks(x))
+        if isinstance(self.norm, FusedLayerNorm):
+            return run_blocks_fused(self.blocks, x, final_norm=self.norm)
+        branch, residual, gamma, row_scale = run_blocks_fused(self.blocks, x)
+        if gamma is not None:
+            branch = branch * gamma
+        if row_scale is not None:
+            branch = branch * row_scale.reshape(-1, 1, 1)
+        return residual + branch
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.pre_logits(self.fc_norm(x))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    # ---- analysis (the paper's Section 4.5) ------------------------------------------------------
+
+    @torch.no_grad()
+    def get_attention_maps(self, images: Tensor) -> list:
+        """Per-layer attention probabilities ``[B, H, N, N]`` (float32), through the unfused
+        reference path (`vit_kernels.ops.attention_probs`)."""
+        x = self._embed(images)
+        maps = []
+        for block in self.blocks:
+            y = block.norm1(x)
+            attn = block.attn
+            b, n, _ = y.shape
+            q, k, _ = attn.qkv(y).reshape(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
+            maps.append(attention_probs(attn.q_norm(q), attn.k_norm(k), softmax_scale=attn.scale))
+            x = block(x)
+        return maps
+
+
+def attention_rollout(attention_maps: list, head_fusion: Callable = lambda a: a.mean(dim=1)) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020), as the ViT paper uses for its attention maps.
+
+    Heads are fused (mean by default), the identity is added for the residual connection,
+    rows are renormalized, and the layers' matrices are multiplied. Returns ``[B, N, N]``;
+    row 0 (the class token) over the patch columns is the map the paper shows.
+    """
+    result = None
+    for maps in attention_maps:
+        a = head_fusion(maps.float())
+        a = a + torch.eye(a.shape[-1], device=a.device)
+        a = a / a.sum(dim=-1, keepdim=True)
+        result = a if result is None else a @ result
+    return result
+
+
+def mean_attention_distance(attention_maps: list, grid_size: tuple, patch_size: int, num_prefix_tokens: int = 1) -> Tensor:
+    """Mean attention distance in pixels, ``[layers, B, H]`` (the paper's Figure 7).
+
+    For each head: the distance between query and key patch centres, weighted by the
+    attention between them, averaged over the query patches. Prefix (class) tokens are
+    left out and the remaining weights renormalized.
+    """
+    gh, gw = grid_size
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    centres = torch.stack([ys.flatten(), xs.flatten()], dim=-1).float() * patch_size
+    distance = torch.cdist(centres, centres)  # [N, N] pixels
+    out = []
+    for maps in attention_maps:
+        a = maps[..., num_prefix_tokens:, num_prefix_tokens:].float()
+        a = a / a.sum(dim=-1, keepdim=True)
+        out.append((a * distance.to(a.device)).sum(dim=-1).mean(dim=-1))
+    return torch.stack(out)

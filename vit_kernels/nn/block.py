@@ -1,0 +1,136 @@
+"""The pre-LN encoder block, and the loop that carries (hidden, residual) between blocks.
+
+A pre-LN ViT block is ``x = x + drop_path(ls1(attn(norm1(x)))); x = x + drop_path(ls2(mlp(norm2(x))))``.
+Every residual add is followed by a LayerNorm: norm2 in the same block, norm1 of the
+next block, or the encoder's final norm. `run_blocks_fused` carries the pair
+(branch output, residual stream) from block to block so that each add, with its layer
+scale and drop path, runs inside the LayerNorm that follows it (one
+`vit_kernels.ops.add_layer_norm` pass), across block boundaries and into the final norm.
+
+It works on any block that has timm's submodule names (``norm1``, ``attn``, ``ls1``,
+``drop_path1``, ``norm2``, ``mlp``, ``ls2``, ``drop_path2``) with FusedLayerNorm norms: ours
+(`FusedBlock`) and timm blocks after `swap_modules`.
+"""
+
+from functools import partial
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import FlashAttention
+from .layer_norm import FusedLayerNorm
+from .mlp import FusedMlp
+
+
+class LayerScale(nn.Module):
+    """``x * gamma`` per channel (timm's LayerScale, same parameter name)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gamma
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (timm's DropPath semantics: scale kept samples by 1/keep_prob)."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True):
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: Tensor) -> Tensor:
+        row_scale = drop_path_row_scale(self, x.shape[0], x.device, x.dtype)
+        return x if row_scale is None else x * row_scale.reshape((-1,) + (1,) * (x.dim() - 1))
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def layer_scale_gamma(module: nn.Module) -> Optional[Tensor]:
+    """The per-channel scale of a LayerScale-like module (ours or timm's), None for Identity."""
+    if isinstance(module, nn.Identity):
+        return None
+    gamma = getattr(module, "gamma", None)
+    if not isinstance(gamma, Tensor):
+        raise TypeError(f"expected a LayerScale with a `gamma` tensor or nn.Identity, got {type(module).__name__}")
+    return gamma
+
+
+def drop_path_row_scale(module: nn.Module, batch: int, device, dtype) -> Optional[Tensor]:
+    """The per-sample factor a DropPath-like module (ours or timm's) applies now: [B] of 0 or
+    1/keep_prob, or None when it is the identity (eval mode, p = 0, nn.Identity)."""
+    drop_prob = float(getattr(module, "drop_prob", 0.0) or 0.0)
+    if isinstance(module, nn.Identity) or not module.training or drop_prob == 0.0:
+        return None
+    keep_prob = 1.0 - drop_prob
+    keep = torch.empty(batch, device=device, dtype=dtype).bernoulli_(keep_prob)
+    if keep_prob > 0.0 and getattr(module, "scale_by_keep", True):
+        keep.div_(keep_prob)
+    return keep
+
+
+class FusedBlock(nn.Module):
+    """A pre-LN ViT block with timm `Block`'s submodule names, on vit_kernels' modules.
+
+    ``forward(x)`` is the standalone block (two fused add + LayerNorm steps inside it).
+    Inside a model, `run_blocks_fused` instead carries (branch, residual) between blocks.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        init_values: Optional[float] = None,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = FusedLayerNorm(dim, eps=norm_eps)
+        self.attn = FlashAttention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
+                                   proj_drop=proj_drop, norm_layer=partial(nn.LayerNorm, eps=norm_eps))
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = FusedLayerNorm(dim, eps=norm_eps)
+        self.mlp = FusedMlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        branch, residual, gamma, row_scale = run_blocks_fused([self], x)
+        if gamma is not None:
+            branch = branch * gamma
+        if row_scale is not None:
+            branch = branch * row_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
+        return residual + branch
+
+
+def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None):
+    """Run pre-LN blocks with every residual add fused into the LayerNorm after it.
+
+    With a final norm, returns ``final_norm(x_out)``. Without one, returns the pending
+    last add as ``(branch, residual, gamma, row_scale)``: ``x_out = residual +
+    row_scale[b] * gamma * branch``, for the caller to finish (None means no factor).
+    """
+    branch, residual, gamma, row_scale = x, None, None, None
+    batch = x.shape[0]
+    for block in blocks:
+        y, residual = block.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
+        attn_out = block.attn(y)
+        gamma = layer_scale_gamma(block.ls1)
+        row_scale = drop_path_row_scale(block.drop_path1, batch, x.device, attn_out.dtype)
+        y, residual = block.norm2(attn_out, residual, gamma=gamma, row_scale=row_scale)
+        branch = block.mlp(y)
+        gamma = layer_scale_gamma(block.ls2)
+        row_scale = drop_path_row_scale(block.drop_path2, batch, x.device, branch.dtype)
+    if final_norm is None:
+        return branch, residual, gamma, row_scale
+    return final_norm(branch, residual, gamma=gamma, row_scale=row_scale)[0]
