@@ -16,8 +16,8 @@ class FlashAttention(nn.Module):
     so the reshape for ``proj`` is free: no permute copy on either side (timm's path
     permutes to ``[3, B, H, N, d]`` and back).
 
-    ``forward(x, attn_mask=None)``: with a mask, the unfused PyTorch path
-    (`F.scaled_dot_product_attention`) runs instead, since the kernel has no masking.
+    ``forward(x, attn_mask=None, is_causal=False)``: with a mask (or causal), the unfused
+    PyTorch path (`F.scaled_dot_product_attention`) runs instead: the kernel has no masking.
     ``attn_drop`` acts on the attention probabilities in training mode, as in timm.
     """
 
@@ -50,19 +50,39 @@ class FlashAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        batch, n_tokens, dim = x.shape
+    @classmethod
+    def from_timm(cls, attn: nn.Module) -> "FlashAttention":
+        """A FlashAttention over a timm `Attention`'s own submodules (shared, not copied).
+
+        Raises ValueError when the module is not one this kernel can run (gated attention,
+        an unsupported head dim).
+        """
+        if getattr(attn, "gate", None) is not None:
+            raise ValueError("gated attention (timm's gated=True) is not fused")
+        if attn.head_dim not in HEAD_DIMS:
+            raise ValueError(f"head dim {attn.head_dim} is not one of {HEAD_DIMS}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.num_heads, fused.head_dim, fused.scale = attn.num_heads, attn.head_dim, attn.scale
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+            module = getattr(attn, name, None)
+            setattr(fused, name, module if module is not None else nn.Identity())
+        return fused
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        batch, n_tokens, _ = x.shape
+        dim = self.num_heads * self.head_dim
         qkv = self.qkv(x).reshape(batch, n_tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(2)
         # q_norm/k_norm normalize over d, which is the last dim in this layout too.
         q, k = self.q_norm(q), self.k_norm(k)
         dropout_p = self.attn_drop.p if self.training else 0.0
-        if attn_mask is None:
+        if attn_mask is None and not is_causal:
             out = flash_attention(q, k, v, softmax_scale=self.scale, dropout_p=dropout_p)
         else:
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
-                dropout_p=dropout_p, scale=self.scale,
+                dropout_p=dropout_p, is_causal=is_causal, scale=self.scale,
             ).transpose(1, 2)
         x = self.norm(out.reshape(batch, n_tokens, dim))
         return self.proj_drop(self.proj(x))

@@ -49,6 +49,20 @@ class FusedMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
+    @classmethod
+    def from_timm(cls, mlp: nn.Module) -> "FusedMlp":
+        """A FusedMlp over a timm `Mlp`'s own submodules (shared, not copied); ValueError when
+        the activation is not GELU or the layers are not Linear (timm's use_conv)."""
+        if not isinstance(getattr(mlp, "fc1", None), nn.Linear) or not isinstance(getattr(mlp, "fc2", None), nn.Linear):
+            raise ValueError("fc1 and fc2 must be nn.Linear")
+        approximate = _gelu_approximation(mlp.act)
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):
+            setattr(fused, name, getattr(mlp, name))
+        fused.approximate = approximate
+        return fused
+
     def forward(self, x: Tensor) -> Tensor:
         x = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, self.approximate)
         x = self.norm(self.drop1(x))

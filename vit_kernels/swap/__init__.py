@@ -1,1 +1,41 @@
-"""swap_modules for timm, transformers and torchvision (issue: "The reference ViT, and swap_modules"): not written yet."""
+"""swap_modules: put vit_kernels' fused modules into a ViT the user already has, in place.
+
+Supported now: timm's VisionTransformer and the families built on it (DeiT, DeiT-3,
+...). Hugging Face transformers and torchvision ViTs are not handled yet: their modules
+are left alone and the summary says so.
+"""
+
+from .summary import SwapSummary
+from .timm_vit import swap_timm_vit
+
+
+def swap_modules(model, *, attention: bool = True, mlp: bool = True, layer_norm: bool = True,
+                 patch_embed: bool = True):
+    """Swap fused modules into `model` in place; returns ``(model, summary)``.
+
+    Parameters are shared, not copied, and every submodule keeps its name, so the
+    state_dict keys and values stay exactly as they were. Only this model instance
+    changes (instance attributes and, for the residual fusion, a per-instance
+    forward_features): nothing in torch.nn or a library's namespace is touched.
+
+    The flags turn a kind of swap off. `summary` (printable) lists what was swapped
+    and what was left alone, with the reason.
+    """
+    summary = SwapSummary(type(model).__name__)
+    if _is_timm_vit(model):
+        swap_timm_vit(model, summary, attention=attention, mlp=mlp, layer_norm=layer_norm, patch_embed=patch_embed)
+    else:
+        summary.left_alone("", f"{type(model).__module__}.{type(model).__name__} is not a supported model "
+                               "(supported: timm VisionTransformer and its families)")
+    return model, summary
+
+
+def _is_timm_vit(model) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+__all__ = ["SwapSummary", "swap_modules"]

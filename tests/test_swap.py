@@ -1,0 +1,151 @@
+"""vit_kernels.swap_modules on timm ViTs: same state_dict, same numbers (rule), fused residual stream."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import vit_kernels
+from vit_kernels.nn import FlashAttention, FusedLayerNorm, FusedMlp
+from vit_kernels.testing import assert_rule, kernel_device
+
+timm = pytest.importorskip("timm")
+DEVICE = kernel_device()
+SMALL = dict(num_classes=10, img_size=64, depth=2)
+
+
+def _timm(name="vit_tiny_patch16_224", **config):
+    model = timm.create_model(name, pretrained=False, **{**SMALL, **config}).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _logits_and_grads(model, images):
+    model.zero_grad(set_to_none=True)
+    logits = model(images)
+    logits.square().sum().backward()
+    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CONFIGS = {
+    "default": dict(),
+    "no-qkv-bias": dict(qkv_bias=False),
+    "qk-norm": dict(qk_norm=True),
+    "layer-scale": dict(init_values=0.1),
+    "registers": dict(reg_tokens=4),
+    "no-embed-class": dict(no_embed_class=True, init_values=0.1),
+    "avg-pool": dict(class_token=False, global_pool="avg"),
+    "fc-norm": dict(global_pool="avg", fc_norm=True),
+    "dynamic-size": dict(dynamic_img_size=True),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_swapped_timm_vit_matches_by_rule(seed, config):
+    original = _timm(**config).eval()
+    oracle_model = copy.deepcopy(original).double()
+    keys_before = {k: v.clone() for k, v in original.state_dict().items()}
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    eager = _logits_and_grads(original, images)
+    oracle = _logits_and_grads(oracle_model, images.double())
+    model, summary = vit_kernels.swap_modules(original)
+    assert model is original
+    assert any(path == "forward_features" for path, _ in summary.swapped), str(summary)
+    assert list(model.state_dict()) == list(keys_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
+    got = _logits_and_grads(model, images)
+    assert_rule("logits", got[0], oracle[0], eager[0])
+    assert got[1].keys() == eager[1].keys()
+    for name in got[1]:
+        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+    if config.get("dynamic_img_size"):
+        out = model(torch.randn(1, 3, 96, 80, device=DEVICE))
+        assert out.shape == (1, 10)
+
+
+def test_swap_shares_parameters_and_touches_no_library_namespace(seed):
+    from timm.layers import Attention, Mlp
+    from timm.models.vision_transformer import VisionTransformer
+
+    forward_features, layer_norm_forward = VisionTransformer.forward_features, nn.LayerNorm.forward
+    model = _timm()
+    params_before = {n: id(p) for n, p in model.named_parameters()}
+    vit_kernels.swap_modules(model)
+    assert {n: id(p) for n, p in model.named_parameters()} == params_before
+    assert isinstance(model.blocks[0].attn, FlashAttention) and isinstance(model.blocks[0].mlp, FusedMlp)
+    assert isinstance(model.blocks[1].norm2, FusedLayerNorm) and isinstance(model.norm, FusedLayerNorm)
+    assert VisionTransformer.forward_features is forward_features and nn.LayerNorm.forward is layer_norm_forward
+    assert "forward_features" in vars(model)  # per instance
+    other = _timm()  # a fresh timm model is untouched
+    assert isinstance(other.blocks[0].attn, Attention) and isinstance(other.blocks[0].mlp, Mlp)
+    assert "forward_features" not in vars(other)
+
+
+def test_drop_path_training_matches_timm(seed):
+    """In training mode the fused stream draws the same drop-path masks as timm, in the same order."""
+    original = _timm(drop_path_rate=0.5, init_values=0.3).train()
+    swapped, _ = vit_kernels.swap_modules(copy.deepcopy(original))
+    images = torch.randn(8, 3, 64, 64, device=DEVICE)
+    torch.manual_seed(3)
+    want = original(images)
+    torch.manual_seed(3)
+    got = swapped(images)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flags_and_what_is_left_alone(seed):
+    model, summary = vit_kernels.swap_modules(_timm(), attention=False, layer_norm=False)
+    assert not isinstance(model.blocks[0].attn, FlashAttention)
+    assert isinstance(model.blocks[0].mlp, FusedMlp)
+    assert "forward_features" not in vars(model)
+    text = str(summary)
+    assert "residual adds not fused" in text and "patch_embed" in text
+    # An activation the MLP kernel cannot fuse stays, with the reason.
+    model, summary = vit_kernels.swap_modules(_timm(act_layer=nn.ReLU))
+    assert not isinstance(model.blocks[0].mlp, FusedMlp)
+    assert "GELU only" in str(summary)
+
+
+def test_deit_families(seed):
+    deit3 = _timm("deit3_small_patch16_224")
+    _, summary = vit_kernels.swap_modules(deit3)
+    assert any(path == "forward_features" for path, _ in summary.swapped)
+    # The distilled DeiT overrides _pos_embed (its dist token), which the fused path calls.
+    distilled = _timm("deit_tiny_distilled_patch16_224").eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    want = distilled(images)
+    _, summary = vit_kernels.swap_modules(distilled)
+    assert any(path == "forward_features" for path, _ in summary.swapped)
+    torch.testing.assert_close(distilled(images), want, rtol=1e-4, atol=1e-4)
+
+
+def test_overridden_forward_features_is_kept(seed):
+    from timm.models.vision_transformer import VisionTransformer
+
+    class Custom(VisionTransformer):
+        def forward_features(self, x, **kwargs):
+            return super().forward_features(x, **kwargs) * 2
+
+    model = Custom(**SMALL, embed_dim=192, num_heads=3).to(DEVICE).eval()
+    images = torch.randn(1, 3, 64, 64, device=DEVICE)
+    want = model(images)
+    _, summary = vit_kernels.swap_modules(model)
+    assert "Custom overrides forward_features" in str(summary) and "forward_features" not in vars(model)
+    torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_model_is_left_alone():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    same, summary = vit_kernels.swap_modules(model)
+    assert same is model and isinstance(model[1], nn.LayerNorm) and type(model[1]) is nn.LayerNorm
+    assert "not a supported model" in str(summary)
+
+
+def test_compile_fullgraph_swapped(seed):
+    model, _ = vit_kernels.swap_modules(_timm(init_values=0.1).eval())
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)
