@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..nn.block import DropPath, FusedBlock, LayerScale, run_blocks_fused
+from ..nn.block import DropPath, FusedBlock, LayerScale, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..ops.attention import attention_probs
 
@@ -256,12 +256,7 @@ class VisionTransformer(nn.Module):
             return self.norm(self.blocks(x))
         if isinstance(self.norm, FusedLayerNorm):
             return run_blocks_fused(self.blocks, x, final_norm=self.norm)
-        branch, residual, gamma, row_scale = run_blocks_fused(self.blocks, x)
-        if gamma is not None:
-            branch = branch * gamma
-        if row_scale is not None:
-            branch = branch * row_scale.reshape(-1, 1, 1)
-        return residual + branch
+        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]

@@ -105,12 +105,16 @@ class FusedBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        branch, residual, gamma, row_scale = run_blocks_fused([self], x)
-        if gamma is not None:
-            branch = branch * gamma
-        if row_scale is not None:
-            branch = branch * row_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
-        return residual + branch
+        return finish_residual(*run_blocks_fused([self], x))
+
+
+def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], row_scale: Optional[Tensor]) -> Tensor:
+    """The pending add `run_blocks_fused` leaves when no LayerNorm follows the last block (unfused)."""
+    if gamma is not None:
+        branch = branch * gamma
+    if row_scale is not None:
+        branch = branch * row_scale.reshape((-1,) + (1,) * (branch.dim() - 1))
+    return residual + branch
 
 
 def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import FlashAttention
-from ..nn.block import run_blocks_fused
+from ..nn.block import finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import FusedMlp
 
@@ -61,12 +61,7 @@ def _fused_forward_features(self, x, attn_mask=None, is_causal=False):
     x = self.norm_pre(x)
     if isinstance(self.norm, FusedLayerNorm):
         return run_blocks_fused(self.blocks, x, final_norm=self.norm)
-    branch, residual, gamma, row_scale = run_blocks_fused(self.blocks, x)
-    if gamma is not None:
-        branch = branch * gamma
-    if row_scale is not None:
-        branch = branch * row_scale.reshape(-1, 1, 1)
-    return self.norm(residual + branch)
+    return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
 
 
 def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
