@@ -149,3 +149,51 @@ def test_compile_fullgraph_swapped(seed):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)
+
+
+# ---- torchvision -----------------------------------------------------------------------------
+
+
+def _torchvision(**config):
+    tv = pytest.importorskip("torchvision.models.vision_transformer")
+    model = tv.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192,
+                                 mlp_dim=768, num_classes=10, **config).to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_swapped_torchvision_vit_matches_by_rule(seed):
+    original = _torchvision().eval()
+    oracle_model = copy.deepcopy(original).double()
+    keys_before = {k: v.clone() for k, v in original.state_dict().items()}
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    eager = _logits_and_grads(original, images)
+    oracle = _logits_and_grads(oracle_model, images.double())
+    model, summary = vit_kernels.swap_modules(original)
+    text = str(summary)
+    assert "encoder.forward" in text and "self_attention" in text and "FusedLayerNorm" in text
+    assert list(model.state_dict()) == list(keys_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)  # kept, keys and all
+    got = _logits_and_grads(model, images)
+    assert_rule("logits", got[0], oracle[0], eager[0])
+    assert got[1].keys() == eager[1].keys()
+    for name in got[1]:
+        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+
+
+def test_torchvision_flags_and_namespace(seed):
+    from torchvision.models.vision_transformer import Encoder
+
+    encoder_forward = Encoder.forward
+    model = _torchvision().eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    want = model(images)
+    model, summary = vit_kernels.swap_modules(model, attention=False, layer_norm=False)
+    assert Encoder.forward is encoder_forward and "forward" in vars(model.encoder)
+    assert not isinstance(model.encoder.ln, FusedLayerNorm)
+    torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
+    compiled = torch.compile(vit_kernels.swap_modules(_torchvision().eval())[0], fullgraph=True, backend="aot_eager")
+    assert compiled(images).shape == (2, 10)

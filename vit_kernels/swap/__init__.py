@@ -1,12 +1,13 @@
 """swap_modules: put vit_kernels' fused modules into a ViT the user already has, in place.
 
 Supported now: timm's VisionTransformer and the families built on it (DeiT, DeiT-3,
-...). Hugging Face transformers and torchvision ViTs are not handled yet: their modules
-are left alone and the summary says so.
+...) and torchvision's VisionTransformer. Hugging Face transformers ViTs are not handled
+yet: their modules are left alone and the summary says so.
 """
 
 from .summary import SwapSummary
 from .timm_vit import swap_timm_vit
+from .torchvision_vit import swap_torchvision_vit
 
 
 def swap_modules(model, *, attention: bool = True, mlp: bool = True, layer_norm: bool = True,
@@ -22,20 +23,25 @@ def swap_modules(model, *, attention: bool = True, mlp: bool = True, layer_norm:
     and what was left alone, with the reason.
     """
     summary = SwapSummary(type(model).__name__)
-    if _is_timm_vit(model):
-        swap_timm_vit(model, summary, attention=attention, mlp=mlp, layer_norm=layer_norm, patch_embed=patch_embed)
+    kinds = dict(attention=attention, mlp=mlp, layer_norm=layer_norm, patch_embed=patch_embed)
+    if _isinstance_of(model, "timm.models.vision_transformer", "VisionTransformer"):
+        swap_timm_vit(model, summary, **kinds)
+    elif _isinstance_of(model, "torchvision.models.vision_transformer", "VisionTransformer"):
+        swap_torchvision_vit(model, summary, **kinds)
     else:
         summary.left_alone("", f"{type(model).__module__}.{type(model).__name__} is not a supported model "
-                               "(supported: timm VisionTransformer and its families)")
+                               "(supported: timm VisionTransformer and its families, torchvision VisionTransformer)")
     return model, summary
 
 
-def _is_timm_vit(model) -> bool:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError:
+def _isinstance_of(model, module: str, name: str) -> bool:
+    """isinstance against a library class, without importing a library the user does not have."""
+    import importlib
+    import sys
+
+    if module.split(".")[0] not in sys.modules:
         return False
-    return isinstance(model, VisionTransformer)
+    return isinstance(model, getattr(importlib.import_module(module), name))
 
 
 __all__ = ["SwapSummary", "swap_modules"]
