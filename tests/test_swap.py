@@ -197,3 +197,59 @@ def test_torchvision_flags_and_namespace(seed):
     torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
     compiled = torch.compile(vit_kernels.swap_modules(_torchvision().eval())[0], fullgraph=True, backend="aot_eager")
     assert compiled(images).shape == (2, 10)
+
+
+# ---- transformers ------------------------------------------------------------------------------
+
+
+def _hf(kind, **config):
+    transformers = pytest.importorskip("transformers")
+    common = dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, image_size=64, patch_size=16, **config)
+    if kind == "vit":
+        model = transformers.ViTForImageClassification(transformers.ViTConfig(intermediate_size=768, num_labels=10, **common))
+    elif kind == "deit":
+        model = transformers.DeiTForImageClassification(transformers.DeiTConfig(intermediate_size=768, num_labels=10, **common))
+    else:
+        model = transformers.Dinov2Model(transformers.Dinov2Config(layerscale_value=0.5, **common))
+    model = model.to(DEVICE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _hf_output(model, images):
+    out = model(pixel_values=images)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
+def test_swapped_transformers_matches_by_rule(seed, kind, monkeypatch):
+    from vit_kernels.swap import transformers_vit
+
+    calls = []
+    real = transformers_vit.flash_attention
+    monkeypatch.setattr(transformers_vit, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    original = _hf(kind).eval()
+    oracle_model = copy.deepcopy(original).double()
+    keys_before = {k: v.clone() for k, v in original.state_dict().items()}
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+
+    def run(model, x):
+        model.zero_grad(set_to_none=True)
+        out = _hf_output(model, x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, oracle = run(original, images), run(oracle_model, images.double())
+    model, summary = vit_kernels.swap_modules(original)
+    assert model.config._attn_implementation == "vit_kernels"
+    assert list(model.state_dict()) == list(keys_before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
+    eps = [m.eps for m in model.modules() if isinstance(m, FusedLayerNorm)]
+    assert eps and all(e == (1e-6 if kind == "dinov2" else 1e-12) for e in eps)
+    got = run(model, images)
+    assert len(calls) == 2  # one forward, two layers: the kernel ran, not SDPA
+    assert_rule("output", got[0], oracle[0], eager[0])
+    for name in got[1]:
+        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])

@@ -1,13 +1,14 @@
 """swap_modules: put vit_kernels' fused modules into a ViT the user already has, in place.
 
 Supported now: timm's VisionTransformer and the families built on it (DeiT, DeiT-3,
-...) and torchvision's VisionTransformer. Hugging Face transformers ViTs are not handled
-yet: their modules are left alone and the summary says so.
+...), torchvision's VisionTransformer, and Hugging Face transformers' ViT, DeiT and
+Dinov2 models (5.9+ layout).
 """
 
 from .summary import SwapSummary
 from .timm_vit import swap_timm_vit
 from .torchvision_vit import swap_torchvision_vit
+from .transformers_vit import swap_transformers_vit
 
 
 def swap_modules(model, *, attention: bool = True, mlp: bool = True, layer_norm: bool = True,
@@ -28,10 +29,19 @@ def swap_modules(model, *, attention: bool = True, mlp: bool = True, layer_norm:
         swap_timm_vit(model, summary, **kinds)
     elif _isinstance_of(model, "torchvision.models.vision_transformer", "VisionTransformer"):
         swap_torchvision_vit(model, summary, **kinds)
+    elif _is_transformers_vit(model):
+        swap_transformers_vit(model, summary, **kinds)
     else:
         summary.left_alone("", f"{type(model).__module__}.{type(model).__name__} is not a supported model "
-                               "(supported: timm VisionTransformer and its families, torchvision VisionTransformer)")
+                               "(supported: timm VisionTransformer and its families, torchvision VisionTransformer, "
+                               "transformers ViT/DeiT/Dinov2)")
     return model, summary
+
+
+def _is_transformers_vit(model) -> bool:
+    return _isinstance_of(model, "transformers", "PreTrainedModel") and type(model).__name__.startswith(
+        ("ViT", "DeiT", "Dinov2")
+    )
 
 
 def _isinstance_of(model, module: str, name: str) -> bool:

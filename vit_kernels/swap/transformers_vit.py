@@ -1,0 +1,135 @@
+"""Hugging Face transformers ViT, DeiT and Dinov2 (the 5.9+ layout: ``layers[i].attention.q_proj/...``).
+
+- Attention goes through transformers' own extension point: the function below is
+  registered with ``AttentionInterface`` under ``"vit_kernels"`` and the model is switched
+  to it with ``set_attn_implementation``. It receives q, k, v as ``[B, H, N, d]`` views of
+  the projections' ``[B, N, H, d]`` outputs and hands those to flash_attention in place;
+  masks, unsupported head dims and dtypes go to transformers' SDPA path.
+- The MLP keeps its modules and keys; its instance forward runs fc1 bias-free and
+  bias_gelu (GELU models only).
+- LayerNorms become FusedLayerNorm (eps kept: 1e-12 in ViT and DeiT), and each layer's
+  instance forward fuses its attention residual add (with Dinov2's layer scale and drop
+  path) into the LayerNorm after it. The add after the MLP stays unfused: the loop over
+  layers lives in a decorated model forward that also collects hidden states, which is
+  left as it is.
+The older layout (``encoder.layer[i].attention.attention.query``, transformers <= 5.8) is
+reported as unsupported.
+"""
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.block import drop_path_row_scale
+from ..nn.layer_norm import FusedLayerNorm
+from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops.bias_gelu import bias_gelu
+from .timm_vit import _is_plain_layer_norm
+
+ATTENTION_NAME = "vit_kernels"
+
+
+def flash_attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention-function signature on vit_kernels.ops.flash_attention; returns ([B, N, H, d], None)."""
+    if (attention_mask is not None or query.shape[-1] not in HEAD_DIMS
+            or query.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          softmax_scale=scaling, dropout_p=dropout)
+    return out, None
+
+
+def _gelu_form(act) -> str:
+    """'none' or 'tanh' for transformers' GELU activations; '' for anything else."""
+    name = type(act).__name__
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    if name == "GELUActivation" and getattr(act, "act", F.gelu) is F.gelu:
+        return "none"
+    if name in ("PytorchGELUTanh", "GELUTanh"):
+        return "tanh"
+    return ""
+
+
+def _mlp_forward(approximate: str):
+    def forward(self, hidden_states):
+        return self.fc2(bias_gelu(F.linear(hidden_states, self.fc1.weight), self.fc1.bias, approximate))
+
+    return forward
+
+
+def _vit_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """ViTLayer/DeiTLayer.forward with the attention residual add fused into layernorm_after."""
+    attn_out, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+    y, hidden_states = self.layernorm_after(self.dropout(attn_out), hidden_states)
+    return hidden_states + self.dropout(self.mlp(y))
+
+
+def _dinov2_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+    """Dinov2Layer.forward with the attention residual add, layer scale and drop path fused into norm2."""
+    attn_out, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+    row_scale = drop_path_row_scale(self.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
+    y, hidden_states = self.norm2(attn_out, hidden_states, gamma=self.layer_scale1.lambda1, row_scale=row_scale)
+    return self.drop_path(self.layer_scale2(self.mlp(y))) + hidden_states
+
+
+def _find_layers(model):
+    """(base model, its path prefix, the layer list, the list's path) or Nones."""
+    for base_name in ("", "vit", "deit", "dinov2"):
+        base = getattr(model, base_name, None) if base_name else model
+        if base is None:
+            continue
+        prefix = f"{base_name}." if base_name else ""
+        if isinstance(getattr(base, "layers", None), nn.ModuleList):
+            return base, prefix, base.layers, f"{prefix}layers"
+        encoder = getattr(base, "encoder", None)
+        if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
+            return base, prefix, encoder.layer, f"{prefix}encoder.layer"
+    return None, "", None, ""
+
+
+def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
+    base, prefix, layers, layers_path = _find_layers(model)
+    if base is None:
+        summary.left_alone("", f"{type(model).__name__}: no transformer layers found")
+        return
+    if not hasattr(layers[0].attention, "q_proj"):
+        summary.left_alone("", "the transformers <= 5.8 layout (attention.attention.query/key/value) is not supported")
+        return
+    if attention:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, flash_attention_interface)
+        model.set_attn_implementation(ATTENTION_NAME)
+        summary.swap("config._attn_implementation", f"'{ATTENTION_NAME}' (AttentionInterface): flash_attention")
+    for i, layer in enumerate(layers):
+        path = f"{layers_path}.{i}"
+        if mlp:
+            approximate = _gelu_form(layer.mlp.activation_fn) if hasattr(layer.mlp, "fc1") else ""
+            if approximate:
+                layer.mlp.forward = types.MethodType(_mlp_forward(approximate), layer.mlp)
+                summary.swap(f"{path}.mlp", "bias-free fc1 + bias_gelu (module kept)")
+            else:
+                summary.left_alone(f"{path}.mlp", f"{type(layer.mlp).__name__}: not an fc1 -> GELU -> fc2 MLP")
+        if not layer_norm:
+            continue
+        norms = ("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before") else ("norm1", "norm2")
+        for name in norms:
+            if _is_plain_layer_norm(getattr(layer, name)):
+                setattr(layer, name, FusedLayerNorm.from_layer_norm(getattr(layer, name)))
+                summary.swap(f"{path}.{name}", "FusedLayerNorm")
+        if isinstance(getattr(layer, norms[1]), FusedLayerNorm):
+            fused_forward = _vit_layer_forward if norms[0] == "layernorm_before" else _dinov2_layer_forward
+            layer.forward = types.MethodType(fused_forward, layer)
+            summary.swap(f"{path}.forward", "attention residual add fused into the next LayerNorm (per instance)")
+    if layer_norm and _is_plain_layer_norm(getattr(base, "layernorm", None)):
+        base.layernorm = FusedLayerNorm.from_layer_norm(base.layernorm)
+        summary.swap(f"{prefix}layernorm", "FusedLayerNorm")
+    if patch_embed:
+        summary.left_alone(f"{prefix}embeddings.patch_embeddings", "the fused patch embedding is not built yet")
+    summary.left_alone(layers_path, "each layer's MLP residual add stays unfused: the loop over layers is transformers' own")
