@@ -56,7 +56,7 @@ def measure(benchmark, copy_bandwidth_gbps, matmul_tflops):
     return lambda case: _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops)
 
 
-def _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops, rounds=50):
+def _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops, rounds=20):
     from vit_kernels.bench import time_cuda_ms
 
     def timed():
