@@ -170,3 +170,17 @@ def test_compile_fullgraph_fused_model(seed):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)
+
+
+def test_fused_block_standalone_matches_eager_block(seed):
+    from vit_kernels.models.vision_transformer import Block
+    from vit_kernels.nn import FusedBlock
+
+    eager = Block(64, 2, init_values=0.3, drop_path=0.4).to(DEVICE).train()
+    fused = FusedBlock(64, 2, init_values=0.3, drop_path=0.4).to(DEVICE).train()
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    x = torch.randn(4, 17, 64, device=DEVICE)
+    torch.manual_seed(5)
+    want = eager(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
