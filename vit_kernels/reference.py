@@ -98,3 +98,36 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> T
     x's dtype, then GELU (float32 inside PyTorch's kernel) is rounded once more."""
     pre = x if bias is None else (x + bias).to(x.dtype)
     return F.gelu(pre, approximate=approximate)
+
+
+def patch_embed(
+    images: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    cls_token: Optional[Tensor] = None,
+    pos_embed: Optional[Tensor] = None,
+    mean: Optional[Tensor] = None,
+    std: Optional[Tensor] = None,
+) -> Tensor:
+    """Eager patch embedding: normalize, Conv2d(stride = kernel = P), flatten, cls concat, pos add.
+
+    uint8 images are scaled by 1/255 first; the conv runs in the images' float dtype
+    (the weight's for uint8 images). pos_embed ``[1, N+1, D]`` is added after the class
+    token is concatenated, ``[1, N, D]`` before (timm's no_embed_class).
+    """
+    dtype = weight.dtype if images.dtype == torch.uint8 else images.dtype
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    if mean is not None:
+        x = (x.float() - mean.float().view(1, -1, 1, 1)) / std.float().view(1, -1, 1, 1)
+    x = x.to(dtype)
+    tokens = F.conv2d(x, weight.to(dtype), None if bias is None else bias.to(dtype), stride=weight.shape[-1])
+    tokens = tokens.flatten(2).transpose(1, 2)
+    n = tokens.shape[1]
+    if pos_embed is not None and pos_embed.shape[1] == n:
+        tokens = tokens + pos_embed.to(dtype)
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.to(dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    if pos_embed is not None and pos_embed.shape[1] == n + 1:
+        tokens = tokens + pos_embed.to(dtype)
+    return tokens

@@ -4,5 +4,15 @@ from .attention import FlashAttention
 from .block import DropPath, FusedBlock, LayerScale, run_blocks_fused
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
+from .patch_embed import FusedPatchEmbed
 
-__all__ = ["DropPath", "FlashAttention", "FusedBlock", "FusedLayerNorm", "FusedMlp", "LayerScale", "run_blocks_fused"]
+__all__ = [
+    "DropPath",
+    "FlashAttention",
+    "FusedBlock",
+    "FusedLayerNorm",
+    "FusedMlp",
+    "FusedPatchEmbed",
+    "LayerScale",
+    "run_blocks_fused",
+]

@@ -3,5 +3,13 @@
 from .attention import attention_probs, flash_attention, flash_attention_qkvpacked
 from .bias_gelu import bias_gelu
 from .layer_norm import add_layer_norm
+from .patch_embed import patch_embed
 
-__all__ = ["add_layer_norm", "attention_probs", "bias_gelu", "flash_attention", "flash_attention_qkvpacked"]
+__all__ = [
+    "add_layer_norm",
+    "attention_probs",
+    "bias_gelu",
+    "flash_attention",
+    "flash_attention_qkvpacked",
+    "patch_embed",
+]
