@@ -160,3 +160,17 @@ def test_module_resamples_pos_embed_for_another_resolution(seed):
     want = reference.patch_embed(x, embed.proj.weight, embed.proj.bias, cls_token=cls,
                                  pos_embed=resample_pos_embed(pos, (6, 6), (4, 4)))
     torch.testing.assert_close(embed(x, cls_token=cls, pos_embed=pos), want, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_runs_the_gemm_in_the_autocast_dtype(seed):
+    images, params = _inputs(2, (32, 32), 16, 64, torch.float32, cls=True, pos="with_cls")
+    weight = params["weight"].requires_grad_()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = patch_embed(images, **params)
+        want = reference.patch_embed(images, **params).to(torch.bfloat16)  # what autocast's conv gives
+        u8 = patch_embed(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, device=DEVICE), weight,
+                         mean=MEAN.to(DEVICE), std=STD.to(DEVICE))
+    assert out.dtype == torch.bfloat16 and u8.dtype == torch.bfloat16
+    torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
+    (grad,) = torch.autograd.grad(out.float().sum(), weight)
+    assert grad.dtype == torch.float32

@@ -13,8 +13,8 @@ residual add, with layer scale and drop path, runs inside the LayerNorm after it
 have the same parameters and state_dict keys, identical to timm's VisionTransformer of
 the same configuration, so timm checkpoints load with ``strict=True``.
 
-The patch embedding is still the Conv2d here; the fused CUDA patch embedding is its own
-piece of work.
+With ``fused=True`` the patch embedding is FusedPatchEmbed: the patchify, the GEMM, the
+class token and the position embeddings in one op (the csrc/ extension).
 """
 
 import math
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from ..nn.block import DropPath, FusedBlock, LayerScale, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
+from ..nn.patch_embed import FusedPatchEmbed
 from ..ops.attention import attention_probs
 
 
@@ -189,9 +190,10 @@ class VisionTransformer(nn.Module):
                 was_training = backbone.training
                 feature = backbone.eval()(torch.zeros(1, in_chans, *_pair(img_size)))
                 backbone.train(was_training)
-            self.patch_embed = PatchEmbed(feature.shape[-2:], 1, feature.shape[1], embed_dim)
+            make_embed = FusedPatchEmbed if fused else PatchEmbed
+            self.patch_embed = make_embed(tuple(feature.shape[-2:]), 1, feature.shape[1], embed_dim)
         else:
-            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+            self.patch_embed = (FusedPatchEmbed if fused else PatchEmbed)(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
@@ -242,6 +244,9 @@ class VisionTransformer(nn.Module):
     def _embed(self, images: Tensor) -> Tensor:
         if self.backbone is not None:
             images = self.backbone(images)
+        if self.fused:
+            # One op: patchify, GEMM, class token, position embeddings (resampled for another size).
+            return self.pos_drop(self.patch_embed(images, cls_token=self.cls_token, pos_embed=self.pos_embed))
         x = self.patch_embed(images)
         grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
         pos_embed = resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)

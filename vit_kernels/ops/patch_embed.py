@@ -139,6 +139,7 @@ def patch_embed(
             class token).
         mean, std: per-channel ``[C]`` normalization applied while gathering the patches.
 
+    Under autocast the GEMM runs in the autocast dtype, as autocast runs a Conv2d.
     Gradients flow to weight, bias, cls_token, pos_embed, and to float images when they
     require it. CUDA and CPU tensors run the csrc/ extension (compiled on first use if
     it was not built at install); with VIT_KERNELS_SKIP_EXT=1 the PyTorch reference runs.
@@ -149,6 +150,13 @@ def patch_embed(
             cls_token, pos_embed, mean or std that do not fit, mixed devices.
     """
     _validate(images, weight, bias, cls_token, pos_embed, mean, std)
+    if torch.is_autocast_enabled(images.device.type):
+        # Custom ops are outside autocast's cast lists: run the GEMM in the autocast dtype,
+        # as autocast runs the Conv2d (the cast of float images is the one eager pays too).
+        dtype = torch.get_autocast_dtype(images.device.type)
+        weight = weight.to(dtype)
+        if images.is_floating_point():
+            images = images.to(dtype)
     if _build_config.skip_requested():
         return reference.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     _register()
