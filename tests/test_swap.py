@@ -253,3 +253,30 @@ def test_swapped_transformers_matches_by_rule(seed, kind, monkeypatch):
     assert_rule("output", got[0], oracle[0], eager[0])
     for name in got[1]:
         assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+
+
+@pytest.mark.parametrize("family", ["timm", "torchvision", "transformers"])
+def test_second_call_changes_nothing(seed, family):
+    model = {"timm": lambda: _timm(), "torchvision": _torchvision, "transformers": lambda: _hf("vit")}[family]()
+    model.eval()
+    vit_kernels.swap_modules(model)
+    modules = {name: id(m) for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    instance_attrs = {name: set(vars(m)) for name, m in model.named_modules()}
+    _, summary = vit_kernels.swap_modules(model)
+    assert summary.swapped == [], str(summary)
+    assert {name: id(m) for name, m in model.named_modules()} == modules
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == instance_attrs
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_timm_patch_embed_swap(seed):
+    model = _timm().eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    want = model(images)
+    _, summary = vit_kernels.swap_modules(model, attention=False, mlp=False, layer_norm=False)
+    assert any(path == "patch_embed" for path, _ in summary.swapped)
+    torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
+    # dynamic_img_size keeps NHWC output for timm's _pos_embed: left alone, with the reason.
+    _, summary = vit_kernels.swap_modules(_timm(dynamic_img_size=True))
+    assert "NHWC" in str(summary)

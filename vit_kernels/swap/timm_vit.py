@@ -9,6 +9,8 @@ from ..nn.attention import FlashAttention
 from ..nn.block import finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import FusedMlp
+from ..ops.patch_embed import _register as _load_patch_embed
+from ..ops.patch_embed import patch_embed
 
 
 def _is_plain_layer_norm(module) -> bool:
@@ -28,6 +30,33 @@ def _swap_layer_norm(parent, name, path, summary):
         return
     setattr(parent, name, FusedLayerNorm.from_layer_norm(norm))
     summary.swap(path, "FusedLayerNorm")
+
+
+def _patch_embed_forward(self, x):
+    """timm PatchEmbed.forward (flatten, NLC) on vit_kernels.ops.patch_embed."""
+    return self.norm(patch_embed(x, self.proj.weight, self.proj.bias))
+
+
+def _swap_patch_embed(module, summary) -> None:
+    if "forward" in vars(module):
+        return  # swapped before
+    proj = getattr(module, "proj", None)
+    reason = ""
+    if not isinstance(proj, nn.Conv2d) or proj.stride != proj.kernel_size or proj.padding != (0, 0):
+        reason = "its proj is not a Conv2d with stride = kernel and no padding"
+    elif proj.kernel_size[0] != proj.kernel_size[1] or proj.groups != 1 or proj.dilation != (1, 1):
+        reason = "non-square, grouped or dilated patches"
+    elif not getattr(module, "flatten", False):
+        reason = "it does not return flattened [B, N, D] tokens (dynamic_img_size keeps NHWC for timm's _pos_embed)"
+    elif getattr(module, "dynamic_img_pad", False):
+        reason = "dynamic_img_pad pads the image first"
+    if reason:
+        summary.left_alone("patch_embed", reason)
+        return
+    _load_patch_embed()  # build/load the extension now, not inside a torch.compile trace
+    module.forward = types.MethodType(_patch_embed_forward, module)
+    summary.swap("patch_embed", "vit_kernels.ops.patch_embed (patchify + GEMM; module and keys kept); "
+                                "the class and position tokens stay in timm's _pos_embed")
 
 
 def _fusable_block(block) -> str:
@@ -67,13 +96,13 @@ def _fused_forward_features(self, x, attn_mask=None, is_causal=False):
 def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
     for i, block in enumerate(model.blocks):
         prefix = f"blocks.{i}"
-        if attention:
+        if attention and not isinstance(block.attn, FlashAttention):
             try:
                 block.attn = FlashAttention.from_timm(block.attn)
                 summary.swap(f"{prefix}.attn", "FlashAttention")
             except (ValueError, AttributeError) as why:
                 summary.left_alone(f"{prefix}.attn", str(why))
-        if mlp:
+        if mlp and not isinstance(block.mlp, FusedMlp):
             try:
                 block.mlp = FusedMlp.from_timm(block.mlp)
                 summary.swap(f"{prefix}.mlp", "FusedMlp")
@@ -87,10 +116,12 @@ def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: boo
         for name in ("norm", "fc_norm"):
             _swap_layer_norm(model, name, name, summary)
     if patch_embed:
-        summary.left_alone("patch_embed", "the fused patch embedding is not built yet")
+        _swap_patch_embed(model.patch_embed, summary)
 
     from timm.models.vision_transformer import VisionTransformer
 
+    if "forward_features" in vars(model):
+        return  # swapped before: a second call changes nothing
     reasons = {why for why in (_fusable_block(block) for block in model.blocks) if why}
     if type(model).forward_features is not VisionTransformer.forward_features:
         reasons.add(f"{type(model).__name__} overrides forward_features")

@@ -78,6 +78,9 @@ def _encoder_forward(flash_blocks: frozenset, mlp_blocks: frozenset):
 
 def swap_torchvision_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
     encoder = model.encoder
+    if "forward" in vars(encoder):
+        summary.left_alone("encoder", "already swapped: a second call changes nothing")
+        return
     flash_blocks, mlp_blocks = set(), set()
     for i, block in enumerate(encoder.layers):
         prefix = f"encoder.layers.{i}"
@@ -104,7 +107,7 @@ def swap_torchvision_vit(model, summary, *, attention: bool, mlp: bool, layer_no
         encoder.ln = FusedLayerNorm.from_layer_norm(encoder.ln)
         summary.swap("encoder.ln", "FusedLayerNorm")
     if patch_embed:
-        summary.left_alone("conv_proj", "the fused patch embedding is not built yet")
+        summary.left_alone("conv_proj", "not swapped yet: torchvision's _process_input would need its own forward")
     encoder.forward = types.MethodType(_encoder_forward(frozenset(flash_blocks), frozenset(mlp_blocks)), encoder)
     summary.swap("encoder.forward", "the encoder loop on the fused kernels, residual adds fused into the LayerNorms "
                                     "(per instance)")

@@ -101,6 +101,11 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
     if not hasattr(layers[0].attention, "q_proj"):
         summary.left_alone("", "the transformers <= 5.8 layout (attention.attention.query/key/value) is not supported")
         return
+    if any("forward" in vars(layer) or "forward" in vars(layer.mlp) for layer in layers) or (
+        model.config._attn_implementation == ATTENTION_NAME
+    ):
+        summary.left_alone("", "already swapped: a second call changes nothing")
+        return
     if attention:
         from transformers import AttentionInterface
 
@@ -131,5 +136,6 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
         base.layernorm = FusedLayerNorm.from_layer_norm(base.layernorm)
         summary.swap(f"{prefix}layernorm", "FusedLayerNorm")
     if patch_embed:
-        summary.left_alone(f"{prefix}embeddings.patch_embeddings", "the fused patch embedding is not built yet")
+        summary.left_alone(f"{prefix}embeddings.patch_embeddings",
+                           "not swapped yet: the embeddings module (cls, mask token, interpolation) is transformers' own")
     summary.left_alone(layers_path, "each layer's MLP residual add stays unfused: the loop over layers is transformers' own")
