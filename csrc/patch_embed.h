@@ -26,6 +26,9 @@ namespace vit_kernels {
 
 using OptTensor = std::optional<at::Tensor>;
 
+// Float32 for every activation dtype, float64 for float64 (so gradcheck sees exact math).
+inline at::ScalarType wide(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline at::ScalarType compute_dtype(const at::Tensor& images, const at::Tensor& weight) {
   return images.scalar_type() == at::kByte ? weight.scalar_type() : images.scalar_type();
 }
@@ -35,8 +38,9 @@ inline at::Tensor patchify_aten(const at::Tensor& images, int64_t patch, const O
                                 const OptTensor& std, at::ScalarType dtype) {
   const int64_t batch = images.size(0), channels = images.size(1);
   const int64_t grid_h = images.size(2) / patch, grid_w = images.size(3) / patch;
-  at::Tensor x = images.scalar_type() == at::kByte ? images.to(at::kFloat).mul_(1.0 / 255.0) : images.to(at::kFloat);
-  if (mean.has_value()) x = (x - mean->to(at::kFloat).view({1, channels, 1, 1})) / std->to(at::kFloat).view({1, channels, 1, 1});
+  const at::ScalarType w = wide(dtype);
+  at::Tensor x = images.scalar_type() == at::kByte ? images.to(w).mul_(1.0 / 255.0) : images.to(w);
+  if (mean.has_value()) x = (x - mean->to(w).view({1, channels, 1, 1})) / std->to(w).view({1, channels, 1, 1});
   return x.view({batch, channels, grid_h, patch, grid_w, patch})
       .permute({0, 2, 4, 1, 3, 5})
       .reshape({batch * grid_h * grid_w, channels * patch * patch})
@@ -49,16 +53,17 @@ inline at::Tensor epilogue_aten(const at::Tensor& tokens, const OptTensor& bias,
   const int64_t batch = tokens.size(0), n = tokens.size(1), dim = tokens.size(2);
   const int64_t prefix = cls_token.has_value() ? 1 : 0;
   at::Tensor out = at::empty({batch, n + prefix, dim}, tokens.options());
-  at::Tensor body = tokens.to(at::kFloat);
-  if (bias.has_value()) body = body + bias->to(at::kFloat);
+  const at::ScalarType w = wide(tokens.scalar_type());
+  at::Tensor body = tokens.to(w);
+  if (bias.has_value()) body = body + bias->to(w);
   if (pos_embed.has_value()) {
     const int64_t pos_prefix = pos_embed->size(1) - n;  // 1 when pos holds the class token's row
-    body = body + pos_embed->narrow(1, pos_prefix, n).to(at::kFloat);
+    body = body + pos_embed->narrow(1, pos_prefix, n).to(w);
   }
   out.narrow(1, prefix, n).copy_(body);
   if (prefix) {
-    at::Tensor cls = cls_token->to(at::kFloat).view({1, 1, dim});
-    if (pos_embed.has_value() && pos_embed->size(1) == n + 1) cls = cls + pos_embed->narrow(1, 0, 1).to(at::kFloat);
+    at::Tensor cls = cls_token->to(w).view({1, 1, dim});
+    if (pos_embed.has_value() && pos_embed->size(1) == n + 1) cls = cls + pos_embed->narrow(1, 0, 1).to(w);
     out.narrow(1, 0, 1).copy_(cls.expand({batch, 1, dim}));
   }
   return out;
@@ -77,7 +82,8 @@ at::Tensor patch_embed_forward(const at::Tensor& images, const at::Tensor& weigh
 }
 
 // Gradients (images, weight, bias, cls_token, pos_embed); an empty tensor where not requested.
-// bias, cls_token and pos_embed gradients are float32 (the caller casts to the parameters' dtypes).
+// bias, cls_token and pos_embed gradients are float32 (float64 for float64 activations); the
+// caller casts them to the parameters' dtypes.
 template <typename Patchify>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
     const at::Tensor& grad_out, const at::Tensor& images, const at::Tensor& weight, const OptTensor& mean,
@@ -93,21 +99,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   at::Tensor patches = patchify(images, patch, mean, std, dtype);
   at::Tensor grad_weight = at::matmul(grad_tokens.t(), patches).view(weight.sizes()).to(weight.scalar_type());
   const at::Tensor none = at::empty({0}, grad_out.options());
-  at::Tensor grad_bias = has_bias ? grad_tokens.to(at::kFloat).sum(0) : none;
-  at::Tensor grad_cls = has_cls ? grad_out.narrow(1, 0, 1).to(at::kFloat).sum(0, /*keepdim=*/true) : none;
+  const at::ScalarType w = wide(grad_out.scalar_type());
+  at::Tensor grad_bias = has_bias ? grad_tokens.to(w).sum(0) : none;
+  at::Tensor grad_cls = has_cls ? grad_out.narrow(1, 0, 1).to(w).sum(0, /*keepdim=*/true) : none;
   at::Tensor grad_pos = none;
   if (pos_rows > 0) {
     at::Tensor rows = pos_rows == n + prefix ? grad_out : grad_out.narrow(1, prefix, n);
-    grad_pos = rows.to(at::kFloat).sum(0, /*keepdim=*/true);
+    grad_pos = rows.to(w).sum(0, /*keepdim=*/true);
   }
   at::Tensor grad_images = none;
   if (images_grad) {
     at::Tensor grad_patches = at::matmul(grad_tokens, weight.reshape({dim, -1}).to(grad_tokens.scalar_type()));
-    grad_images = grad_patches.to(at::kFloat)
+    grad_images = grad_patches.to(w)
                       .view({batch, grid_h, grid_w, channels, patch, patch})
                       .permute({0, 3, 1, 4, 2, 5})
                       .reshape({batch, channels, grid_h * patch, grid_w * patch});
-    if (mean.has_value()) grad_images = grad_images / std->to(at::kFloat).view({1, channels, 1, 1});
+    if (mean.has_value()) grad_images = grad_images / std->to(w).view({1, channels, 1, 1});
     grad_images = grad_images.to(images.scalar_type()).contiguous(images.suggest_memory_format());
   }
   return {grad_images, grad_weight, grad_bias, grad_cls, grad_pos};

@@ -174,3 +174,36 @@ def test_autocast_runs_the_gemm_in_the_autocast_dtype(seed):
     torch.testing.assert_close(out, want, rtol=2e-2, atol=2e-2)
     (grad,) = torch.autograd.grad(out.float().sum(), weight)
     assert grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "batch,channels,size,patch",
+    [(1, 1, (224, 224), 16), (1, 3, (384, 384), 16), (2, 4, (224, 160), 32), (1, 3, (224, 224), 14)],
+    ids=["B1-C1-224", "B1-C3-384", "B2-C4-224x160", "B1-P14"],
+)
+def test_odd_sizes(seed, batch, channels, size, patch):
+    images = torch.randn(batch, channels, *size, device=DEVICE)
+    n = (size[0] // patch) * (size[1] // patch)
+    params = dict(
+        weight=torch.randn(48, channels, patch, patch, device=DEVICE) * (channels * patch * patch) ** -0.5,
+        bias=torch.randn(48, device=DEVICE),
+        cls_token=torch.randn(1, 1, 48, device=DEVICE),
+        pos_embed=torch.randn(1, n + 1, 48, device=DEVICE),
+    )
+    check(images, params)
+
+
+@pytest.mark.parametrize("pos_rows", ["with_cls", "patches_only"])
+def test_gradcheck_float64_cpu(seed, pos_rows):
+    """The C++ CPU path in float64 against finite differences, for every input (images included)."""
+    DEVICE = torch.device("cpu")  # noqa: N806  (the GPU path computes in float32; it runs the reference for float64)
+    images = torch.randn(1, 2, 8, 12, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(5, 2, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    cls = torch.randn(1, 1, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    pos = torch.randn(1, 6 + (pos_rows == "with_cls"), 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mean, std = torch.rand(2, dtype=torch.float64, device=DEVICE), torch.rand(2, dtype=torch.float64, device=DEVICE) + 0.5
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, c, p: patch_embed(x, w, b, cls_token=c, pos_embed=p, mean=mean, std=std),
+        (images, weight, bias, cls, pos),
+    )

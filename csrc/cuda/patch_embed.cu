@@ -86,9 +86,10 @@ void launch_patchify(const at::Tensor& images, at::Tensor& patches, const float*
   switch (images.scalar_type()) {
     case at::kByte: launch(images.data_ptr<uint8_t>()); break;
     case at::kFloat: launch(images.data_ptr<float>()); break;
+    case at::kDouble: launch(images.data_ptr<double>()); break;
     case at::kHalf: launch(images.data_ptr<at::Half>()); break;
     case at::kBFloat16: launch(images.data_ptr<at::BFloat16>()); break;
-    default: TORCH_CHECK(false, "patch_embed: images must be uint8, float32, float16 or bfloat16, got ",
+    default: TORCH_CHECK(false, "patch_embed: images must be uint8 or a float dtype, got ",
                          images.scalar_type());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -14,7 +14,7 @@
 # the patches from the images instead of saving them, and computes the image gradient
 # only when the images require it (hybrid stems, input-gradient methods).
 #
-# Not supported: non-square patches, overlapping patches (stride != kernel), float64.
+# Not supported: non-square patches, overlapping patches (stride != kernel).
 
 from typing import Optional
 
@@ -24,7 +24,9 @@ from torch import Tensor
 from .. import _build_config, _extension, reference
 from .._validate import FLOAT_DTYPES, check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 
-IMAGE_DTYPES = (torch.uint8,) + FLOAT_DTYPES
+# float64 runs too (both backends are generic over floating types): gradcheck needs it.
+PARAM_DTYPES = FLOAT_DTYPES + (torch.float64,)
+IMAGE_DTYPES = (torch.uint8,) + PARAM_DTYPES
 _registered = False
 
 
@@ -86,7 +88,7 @@ def _register() -> None:
 
 def _validate(images, weight, bias, cls_token, pos_embed, mean, std):
     check_float_tensor("images", images, dtypes=IMAGE_DTYPES)
-    check_float_tensor("weight", weight)
+    check_float_tensor("weight", weight, dtypes=PARAM_DTYPES)
     if images.dim() != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
@@ -97,7 +99,7 @@ def _validate(images, weight, bias, cls_token, pos_embed, mean, std):
     if images.shape[2] % patch or images.shape[3] % patch:
         raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size {patch}")
     for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed), ("mean", mean), ("std", std)):
-        check_optional_float_tensor(name, t)
+        check_optional_float_tensor(name, t, dtypes=PARAM_DTYPES)
     check_same_device("images", images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed,
                       mean=mean, std=std)
     check_shape("bias", bias, (dim,))
@@ -142,7 +144,8 @@ def patch_embed(
     Under autocast the GEMM runs in the autocast dtype, as autocast runs a Conv2d.
     Gradients flow to weight, bias, cls_token, pos_embed, and to float images when they
     require it. CUDA and CPU tensors run the csrc/ extension (compiled on first use if
-    it was not built at install); with VIT_KERNELS_SKIP_EXT=1 the PyTorch reference runs.
+    it was not built at install); with VIT_KERNELS_SKIP_EXT=1 the PyTorch reference runs,
+    as it does for float64 on the GPU (float64 on the CPU runs the C++ path exactly).
 
     Raises:
         TypeError: non-tensors, integer weights, images neither uint8 nor float.
@@ -157,7 +160,8 @@ def patch_embed(
         weight = weight.to(dtype)
         if images.is_floating_point():
             images = images.to(dtype)
-    if _build_config.skip_requested():
+    # The CUDA kernels compute in float32: float64 on the GPU takes the reference.
+    if _build_config.skip_requested() or (images.is_cuda and weight.dtype == torch.float64):
         return reference.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     _register()
     return torch.ops.vit_kernels.patch_embed_fwd(images, weight, bias, cls_token, pos_embed, mean, std)
