@@ -280,3 +280,17 @@ def test_timm_patch_embed_swap(seed):
     # dynamic_img_size keeps NHWC output for timm's _pos_embed: left alone, with the reason.
     _, summary = vit_kernels.swap_modules(_timm(dynamic_img_size=True))
     assert "NHWC" in str(summary)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(no_embed_class=True), dict(class_token=False, global_pool="avg"),
+                                    dict(reg_tokens=2)], ids=["cls", "no-embed-class", "no-cls", "registers"])
+def test_timm_embedding_in_one_op(seed, config):
+    """Class token and position embeddings go into the patch-embedding op where timm's _pos_embed
+    allows it (not with register tokens), with the same numbers."""
+    model = _timm(**config).eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    want = model(images)
+    _, summary = vit_kernels.swap_modules(model)
+    in_one_op = "inside the patch-embedding op" in str(summary)
+    assert in_one_op == ("reg_tokens" not in config)
+    torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)

@@ -78,19 +78,40 @@ def _fusable_block(block) -> str:
     return ""
 
 
-def _fused_forward_features(self, x, attn_mask=None, is_causal=False):
-    """timm's forward_features with each residual add fused into the LayerNorm after it."""
-    if attn_mask is not None or is_causal or (self.grad_checkpointing and torch.is_grad_enabled()):
-        # Masks and gradient checkpointing take timm's own path (still on the fused modules).
-        kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
-        return type(self).forward_features(self, x, **kwargs)
-    x = self.patch_embed(x)
-    x = self._pos_embed(x)
-    x = self.patch_drop(x)
-    x = self.norm_pre(x)
-    if isinstance(self.norm, FusedLayerNorm):
-        return run_blocks_fused(self.blocks, x, final_norm=self.norm)
-    return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
+def _embed_in_one_op(model) -> bool:
+    """Whether the class token and position embeddings can go into the patch-embedding op:
+    the patch embedding was swapped, one class token (or none) and no register tokens, timm's
+    own _pos_embed (DeiT's distillation token overrides it), a fixed image size."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return (
+        "forward" in vars(model.patch_embed)
+        and isinstance(model.patch_embed.norm, nn.Identity)
+        and model.reg_token is None
+        and model.pos_embed is not None
+        and not model.dynamic_img_size
+        and type(model)._pos_embed is VisionTransformer._pos_embed
+    )
+
+
+def _make_forward_features(embed_in_one_op: bool):
+    def forward_features(self, x, attn_mask=None, is_causal=False):
+        """timm's forward_features with each residual add fused into the LayerNorm after it."""
+        if attn_mask is not None or is_causal or (self.grad_checkpointing and torch.is_grad_enabled()):
+            # Masks and gradient checkpointing take timm's own path (still on the fused modules).
+            kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
+            return type(self).forward_features(self, x, **kwargs)
+        if embed_in_one_op:
+            proj = self.patch_embed.proj
+            x = self.pos_drop(patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed))
+        else:
+            x = self._pos_embed(self.patch_embed(x))
+        x = self.norm_pre(self.patch_drop(x))
+        if isinstance(self.norm, FusedLayerNorm):
+            return run_blocks_fused(self.blocks, x, final_norm=self.norm)
+        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
+
+    return forward_features
 
 
 def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
@@ -128,5 +149,7 @@ def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: boo
     if reasons:
         summary.left_alone("forward_features", "residual adds not fused: " + "; ".join(sorted(reasons)))
         return
-    model.forward_features = types.MethodType(_fused_forward_features, model)
-    summary.swap("forward_features", "residual add + LayerNorm fused across blocks (per instance)")
+    embed_in_one_op = _embed_in_one_op(model)
+    model.forward_features = types.MethodType(_make_forward_features(embed_in_one_op), model)
+    summary.swap("forward_features", "residual add + LayerNorm fused across blocks (per instance)"
+                 + ("; class token and position embeddings inside the patch-embedding op" if embed_in_one_op else ""))
