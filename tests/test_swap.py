@@ -294,3 +294,20 @@ def test_timm_embedding_in_one_op(seed, config):
     in_one_op = "inside the patch-embedding op" in str(summary)
     assert in_one_op == ("reg_tokens" not in config)
     torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["<=5.8", ">=5.9"])
+def test_transformers_layout_of_the_installed_version(seed, layout):
+    """Both layouts are handled; only the installed transformers' can run here (the other skips)."""
+    model = _hf("vit")
+    layer = model.vit.layers[0] if hasattr(model.vit, "layers") else model.vit.encoder.layer[0]
+    installed = ">=5.9" if hasattr(layer.attention, "q_proj") else "<=5.8"
+    if layout != installed:
+        pytest.skip(f"transformers {__import__('transformers').__version__} has the {installed} layout")
+    model.eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    want = model(pixel_values=images).logits
+    _, summary = vit_kernels.swap_modules(model)
+    assert "forward: attention residual add fused" in str(summary)
+    assert ("intermediate" in str(summary)) == (layout == "<=5.8")
+    torch.testing.assert_close(model(pixel_values=images).logits, want, rtol=1e-4, atol=1e-4)

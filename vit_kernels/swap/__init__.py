@@ -2,7 +2,7 @@
 
 Supported now: timm's VisionTransformer and the families built on it (DeiT, DeiT-3,
 ...), torchvision's VisionTransformer, and Hugging Face transformers' ViT, DeiT and
-Dinov2 models (5.9+ layout).
+Dinov2 models (both the <= 5.8 and the 5.9+ layouts).
 """
 
 from .summary import SwapSummary

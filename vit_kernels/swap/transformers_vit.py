@@ -1,4 +1,6 @@
-"""Hugging Face transformers ViT, DeiT and Dinov2 (the 5.9+ layout: ``layers[i].attention.q_proj/...``).
+"""Hugging Face transformers ViT, DeiT and Dinov2, in both layouts: from 5.9
+(``layers[i].attention.q_proj/k_proj/v_proj/o_proj``, ``mlp.fc1/fc2``) and up to 5.8
+(``encoder.layer[i].attention.attention.query/key/value``, ``intermediate``, ``output``).
 
 - Attention goes through transformers' own extension point: the function below is
   registered with ``AttentionInterface`` under ``"vit_kernels"`` and the model is switched
@@ -12,8 +14,6 @@
   path) into the LayerNorm after it. The add after the MLP stays unfused: the loop over
   layers lives in a decorated model forward that also collects hidden states, which is
   left as it is.
-The older layout (``encoder.layer[i].attention.attention.query``, transformers <= 5.8) is
-reported as unsupported.
 """
 
 import types
@@ -56,23 +56,45 @@ def _gelu_form(act) -> str:
     return ""
 
 
-def _mlp_forward(approximate: str):
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _mlp_forward(fc1: str, act: str, fc2: str):
+    """fc1 (bias-free) -> bias_gelu -> fc2 (if any), for an MLP-like module with these attribute names."""
+
     def forward(self, hidden_states):
-        return self.fc2(bias_gelu(F.linear(hidden_states, self.fc1.weight), self.fc1.bias, approximate))
+        first = getattr(self, fc1)
+        out = bias_gelu(F.linear(hidden_states, first.weight), first.bias, _gelu_form(getattr(self, act)))
+        return getattr(self, fc2)(out) if fc2 else out
 
     return forward
 
 
-def _vit_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+def _mlp_target(layer):
+    """(module, fc1, activation, fc2 or '') holding the layer's fc1 -> GELU, or None."""
+    if hasattr(layer, "intermediate"):  # <= 5.8 ViT/DeiT: intermediate (dense + act), output (dense + residual)
+        return layer.intermediate, "dense", "intermediate_act_fn", ""
+    mlp = getattr(layer, "mlp", None)
+    for act in ("activation_fn", "activation"):
+        if mlp is not None and hasattr(mlp, act) and isinstance(getattr(mlp, "fc1", None), nn.Linear):
+            return mlp, "fc1", act, "fc2"
+    return None
+
+
+def _vit_layer_forward(self, hidden_states, *args, **kwargs):
     """ViTLayer/DeiTLayer.forward with the attention residual add fused into layernorm_after."""
-    attn_out, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+    attn_out = _first(self.attention(self.layernorm_before(hidden_states), *args, **kwargs))
+    if hasattr(self, "intermediate"):  # <= 5.8: attention dropout is inside, output adds the residual
+        y, hidden_states = self.layernorm_after(attn_out, hidden_states)
+        return self.output(self.intermediate(y), hidden_states)
     y, hidden_states = self.layernorm_after(self.dropout(attn_out), hidden_states)
     return hidden_states + self.dropout(self.mlp(y))
 
 
-def _dinov2_layer_forward(self, hidden_states, attention_mask=None, **kwargs):
+def _dinov2_layer_forward(self, hidden_states, *args, **kwargs):
     """Dinov2Layer.forward with the attention residual add, layer scale and drop path fused into norm2."""
-    attn_out, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+    attn_out = _first(self.attention(self.norm1(hidden_states), *args, **kwargs))
     row_scale = drop_path_row_scale(self.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
     y, hidden_states = self.norm2(attn_out, hidden_states, gamma=self.layer_scale1.lambda1, row_scale=row_scale)
     return self.drop_path(self.layer_scale2(self.mlp(y))) + hidden_states
@@ -98,11 +120,13 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
     if base is None:
         summary.left_alone("", f"{type(model).__name__}: no transformer layers found")
         return
-    if not hasattr(layers[0].attention, "q_proj"):
-        summary.left_alone("", "the transformers <= 5.8 layout (attention.attention.query/key/value) is not supported")
+    attn = layers[0].attention
+    if not (hasattr(attn, "q_proj") or hasattr(getattr(attn, "attention", None), "query")):
+        summary.left_alone("", f"{type(layers[0]).__name__}: an attention layout this swap does not know")
         return
-    if any("forward" in vars(layer) or "forward" in vars(layer.mlp) for layer in layers) or (
-        model.config._attn_implementation == ATTENTION_NAME
+    targets = [_mlp_target(layer) for layer in layers]
+    if model.config._attn_implementation == ATTENTION_NAME or any(
+        "forward" in vars(layer) or (t is not None and "forward" in vars(t[0])) for layer, t in zip(layers, targets)
     ):
         summary.left_alone("", "already swapped: a second call changes nothing")
         return
@@ -112,15 +136,16 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
         AttentionInterface.register(ATTENTION_NAME, flash_attention_interface)
         model.set_attn_implementation(ATTENTION_NAME)
         summary.swap("config._attn_implementation", f"'{ATTENTION_NAME}' (AttentionInterface): flash_attention")
-    for i, layer in enumerate(layers):
+    for i, (layer, target) in enumerate(zip(layers, targets)):
         path = f"{layers_path}.{i}"
         if mlp:
-            approximate = _gelu_form(layer.mlp.activation_fn) if hasattr(layer.mlp, "fc1") else ""
-            if approximate:
-                layer.mlp.forward = types.MethodType(_mlp_forward(approximate), layer.mlp)
-                summary.swap(f"{path}.mlp", "bias-free fc1 + bias_gelu (module kept)")
+            if target is not None and _gelu_form(getattr(target[0], target[2])):
+                module, fc1, act, fc2 = target
+                module.forward = types.MethodType(_mlp_forward(fc1, act, fc2), module)
+                name = next(n for n, m in layer.named_children() if m is module)
+                summary.swap(f"{path}.{name}", f"bias-free {fc1} + bias_gelu (module kept)")
             else:
-                summary.left_alone(f"{path}.mlp", f"{type(layer.mlp).__name__}: not an fc1 -> GELU -> fc2 MLP")
+                summary.left_alone(f"{path}.mlp", "not an fc1 -> GELU -> fc2 MLP")
         if not layer_norm:
             continue
         norms = ("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before") else ("norm1", "norm2")
