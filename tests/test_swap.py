@@ -43,9 +43,10 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
-def test_swapped_timm_vit_matches_by_rule(seed, config):
-    original = _timm(**config).eval()
+def test_swapped_timm_vit_matches_by_rule(seed, config, train):
+    original = _timm(**config).train(train)  # train mode with dropout 0: same function
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
@@ -54,6 +55,7 @@ def test_swapped_timm_vit_matches_by_rule(seed, config):
     model, summary = vit_kernels.swap_modules(original)
     assert model is original
     assert any(path == "forward_features" for path, _ in summary.swapped), str(summary)
+    model.load_state_dict(keys_before, strict=True)  # a checkpoint saved before the swap loads after it
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
     got = _logits_and_grads(model, images)
@@ -164,8 +166,9 @@ def _torchvision(**config):
     return model
 
 
-def test_swapped_torchvision_vit_matches_by_rule(seed):
-    original = _torchvision().eval()
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_swapped_torchvision_vit_matches_by_rule(seed, train):
+    original = _torchvision().train(train)
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
@@ -223,14 +226,15 @@ def _hf_output(model, images):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("kind", ["vit", "deit", "dinov2"])
-def test_swapped_transformers_matches_by_rule(seed, kind, monkeypatch):
+def test_swapped_transformers_matches_by_rule(seed, kind, train, monkeypatch):
     from vit_kernels.swap import transformers_vit
 
     calls = []
     real = transformers_vit.flash_attention
     monkeypatch.setattr(transformers_vit, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    original = _hf(kind).eval()
+    original = _hf(kind).train(train)
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
@@ -311,3 +315,15 @@ def test_transformers_layout_of_the_installed_version(seed, layout):
     assert "forward: attention residual add fused" in str(summary)
     assert ("intermediate" in str(summary)) == (layout == "<=5.8")
     torch.testing.assert_close(model(pixel_values=images).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_swapped_vit_base(seed):
+    """The contract's case: a swapped timm ViT-B compiles with fullgraph=True (64 px keeps it quick on CPU)."""
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=64, num_classes=10).to(DEVICE).eval()
+    images = torch.randn(1, 3, 64, 64, device=DEVICE)
+    want = model(images)
+    vit_kernels.swap_modules(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(images)
+    torch.testing.assert_close(got, model(images), rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
