@@ -327,3 +327,15 @@ def test_compile_fullgraph_swapped_vit_base(seed):
     got = compiled(images)
     torch.testing.assert_close(got, model(images), rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_hidden_states_and_attention_outputs_still_work(seed):
+    """Layers are still called as modules, so transformers' output capture keeps working."""
+    model = _hf("vit").eval()
+    images = torch.randn(1, 3, 64, 64, device=DEVICE)
+    want = model(pixel_values=images, output_hidden_states=True).hidden_states
+    vit_kernels.swap_modules(model)
+    got = model(pixel_values=images, output_hidden_states=True).hidden_states
+    assert len(got) == len(want) == 3
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
