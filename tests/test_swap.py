@@ -231,9 +231,11 @@ def _hf_output(model, images):
 def test_swapped_transformers_matches_by_rule(seed, kind, train, monkeypatch):
     from vit_kernels.swap import transformers_vit
 
-    calls = []
+    calls, carried = [], []
     real = transformers_vit.flash_attention
     monkeypatch.setattr(transformers_vit, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_carry = transformers_vit._carry_layers
+    monkeypatch.setattr(transformers_vit, "_carry_layers", lambda *a: carried.append(1) or real_carry(*a))
     original = _hf(kind).train(train)
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
@@ -254,6 +256,7 @@ def test_swapped_transformers_matches_by_rule(seed, kind, train, monkeypatch):
     assert eps and all(e == (1e-6 if kind == "dinov2" else 1e-12) for e in eps)
     got = run(model, images)
     assert len(calls) == 2  # one forward, two layers: the kernel ran, not SDPA
+    assert len(carried) == 1  # the residual stream was carried across layers (no fallback)
     assert_rule("output", got[0], oracle[0], eager[0])
     for name in got[1]:
         assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
@@ -339,3 +342,17 @@ def test_transformers_hidden_states_and_attention_outputs_still_work(seed):
     assert len(got) == len(want) == 3
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["torchvision", "transformers-vit", "transformers-dinov2"])
+def test_patch_embeddings_swapped(seed, family):
+    make = {"torchvision": _torchvision, "transformers-vit": lambda: _hf("vit"),
+            "transformers-dinov2": lambda: _hf("dinov2")}[family]
+    model = make().eval()
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    run = (lambda m: m(images)) if family == "torchvision" else (lambda m: _hf_output(m, images))
+    want = run(model)
+    _, summary = vit_kernels.swap_modules(model, attention=False, mlp=False, layer_norm=False)
+    assert any(path in ("conv_proj", "vit.embeddings.patch_embeddings", "embeddings.patch_embeddings")
+               for path, _ in summary.swapped), str(summary)
+    torch.testing.assert_close(run(model), want, rtol=1e-4, atol=1e-4)

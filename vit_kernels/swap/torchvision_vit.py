@@ -18,6 +18,8 @@ from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import _gelu_approximation
 from ..ops.attention import HEAD_DIMS, flash_attention
 from ..ops.bias_gelu import bias_gelu
+from ..ops.patch_embed import _register as _load_patch_embed
+from ..ops.patch_embed import patch_embed
 from .timm_vit import _is_plain_layer_norm
 
 
@@ -52,6 +54,13 @@ def _mlp_reason(mlp: nn.Module) -> str:
 def _fused_mlp(mlp: nn.Module, x):
     fc1, act, drop1, fc2, drop2 = mlp.children()
     return drop2(fc2(drop1(bias_gelu(F.linear(x, fc1.weight), fc1.bias, _gelu_approximation(act)))))
+
+
+def _process_input(self, x):
+    """torchvision's _process_input (conv_proj -> [B, N, D]) on the fused patch embedding."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+        return type(self)._process_input(self, x)  # torchvision's own check and message
+    return patch_embed(x, self.conv_proj.weight, self.conv_proj.bias)
 
 
 def _add_norm(norm, branch, residual):
@@ -107,7 +116,12 @@ def swap_torchvision_vit(model, summary, *, attention: bool, mlp: bool, layer_no
         encoder.ln = FusedLayerNorm.from_layer_norm(encoder.ln)
         summary.swap("encoder.ln", "FusedLayerNorm")
     if patch_embed:
-        summary.left_alone("conv_proj", "not swapped yet: torchvision's _process_input would need its own forward")
+        if isinstance(model.conv_proj, nn.Conv2d) and model.conv_proj.stride == model.conv_proj.kernel_size:
+            _load_patch_embed()  # build/load the extension now, not inside a torch.compile trace
+            model._process_input = types.MethodType(_process_input, model)
+            summary.swap("conv_proj", "vit_kernels.ops.patch_embed via a per-instance _process_input (module kept)")
+        else:
+            summary.left_alone("conv_proj", "a conv stem, not a single patchifying Conv2d")
     encoder.forward = types.MethodType(_encoder_forward(frozenset(flash_blocks), frozenset(mlp_blocks)), encoder)
     summary.swap("encoder.forward", "the encoder loop on the fused kernels, residual adds fused into the LayerNorms "
                                     "(per instance)")

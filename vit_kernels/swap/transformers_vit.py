@@ -9,11 +9,13 @@
   masks, unsupported head dims and dtypes go to transformers' SDPA path.
 - The MLP keeps its modules and keys; its instance forward runs fc1 bias-free and
   bias_gelu (GELU models only).
-- LayerNorms become FusedLayerNorm (eps kept: 1e-12 in ViT and DeiT), and each layer's
-  instance forward fuses its attention residual add (with Dinov2's layer scale and drop
-  path) into the LayerNorm after it. The add after the MLP stays unfused: the loop over
-  layers lives in a decorated model forward that also collects hidden states, which is
-  left as it is.
+- LayerNorms become FusedLayerNorm (eps kept: 1e-12 in ViT and DeiT). The base model's
+  instance forward carries (branch, residual) across layers so that every residual add
+  (with Dinov2's layer scale and drop path) runs inside the LayerNorm after it, ending in
+  the final layernorm. Requests it does not reproduce (output_hidden_states and
+  output_attentions, which transformers collects with hooks on each layer's module call;
+  masks; return_dict=False) take the model's own forward, where each layer's instance
+  forward still fuses its attention residual add.
 """
 
 import types
@@ -26,6 +28,8 @@ from ..nn.block import drop_path_row_scale
 from ..nn.layer_norm import FusedLayerNorm
 from ..ops.attention import HEAD_DIMS, flash_attention
 from ..ops.bias_gelu import bias_gelu
+from ..ops.patch_embed import _register as _load_patch_embed
+from ..ops.patch_embed import patch_embed
 from .timm_vit import _is_plain_layer_norm
 
 ATTENTION_NAME = "vit_kernels"
@@ -100,6 +104,77 @@ def _dinov2_layer_forward(self, hidden_states, *args, **kwargs):
     return self.drop_path(self.layer_scale2(self.mlp(y))) + hidden_states
 
 
+def _patch_embeddings_forward(self, pixel_values, *args, **kwargs):
+    """The patch embeddings' forward (projection -> [B, N, D]) on the fused op; any other case
+    (channel mismatch, interpolation flags) takes transformers' own forward and its checks."""
+    if args or any(kwargs.values()) or pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
+        return type(self).forward(self, pixel_values, *args, **kwargs)
+    return patch_embed(pixel_values, self.projection.weight, self.projection.bias)
+
+
+def _carry_layers(layers, x):
+    """Run the layers with every residual add fused into the LayerNorm after it, across layers.
+
+    Returns the pending last add (branch, residual, gamma, row_scale) for the final norm.
+    """
+    branch, residual, gamma, row_scale = x, None, None, None
+    for layer in layers:
+        if hasattr(layer, "layernorm_before"):  # ViT, DeiT
+            y, residual = layer.layernorm_before(branch, residual, gamma=gamma, row_scale=row_scale)
+            attn_out = _first(layer.attention(y))
+            if hasattr(layer, "intermediate"):  # <= 5.8: attention dropout inside; output = dense + dropout (+ residual)
+                y, residual = layer.layernorm_after(attn_out, residual)
+                branch = layer.output.dropout(layer.output.dense(layer.intermediate(y)))
+            else:
+                y, residual = layer.layernorm_after(layer.dropout(attn_out), residual)
+                branch = layer.dropout(layer.mlp(y))
+            gamma, row_scale = None, None
+        else:  # Dinov2: layer scale and drop path on both branches
+            y, residual = layer.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
+            attn_out = _first(layer.attention(y))
+            drop = drop_path_row_scale(layer.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
+            y, residual = layer.norm2(attn_out, residual, gamma=layer.layer_scale1.lambda1, row_scale=drop)
+            branch = layer.mlp(y)
+            gamma = layer.layer_scale2.lambda1
+            row_scale = drop_path_row_scale(layer.drop_path, branch.shape[0], branch.device, branch.dtype)
+    return branch, residual, gamma, row_scale
+
+
+def _make_base_forward(layers):
+    """The base model's forward with the residual stream carried across layers into the final LayerNorm.
+
+    Anything it does not reproduce goes to the model's own forward: output_hidden_states /
+    output_attentions (collected by hooks on each layer's module call), masks, masked
+    patches, return_dict=False, any other keyword.
+    """
+
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
+                **kwargs):
+        config = self.config
+        if (kwargs or bool_masked_pos is not None or attention_mask is not None or pixel_values is None
+                or config.output_hidden_states or config.output_attentions
+                or not getattr(config, "use_return_dict", True)):
+            passed = dict(bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding,
+                          attention_mask=attention_mask)
+            return type(self).forward(self, pixel_values, **{k: v for k, v in passed.items() if v is not None},
+                                      **kwargs)
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        extra = {"interpolate_pos_encoding": interpolate_pos_encoding} if interpolate_pos_encoding is not None else {}
+        branch, residual, gamma, row_scale = _carry_layers(layers, self.embeddings(pixel_values, **extra))
+        sequence_output = self.layernorm(branch, residual, gamma=gamma, row_scale=row_scale)[0]
+        if getattr(self, "pooler", None) is not None:
+            pooled = self.pooler(sequence_output)
+        elif hasattr(self, "pooler"):
+            pooled = None
+        else:  # Dinov2: the class token
+            pooled = sequence_output[:, 0, :]
+        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
+
+    return forward
+
+
 def _find_layers(model):
     """(base model, its path prefix, the layer list, the list's path) or Nones."""
     for base_name in ("", "vit", "deit", "dinov2"):
@@ -125,7 +200,7 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
         summary.left_alone("", f"{type(layers[0]).__name__}: an attention layout this swap does not know")
         return
     targets = [_mlp_target(layer) for layer in layers]
-    if model.config._attn_implementation == ATTENTION_NAME or any(
+    if "forward" in vars(base) or model.config._attn_implementation == ATTENTION_NAME or any(
         "forward" in vars(layer) or (t is not None and "forward" in vars(t[0])) for layer, t in zip(layers, targets)
     ):
         summary.left_alone("", "already swapped: a second call changes nothing")
@@ -160,7 +235,25 @@ def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_n
     if layer_norm and _is_plain_layer_norm(getattr(base, "layernorm", None)):
         base.layernorm = FusedLayerNorm.from_layer_norm(base.layernorm)
         summary.swap(f"{prefix}layernorm", "FusedLayerNorm")
+    fused_norms = all(isinstance(getattr(layer, name), FusedLayerNorm) for layer in layers
+                      for name in (("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before")
+                                   else ("norm1", "norm2")))
+    if fused_norms and isinstance(getattr(base, "layernorm", None), FusedLayerNorm):
+        base.forward = types.MethodType(_make_base_forward(layers), base)
+        summary.swap(f"{prefix.rstrip('.') or '<model>'}.forward",
+                     "residual stream carried across layers into the final LayerNorm (per instance; output "
+                     "capture, masks and other options take the model's own forward)")
+    else:
+        summary.left_alone(f"{prefix.rstrip('.') or '<model>'}.forward",
+                           "residual adds across layers not fused: the LayerNorms are not all fused")
     if patch_embed:
-        summary.left_alone(f"{prefix}embeddings.patch_embeddings",
-                           "not swapped yet: the embeddings module (cls, mask token, interpolation) is transformers' own")
-    summary.left_alone(layers_path, "each layer's MLP residual add stays unfused: the loop over layers is transformers' own")
+        embeddings = base.embeddings.patch_embeddings
+        projection = getattr(embeddings, "projection", None)
+        if isinstance(projection, nn.Conv2d) and projection.stride == projection.kernel_size:
+            _load_patch_embed()  # build/load the extension now, not inside a torch.compile trace
+            embeddings.forward = types.MethodType(_patch_embeddings_forward, embeddings)
+            summary.swap(f"{prefix}embeddings.patch_embeddings",
+                         "vit_kernels.ops.patch_embed (module kept; cls, mask token and position embeddings stay in "
+                         "transformers' embeddings)")
+        else:
+            summary.left_alone(f"{prefix}embeddings.patch_embeddings", "its projection is not a patchifying Conv2d")
