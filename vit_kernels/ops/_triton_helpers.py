@@ -1,7 +1,14 @@
-"""Triton helpers shared by the op files."""
+"""Helpers shared by the op files: Triton device functions and host-side layout helpers."""
 
 import triton
 import triton.language as tl
+from torch import Tensor
+
+
+def as_rows(t: Tensor, n_cols: int) -> Tensor:
+    """A [rows, n_cols] view of t whose last dim is contiguous (a copy only if no such view exists)."""
+    t2 = t.reshape(-1, n_cols)
+    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
 
 
 @triton.jit

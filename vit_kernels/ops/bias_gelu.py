@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
-from ._triton_helpers import cast_for_store
+from ._triton_helpers import as_rows, cast_for_store
 
 APPROXIMATIONS = ("none", "tanh")
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
@@ -139,16 +139,11 @@ def _block_config(n_cols: int, kernel) -> tuple[int, int, int]:
     return max(1, 4096 // block_n), block_n, 8
 
 
-def _rows(t: Tensor, n_cols: int) -> Tensor:
-    t2 = t.reshape(-1, n_cols)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
-
-
 @torch.library.custom_op("vit_kernels::bias_gelu_fwd", mutates_args=())
 def _bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     n_cols = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x2 = _rows(x, n_cols)
+    x2 = as_rows(x, n_cols)
     if x2.shape[0] == 0:
         return y
     y2 = y.view(-1, n_cols)
@@ -172,7 +167,7 @@ def _bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: s
     """Returns (dx, dbias); dbias is an empty tensor when there is no bias."""
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x2, dy2 = _rows(x, n_cols), _rows(dy, n_cols)
+    x2, dy2 = as_rows(x, n_cols), as_rows(dy, n_cols)
     n_rows = x2.shape[0]
     block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_bwd_kernel)
     n_row_blocks = max(1, triton.cdiv(n_rows, block_m))

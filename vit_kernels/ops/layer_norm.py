@@ -44,7 +44,7 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import interpreted, num_programs_for_reduction, runs_kernel
-from ._triton_helpers import cast_for_store
+from ._triton_helpers import as_rows, cast_for_store
 from .._validate import (
     check_float_tensor,
     check_number,
@@ -246,12 +246,6 @@ def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, 
     return block_m, block_n, num_warps
 
 
-def _rows(t: Tensor, n_cols: int) -> Tensor:
-    """A [rows, D] view of t whose last dim is contiguous (a copy only if no such view exists)."""
-    t2 = t.reshape(-1, n_cols)
-    return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
-
-
 def _empty() -> Tensor:
     return torch.empty(0)
 
@@ -270,7 +264,7 @@ def _add_layer_norm_fwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h_new or an empty tensor when not stored, mean, rstd); mean/rstd are per row, float32."""
     n_cols = x.shape[-1]
-    x2 = _rows(x, n_cols)
+    x2 = as_rows(x, n_cols)
     n_rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     residual_out = (
@@ -282,7 +276,7 @@ def _add_layer_norm_fwd(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, residual_out, mean, rstd
-    res2 = _rows(residual, n_cols) if residual is not None else None
+    res2 = as_rows(residual, n_cols) if residual is not None else None
     y2 = y.view(-1, n_cols)
     res_out2 = residual_out.view(-1, n_cols) if store_residual else None
     block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_fwd_kernel)
@@ -352,8 +346,8 @@ def _add_layer_norm_bwd(
     is given; the autograd glue passes None where dresidual equals dx.
     """
     n_cols = dy.shape[-1]
-    dy2 = _rows(dy, n_cols)
-    h2 = _rows(h, n_cols)
+    dy2 = as_rows(dy, n_cols)
+    h2 = as_rows(h, n_cols)
     n_rows = dy2.shape[0]
     device = dy.device
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=device)
@@ -374,8 +368,8 @@ def _add_layer_norm_bwd(
 
     dw_partial, db_partial, dgamma_partial = partial(weight), partial(bias), partial(gamma)
     if n_rows > 0:
-        x2 = _rows(x, n_cols) if gamma is not None else None
-        dres_out2 = _rows(dresidual_out, n_cols) if dresidual_out is not None else None
+        x2 = as_rows(x, n_cols) if gamma is not None else None
+        dres_out2 = as_rows(dresidual_out, n_cols) if dresidual_out is not None else None
         dx2 = dx.view(-1, n_cols)
         dres2 = dresidual.view(-1, n_cols) if store_dresidual else None
         _add_layer_norm_bwd_kernel[(n_programs,)](
