@@ -114,6 +114,22 @@ class Case:
     flops: int = 0  # compute-bound ops: the FLOPs of the algorithm
 
 
+def timed_case(op: str, shape: str, mode: str, provider: str, fn: Callable, make_set: Callable, set_bytes: int,
+               device, **metric) -> Case:
+    """A Case whose run() calls ``fn(*args, **kwargs)`` on the next input set, and in fwd+bwd mode
+    also takes the gradients of ``leaves``. ``make_set()`` returns ``(args, kwargs, leaves, grad_out)``;
+    ``metric`` is bytes_moved= or flops=."""
+    backward = mode == "fwd+bwd"
+    sets = Rotation(make_set, set_bytes, device)
+
+    def run():
+        args, kwargs, leaves, grad_out = sets.next()
+        out = fn(*args, **kwargs)
+        return torch.autograd.grad(out, leaves, grad_out) if backward else out
+
+    return Case(op, shape, mode, provider, run, **metric)
+
+
 # add_layer_norm: `y, h = add_layer_norm(x, residual, weight, bias)` against
 # `h = x + residual; y = F.layer_norm(h)` and torch.compile of that.
 
@@ -159,21 +175,17 @@ def _layer_norm_inputs(rows: int, hidden: int, dtype, device, requires_grad: boo
 
 def layer_norm_case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
     rows, hidden = dims
-    fn = _layer_norm_fn(provider)
     backward = mode == "fwd+bwd"
     elem = torch.finfo(dtype).bits // 8
-    sets = Rotation(lambda: _layer_norm_inputs(rows, hidden, dtype, device, backward), 6 * rows * hidden * elem, device)
 
-    def run():
-        x, residual, weight, bias, dy, dresidual = sets.next()
-        y, h_new = fn(x, residual, weight, bias, 1e-6)
-        if backward:
-            return torch.autograd.grad([y, h_new], [x, residual, weight, bias], [dy, dresidual])
-        return y, h_new
+    def make_set():
+        x, residual, weight, bias, dy, dresidual = _layer_norm_inputs(rows, hidden, dtype, device, backward)
+        return (x, residual, weight, bias, 1e-6), {}, [x, residual, weight, bias], [dy, dresidual]
 
     # forward: read x, residual; write y, h_new. backward: read dy, dh, h_new; write dx (= dresidual).
     tensor_passes = 4 + (4 if backward else 0)
-    return Case("add_layer_norm", shape, mode, provider, run, bytes_moved=tensor_passes * rows * hidden * elem)
+    return timed_case("add_layer_norm", shape, mode, provider, _layer_norm_fn(provider), make_set,
+                      6 * rows * hidden * elem, device, bytes_moved=tensor_passes * rows * hidden * elem)
 
 
 def layer_norm_agreement(dims: tuple, dtype, device) -> dict:
@@ -245,23 +257,16 @@ def _attention_fn(provider: str):
 
 def attention_case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
     batch, n, heads, head_dim = dims
-    fn = _attention_fn(provider)
     backward = mode == "fwd+bwd"
     elem = torch.finfo(dtype).bits // 8
 
     def make_set():
         qkv = _randn(batch, n, 3, heads, head_dim, device=device, dtype=dtype, requires_grad=backward)
-        return qkv, _randn(batch, n, heads * head_dim, device=device, dtype=dtype)
-
-    sets = Rotation(make_set, 4 * batch * n * heads * head_dim * elem, device)
-
-    def run():
-        qkv, dout = sets.next()
-        out = fn(qkv)
-        return torch.autograd.grad(out, qkv, dout) if backward else out
+        return (qkv,), {}, [qkv], _randn(batch, n, heads * head_dim, device=device, dtype=dtype)
 
     flops = 4 * batch * heads * n * n * head_dim * (3.5 if backward else 1.0)
-    return Case("flash_attention", shape, mode, provider, run, flops=int(flops))
+    return timed_case("flash_attention", shape, mode, provider, _attention_fn(provider), make_set,
+                      4 * batch * n * heads * head_dim * elem, device, flops=int(flops))
 
 
 def attention_agreement(dims: tuple, dtype, device) -> dict:
@@ -358,21 +363,21 @@ def _mlp_inputs(op: str, dims: tuple, dtype, device, requires_grad: bool):
 def mlp_case(op: str):
     def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
         rows, dim, hidden = dims
-        fn = _mlp_fn(op, provider)
         backward = mode == "fwd+bwd"
         elem = torch.finfo(dtype).bits // 8
-        sets = Rotation(lambda: _mlp_inputs(op, dims, dtype, device, backward), 3 * rows * hidden * elem, device)
 
-        def run():
-            *inputs, dy = sets.next()
-            y = fn(*inputs)
-            return torch.autograd.grad(y, inputs, dy) if backward else y
+        def make_set():
+            *inputs, dy = _mlp_inputs(op, dims, dtype, device, backward)
+            return tuple(inputs), {}, inputs, dy
 
         if op == "bias_gelu":
             # forward: read x, write y. backward: read dy, x; write dx.
-            return Case(op, shape, mode, provider, run, bytes_moved=(5 if backward else 2) * rows * hidden * elem)
-        gemms = 1 if op == "fc1_bias_gelu" else 2
-        return Case(op, shape, mode, provider, run, flops=int(2 * rows * dim * hidden * gemms * (3 if backward else 1)))
+            metric = dict(bytes_moved=(5 if backward else 2) * rows * hidden * elem)
+        else:
+            gemms = 1 if op == "fc1_bias_gelu" else 2
+            metric = dict(flops=int(2 * rows * dim * hidden * gemms * (3 if backward else 1)))
+        return timed_case(op, shape, mode, provider, _mlp_fn(op, provider), make_set, 3 * rows * hidden * elem,
+                          device, **metric)
 
     return case
 
@@ -457,18 +462,15 @@ def _patch_embed_inputs(op: str, dims: tuple, dtype, device, requires_grad: bool
 def patch_embed_case(op: str):
     def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Case:
         batch, size, patch, dim = dims
-        fn = _patch_embed_fn(provider)
         backward = mode == "fwd+bwd"
-        sets = Rotation(lambda: _patch_embed_inputs(op, dims, dtype, device, backward),
-                        batch * 3 * size * size * 2, device)
 
-        def run():
-            images, params, norm, dy = sets.next()
-            y = fn(images, *params, **norm)
-            return torch.autograd.grad(y, params, dy) if backward else y
+        def make_set():
+            images, params, norm, dy = _patch_embed_inputs(op, dims, dtype, device, backward)
+            return (images, *params), norm, list(params), dy
 
         flops = 2 * batch * (size // patch) ** 2 * 3 * patch * patch * dim * (3 if backward else 1)
-        return Case(op, shape, mode, provider, run, flops=int(flops))
+        return timed_case(op, shape, mode, provider, _patch_embed_fn(provider), make_set,
+                          batch * 3 * size * size * 2, device, flops=int(flops))
 
     return case
 
