@@ -130,6 +130,17 @@ def timed_case(op: str, shape: str, mode: str, provider: str, fn: Callable, make
     return Case(op, shape, mode, provider, run, **metric)
 
 
+def _provider_fn(provider: str, fused: Callable, eager: Callable) -> Callable:
+    """vit_kernels -> the fused op, eager -> the PyTorch code, compile -> torch.compile of it."""
+    if provider == "vit_kernels":
+        return fused
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return torch.compile(eager, fullgraph=True)
+    raise ValueError(f"provider must be one of vit_kernels, eager, compile; got {provider!r}")
+
+
 # add_layer_norm: `y, h = add_layer_norm(x, residual, weight, bias)` against
 # `h = x + residual; y = F.layer_norm(h)` and torch.compile of that.
 
@@ -150,13 +161,7 @@ def _eager_add_layer_norm(x, residual, weight, bias, eps):
 def _layer_norm_fn(provider: str):
     from .ops import add_layer_norm
 
-    if provider == "vit_kernels":
-        return add_layer_norm
-    if provider == "eager":
-        return _eager_add_layer_norm
-    if provider == "compile":
-        return torch.compile(_eager_add_layer_norm, fullgraph=True)
-    raise ValueError(f"provider must be one of {LAYER_NORM_PROVIDERS}, got {provider!r}")
+    return _provider_fn(provider, add_layer_norm, _eager_add_layer_norm)
 
 
 def _layer_norm_inputs(rows: int, hidden: int, dtype, device, requires_grad: bool):
@@ -332,14 +337,7 @@ def _mlp_fns(op: str):
 
 
 def _mlp_fn(op: str, provider: str):
-    fused, eager = _mlp_fns(op)
-    if provider == "vit_kernels":
-        return fused
-    if provider == "eager":
-        return eager
-    if provider == "compile":
-        return torch.compile(eager, fullgraph=True)
-    raise ValueError(f"provider must be one of {MLP_PROVIDERS}, got {provider!r}")
+    return _provider_fn(provider, *_mlp_fns(op))
 
 
 def _mlp_inputs(op: str, dims: tuple, dtype, device, requires_grad: bool):
@@ -432,13 +430,7 @@ def _fused_patch_embed(images, weight, bias, cls_token, pos_embed, mean=None, st
 
 
 def _patch_embed_fn(provider: str):
-    if provider == "vit_kernels":
-        return _fused_patch_embed
-    if provider == "eager":
-        return _eager_patch_embed
-    if provider == "compile":
-        return torch.compile(_eager_patch_embed, fullgraph=True)
-    raise ValueError(f"provider must be one of {MLP_PROVIDERS}, got {provider!r}")
+    return _provider_fn(provider, _fused_patch_embed, _eager_patch_embed)
 
 
 def _patch_embed_inputs(op: str, dims: tuple, dtype, device, requires_grad: bool):
