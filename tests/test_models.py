@@ -14,7 +14,7 @@ from vit_kernels.models import (
     mean_attention_distance,
     resample_pos_embed,
 )
-from vit_kernels.testing import assert_rule, kernel_device
+from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
 
 timm = pytest.importorskip("timm")
 DEVICE = kernel_device()
@@ -29,14 +29,6 @@ def _ours(fused, **config):
     return create_model("vit_tiny_patch16_224", fused=fused, **{**SMALL, **config}).to(DEVICE)
 
 
-def _logits_and_grads(model, images):
-    model.zero_grad(set_to_none=True)
-    logits = model(images)
-    logits.square().sum().backward()
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), grads
-
-
 @pytest.mark.parametrize(
     "config",
     [dict(), dict(qkv_bias=False), dict(init_values=0.1), dict(global_pool="avg", class_token=False),
@@ -49,17 +41,13 @@ def test_timm_checkpoint_loads_strict_and_matches_by_rule(seed, config):
         for p in theirs.parameters():
             p.add_(0.05 * torch.randn_like(p))
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
-    eager = _logits_and_grads(theirs.eval(), images)
-    oracle = _logits_and_grads(copy.deepcopy(theirs).double(), images.double())
+    eager = output_and_grads(theirs.eval(), lambda m: m(images))
+    oracle = output_and_grads(copy.deepcopy(theirs).double(), lambda m: m(images.double()))
     for fused in (False, True):
         ours = _ours(fused, **config).eval()
         assert list(ours.state_dict()) == list(theirs.state_dict())
         ours.load_state_dict(theirs.state_dict(), strict=True)
-        got = _logits_and_grads(ours, images)
-        assert_rule("logits", got[0], oracle[0], eager[0])
-        assert got[1].keys() == eager[1].keys()
-        for name in got[1]:
-            assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+        assert_rules(output_and_grads(ours, lambda m: m(images)), oracle, eager)
 
 
 def test_fused_and_eager_agree_in_training_mode(seed):

@@ -8,7 +8,7 @@ from torch import nn
 
 import vit_kernels
 from vit_kernels.nn import FlashAttention, FusedLayerNorm, FusedMlp
-from vit_kernels.testing import assert_rule, kernel_device
+from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
 
 timm = pytest.importorskip("timm")
 DEVICE = kernel_device()
@@ -21,13 +21,6 @@ def _timm(name="vit_tiny_patch16_224", **config):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return model
-
-
-def _logits_and_grads(model, images):
-    model.zero_grad(set_to_none=True)
-    logits = model(images)
-    logits.square().sum().backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 CONFIGS = {
@@ -50,19 +43,15 @@ def test_swapped_timm_vit_matches_by_rule(seed, config, train):
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
-    eager = _logits_and_grads(original, images)
-    oracle = _logits_and_grads(oracle_model, images.double())
+    eager = output_and_grads(original, lambda m: m(images))
+    oracle = output_and_grads(oracle_model, lambda m: m(images.double()))
     model, summary = vit_kernels.swap_modules(original)
     assert model is original
     assert any(path == "forward_features" for path, _ in summary.swapped), str(summary)
     model.load_state_dict(keys_before, strict=True)  # a checkpoint saved before the swap loads after it
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
-    got = _logits_and_grads(model, images)
-    assert_rule("logits", got[0], oracle[0], eager[0])
-    assert got[1].keys() == eager[1].keys()
-    for name in got[1]:
-        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+    assert_rules(output_and_grads(model, lambda m: m(images)), oracle, eager)
     if config.get("dynamic_img_size"):
         out = model(torch.randn(1, 3, 96, 80, device=DEVICE))
         assert out.shape == (1, 10)
@@ -172,19 +161,15 @@ def test_swapped_torchvision_vit_matches_by_rule(seed, train):
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
-    eager = _logits_and_grads(original, images)
-    oracle = _logits_and_grads(oracle_model, images.double())
+    eager = output_and_grads(original, lambda m: m(images))
+    oracle = output_and_grads(oracle_model, lambda m: m(images.double()))
     model, summary = vit_kernels.swap_modules(original)
     text = str(summary)
     assert "encoder.forward" in text and "self_attention" in text and "FusedLayerNorm" in text
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
     assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)  # kept, keys and all
-    got = _logits_and_grads(model, images)
-    assert_rule("logits", got[0], oracle[0], eager[0])
-    assert got[1].keys() == eager[1].keys()
-    for name in got[1]:
-        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+    assert_rules(output_and_grads(model, lambda m: m(images)), oracle, eager)
 
 
 def test_torchvision_flags_and_namespace(seed):
@@ -240,26 +225,18 @@ def test_swapped_transformers_matches_by_rule(seed, kind, train, monkeypatch):
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
-
-    def run(model, x):
-        model.zero_grad(set_to_none=True)
-        out = _hf_output(model, x)
-        out.square().sum().backward()
-        return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    eager, oracle = run(original, images), run(oracle_model, images.double())
+    eager = output_and_grads(original, lambda m: _hf_output(m, images))
+    oracle = output_and_grads(oracle_model, lambda m: _hf_output(m, images.double()))
     model, summary = vit_kernels.swap_modules(original)
     assert model.config._attn_implementation == "vit_kernels"
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
     eps = [m.eps for m in model.modules() if isinstance(m, FusedLayerNorm)]
     assert eps and all(e == (1e-6 if kind == "dinov2" else 1e-12) for e in eps)
-    got = run(model, images)
+    got = output_and_grads(model, lambda m: _hf_output(m, images))
     assert len(calls) == 2  # one forward, two layers: the kernel ran, not SDPA
     assert len(carried) == 1  # the residual stream was carried across layers (no fallback)
-    assert_rule("output", got[0], oracle[0], eager[0])
-    for name in got[1]:
-        assert_rule(f"d{name}", got[1][name], oracle[1][name], eager[1][name])
+    assert_rules(got, oracle, eager)
 
 
 @pytest.mark.parametrize("family", ["timm", "torchvision", "transformers"])

@@ -103,3 +103,20 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty = real_empty
+
+
+def assert_rules(got: dict, oracle: dict, eager: dict) -> None:
+    """assert_rule for every named output and gradient; the three dicts must name the same tensors."""
+    assert got.keys() == eager.keys() == oracle.keys(), (sorted(got), sorted(eager), sorted(oracle))
+    for name in got:
+        assert_rule(name, got[name], oracle[name], eager[name])
+
+
+def output_and_grads(model, run) -> dict:
+    """``run(model)`` -> output; backpropagates its sum of squares and returns
+    ``{"output": ..., "d<param name>": grad, ...}`` (detached copies), for assert_rules."""
+    model.zero_grad(set_to_none=True)
+    out = run(model)
+    out.square().sum().backward()
+    grads = {f"d{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"output": out.detach(), **grads}
