@@ -51,7 +51,7 @@ setup(
     package_data={"vit_kernels._csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "ninja"],
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "ninja", "safetensors", "tqdm"],
     extras_require={
         "test": [
             "pytest>=8",
@@ -61,8 +61,13 @@ setup(
             "timm>=1.0",
             "torchvision",
             "transformers",
+            "scikit-learn",
+            "pillow",
+            "matplotlib",
         ],
+        "train": ["scikit-learn", "pillow"],
         "plot": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["vit-kernels-bench=vit_kernels.bench:main"]},
+    entry_points={"console_scripts": ["vit-kernels-bench=vit_kernels.bench:main",
+                                    "vit-kernels-train=vit_kernels.train.cli:main"]},
 )

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -214,8 +215,34 @@ class VisionTransformer(nn.Module):
         )
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+        # Normalization of uint8 images (set_input_normalization); not part of the state_dict.
+        self.register_buffer("input_mean", None, persistent=False)
+        self.register_buffer("input_std", None, persistent=False)
         self._init_weights()
         self.register_load_state_dict_pre_hook(self._resample_loaded_pos_embed)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in backward instead of keeping its activations (timm's name)."""
+        self.grad_checkpointing = enable
+
+    def set_input_normalization(self, mean, std) -> None:
+        """Per-channel mean/std (of images scaled to [0, 1]) for uint8 input.
+
+        With it set, ``forward`` takes uint8 images ``[B, C, H, W]``: the fused model scales
+        by 1/255 and normalizes inside the patch-embedding op (a data loader ships a quarter
+        of float32's bytes); the eager model does the same in PyTorch first.
+        """
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        in_chans = self.patch_embed.proj.in_channels if self.backbone is None else None
+        if mean.shape != std.shape or (in_chans is not None and mean.numel() != in_chans):
+            raise ValueError(f"mean and std must have one entry per input channel ({in_chans}), "
+                             f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if bool((std <= 0).any()):
+            raise ValueError("std must be positive")
+        device = self.pos_embed.device
+        self.input_mean, self.input_std = mean.to(device), std.to(device)
 
     def _init_weights(self):
         if self.cls_token is not None:
@@ -242,11 +269,21 @@ class VisionTransformer(nn.Module):
     # ---- forward -------------------------------------------------------------------------------
 
     def _embed(self, images: Tensor) -> Tensor:
+        mean, std = None, None
+        if images.dtype == torch.uint8:
+            if self.input_mean is None:
+                raise TypeError("uint8 images need set_input_normalization(mean, std) first")
+            mean, std = self.input_mean, self.input_std
+            if self.backbone is not None or not self.fused:
+                images = ((images.float() / 255.0 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)).to(
+                    self.pos_embed.dtype)
+                mean, std = None, None
         if self.backbone is not None:
             images = self.backbone(images)
         if self.fused:
-            # One op: patchify, GEMM, class token, position embeddings (resampled for another size).
-            return self.pos_drop(self.patch_embed(images, cls_token=self.cls_token, pos_embed=self.pos_embed))
+            # One op: (normalize,) patchify, GEMM, class token, position embeddings (resampled for another size).
+            return self.pos_drop(self.patch_embed(images, cls_token=self.cls_token, pos_embed=self.pos_embed,
+                                                  mean=mean, std=std))
         x = self.patch_embed(images)
         grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
         pos_embed = resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size, self.num_prefix_tokens)
@@ -257,11 +294,14 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: Tensor) -> Tensor:
         """Tokens after the encoder and its final norm, ``[B, N(+1), D]``."""
         x = self._embed(images)
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         if not self.fused:
-            return self.norm(self.blocks(x))
+            for block in self.blocks:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if checkpoint else block(x)
+            return self.norm(x)
         if isinstance(self.norm, FusedLayerNorm):
-            return run_blocks_fused(self.blocks, x, final_norm=self.norm)
-        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
+            return run_blocks_fused(self.blocks, x, final_norm=self.norm, checkpoint=checkpoint)
+        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x, checkpoint=checkpoint)))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .attention import FlashAttention
@@ -104,8 +105,21 @@ class FusedBlock(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return finish_residual(*run_blocks_fused([self], x))
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
+                row_scale: Optional[Tensor] = None, *, carry: bool = False):
+        if carry:
+            return _fused_block_step(self, x, residual, gamma, row_scale)
+        return finish_residual(*_fused_block_step(self, x, None, None, None))
+
+
+def carried_block_forward(self, x: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
+                          row_scale: Optional[Tensor] = None, *, carry: bool = False, **kwargs):
+    """A per-instance forward for another library's pre-LN block whose norms are FusedLayerNorm:
+    ``carry=True`` runs the carried-stream step `run_blocks_fused` needs, anything else the
+    block's own class forward."""
+    if carry:
+        return _fused_block_step(self, x, residual, gamma, row_scale)
+    return type(self).forward(self, x, **kwargs)
 
 
 def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], row_scale: Optional[Tensor]) -> Tensor:
@@ -117,24 +131,45 @@ def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], r
     return residual + branch
 
 
-def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None):
+def _fused_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
+                      row_scale: Optional[Tensor]):
+    """One block on the carried stream: finish the previous add inside norm1, leave this block's last add pending."""
+    batch = branch.shape[0]
+    y, residual = block.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
+    attn_out = block.attn(y)
+    gamma = layer_scale_gamma(block.ls1)
+    row_scale = drop_path_row_scale(block.drop_path1, batch, branch.device, attn_out.dtype)
+    y, residual = block.norm2(attn_out, residual, gamma=gamma, row_scale=row_scale)
+    branch = block.mlp(y)
+    gamma = layer_scale_gamma(block.ls2)
+    row_scale = drop_path_row_scale(block.drop_path2, batch, branch.device, branch.dtype)
+    if gamma is not None:
+        # The layer scale leaves with the stream for the next block's norm1. A copy ([D]), because
+        # under FSDP2 this block's unsharded parameters are freed once its forward returns.
+        gamma = gamma.clone()
+    return branch, residual, gamma, row_scale
+
+
+def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None, checkpoint: bool = False):
     """Run pre-LN blocks with every residual add fused into the LayerNorm after it.
 
     With a final norm, returns ``final_norm(x_out)``. Without one, returns the pending
     last add as ``(branch, residual, gamma, row_scale)``: ``x_out = residual +
     row_scale[b] * gamma * branch``, for the caller to finish (None means no factor).
+    Each block must take the carried stream: a `FusedBlock`, or a block with
+    `carried_block_forward` installed. ``checkpoint=True`` recomputes each block in backward (activation checkpointing):
+    only the carried (branch, residual) pair is kept per block. torch's checkpoint restores
+    the RNG state, so drop path and attention dropout draw the same masks again.
     """
-    branch, residual, gamma, row_scale = x, None, None, None
-    batch = x.shape[0]
+    stream = (x, None, None, None)
     for block in blocks:
-        y, residual = block.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
-        attn_out = block.attn(y)
-        gamma = layer_scale_gamma(block.ls1)
-        row_scale = drop_path_row_scale(block.drop_path1, batch, x.device, attn_out.dtype)
-        y, residual = block.norm2(attn_out, residual, gamma=gamma, row_scale=row_scale)
-        branch = block.mlp(y)
-        gamma = layer_scale_gamma(block.ls2)
-        row_scale = drop_path_row_scale(block.drop_path2, batch, x.device, branch.dtype)
+        # Through the block's __call__ (FusedBlock.forward or carried_block_forward with carry=True),
+        # so that its hooks run: FSDP2 gathers and frees each block's parameters in them.
+        if checkpoint and torch.is_grad_enabled():
+            stream = torch.utils.checkpoint.checkpoint(block, *stream, carry=True, use_reentrant=False)
+        else:
+            stream = block(*stream, carry=True)
+    branch, residual, gamma, row_scale = stream
     if final_norm is None:
         return branch, residual, gamma, row_scale
     return final_norm(branch, residual, gamma=gamma, row_scale=row_scale)[0]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..nn.attention import FlashAttention
-from ..nn.block import finish_residual, run_blocks_fused
+from ..nn.block import carried_block_forward, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import FusedMlp
 from ..ops.patch_embed import _register as _load_patch_embed
@@ -97,8 +97,8 @@ def _embed_in_one_op(model) -> bool:
 def _make_forward_features(embed_in_one_op: bool):
     def forward_features(self, x, attn_mask=None, is_causal=False):
         """timm's forward_features with each residual add fused into the LayerNorm after it."""
-        if attn_mask is not None or is_causal or (self.grad_checkpointing and torch.is_grad_enabled()):
-            # Masks and gradient checkpointing take timm's own path (still on the fused modules).
+        if attn_mask is not None or is_causal:
+            # Masks take timm's own path (still on the fused modules).
             kwargs = {"attn_mask": attn_mask, "is_causal": is_causal} if attn_mask is not None or is_causal else {}
             return type(self).forward_features(self, x, **kwargs)
         if embed_in_one_op:
@@ -107,9 +107,10 @@ def _make_forward_features(embed_in_one_op: bool):
         else:
             x = self._pos_embed(self.patch_embed(x))
         x = self.norm_pre(self.patch_drop(x))
+        checkpoint = bool(self.grad_checkpointing)
         if isinstance(self.norm, FusedLayerNorm):
-            return run_blocks_fused(self.blocks, x, final_norm=self.norm)
-        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x)))
+            return run_blocks_fused(self.blocks, x, final_norm=self.norm, checkpoint=checkpoint)
+        return self.norm(finish_residual(*run_blocks_fused(self.blocks, x, checkpoint=checkpoint)))
 
     return forward_features
 
@@ -149,6 +150,8 @@ def swap_timm_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: boo
     if reasons:
         summary.left_alone("forward_features", "residual adds not fused: " + "; ".join(sorted(reasons)))
         return
+    for block in model.blocks:
+        block.forward = types.MethodType(carried_block_forward, block)
     embed_in_one_op = _embed_in_one_op(model)
     model.forward_features = types.MethodType(_make_forward_features(embed_in_one_op), model)
     summary.swap("forward_features", "residual add + LayerNorm fused across blocks (per instance)"
