@@ -172,3 +172,38 @@ def test_fused_block_standalone_matches_eager_block(seed):
     want = eager(x)
     torch.manual_seed(5)
     torch.testing.assert_close(fused(x), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_grad_checkpointing_recomputes_the_same_step(seed, fused):
+    """Drop path and layer scale on: checkpointed blocks redraw the same masks in backward."""
+    model = _ours(fused, drop_path_rate=0.5, init_values=0.5).train()
+    images = torch.randn(3, 3, 64, 64, device=DEVICE)
+    results = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(7)
+        results.append(output_and_grads(model, lambda m: m(images)))
+    plain, checkpointed = results
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
+
+
+def test_uint8_images_normalized_inside_the_model(seed):
+    """uint8 images with set_input_normalization: the fused model normalizes inside the patch
+    embedding op, the eager one in PyTorch; both by the rule against float64."""
+    mean, std = (0.49, 0.45, 0.41), (0.23, 0.22, 0.26)
+    eager = _ours(False).eval()
+    oracle = copy.deepcopy(eager).double()
+    fused = _ours(True).eval()
+    fused.load_state_dict(eager.state_dict())
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device=DEVICE)
+    got, want, oracle_out = [], [], []
+    for model, out in ((fused, got), (eager, want), (oracle, oracle_out)):
+        model.set_input_normalization(mean, std)
+        out.append(output_and_grads(model, lambda m: m(images)))
+    assert_rules(got[0], oracle_out[0], want[0])
+    with pytest.raises(TypeError, match="set_input_normalization"):
+        _ours(True)(images)
+    with pytest.raises(ValueError, match="one entry per input channel"):
+        eager.set_input_normalization((0.5, 0.5), (0.2, 0.2))

@@ -333,3 +333,22 @@ def test_patch_embeddings_swapped(seed, family):
     assert any(path in ("conv_proj", "vit.embeddings.patch_embeddings", "embeddings.patch_embeddings")
                for path, _ in summary.swapped), str(summary)
     torch.testing.assert_close(run(model), want, rtol=1e-4, atol=1e-4)
+
+
+def test_swapped_timm_vit_checkpoints_its_fused_blocks(seed):
+    """timm's set_grad_checkpointing keeps the fused residual stream (checkpointed per block),
+    and every swapped block is called through its own module (hooks such as FSDP2's run)."""
+    model, _ = vit_kernels.swap_modules(_timm(drop_path_rate=0.5, init_values=0.5).train())
+    images = torch.randn(3, 3, 64, 64, device=DEVICE)
+    calls = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    results = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(7)
+        results.append(output_and_grads(model, lambda m: m(images)))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
+    # forward without, forward with checkpointing, its recomputation in backward
+    assert len(calls) == 3 * len(model.blocks)
