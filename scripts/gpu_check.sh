@@ -2,12 +2,14 @@
 # One device call: build the extension, run the whole test suite on CUDA, run the
 # benchmarks and the main job, and leave logs, JSON and a markdown table in $OUT.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh [all|tests|bench]     ($OUT defaults to ./gpu_out)
+#   OUT=/some/dir bash scripts/gpu_check.sh [all|tests|bench|vit]     ($OUT defaults to ./gpu_out)
 #
 # The stage argument splits the work over several device calls when one would run past
 # the 10-minute limit (the first run compiles every kernel variant the tests use):
-# `tests` builds and runs the test suite, `bench` builds and runs the benchmarks and
-# the main job; `all` (the default) does both.
+# `tests` builds and runs the test suite; `bench` the per-op benchmarks and the main
+# job's per-op rows; `vit` the end-to-end benchmarks, the main job's end-to-end rows and
+# the training job's fused/eager throughput ratio; `all` (the default) does everything.
+# The main job leaves bench-<stage>.json, .md and .png (its speedup chart) in $OUT.
 #
 # The device machine has no network: dependencies come from its image, so the
 # install uses --no-build-isolation --no-deps (which also makes setup.py compile
@@ -42,14 +44,34 @@ tail -15 "$OUT/tests.log"
 fi
 [ "$STAGE" = tests ] && exit $status
 
-echo "== benchmarks"
-if ! python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
-        --benchmark-json="$OUT/benchmarks.json" --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks.log" 2>&1; then
+if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+echo "== op benchmarks"
+if ! python -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --ignore=benchmarks/test_bench_vit.py \
+        --benchmark-json="$OUT/benchmarks-ops.json" --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks-ops.log" 2>&1; then
     status=1
 fi
-tail -40 "$OUT/benchmarks.log"
+tail -40 "$OUT/benchmarks-ops.log"
+fi
+
+if [ "$STAGE" = all ] || [ "$STAGE" = vit ]; then
+echo "== end-to-end benchmarks"
+if ! python -m pytest benchmarks/test_bench_vit.py --benchmark-only -q -p no:cacheprovider \
+        --benchmark-json="$OUT/benchmarks-vit.json" --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks-vit.log" 2>&1; then
+    status=1
+fi
+tail -30 "$OUT/benchmarks-vit.log"
+echo "== training job: fused vs eager throughput (ViT-B/16, synthetic data, bf16)"
+python -m vit_kernels.train --compare --model vit_base_patch16_224 --data synthetic --batch-size 128 \
+    --synthetic-images 4096 --compare-steps 20 --no-save 2>&1 | tee "$OUT/train_compare.txt" | tail -3 || status=1
+fi
 
 echo "== main job"
-python -m vit_kernels.bench --quick --json "$OUT/bench.json" --markdown "$OUT/bench.md" > "$OUT/bench.log" 2>&1 || status=1
-cat "$OUT/bench.md"
+case "$STAGE" in
+    bench) ops=(--ops add_layer_norm flash_attention bias_gelu fc1_bias_gelu mlp patch_embed patch_embed_uint8) ;;
+    vit) ops=(--ops vit) ;;
+    *) ops=() ;;
+esac
+python -m vit_kernels.bench --quick "${ops[@]}" --json "$OUT/bench-$STAGE.json" --markdown "$OUT/bench-$STAGE.md" \
+    --plot "$OUT/bench-$STAGE.png" > "$OUT/bench-$STAGE.log" 2>&1 || status=1
+cat "$OUT/bench-$STAGE.md"
 exit $status

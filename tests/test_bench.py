@@ -16,7 +16,8 @@ from vit_kernels.testing import kernel_device
 def test_main_job_without_cuda(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run(
-        [sys.executable, "-m", "vit_kernels.bench", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")],
+        [sys.executable, "-m", "vit_kernels.bench", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+         "--plot", str(tmp_path / "r.png")],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout + out.stderr
@@ -24,7 +25,13 @@ def test_main_job_without_cuda(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["device"] == "cpu" and report["rows"]
     assert all(row["rule_ok"] and row["error_vs_eager"] is not None for row in report["rows"])
-    assert "| add_layer_norm |" in (tmp_path / "r.md").read_text()
+    table = (tmp_path / "r.md").read_text()
+    assert "| add_layer_norm |" in table
+    # End to end: a tiny timm ViT after swap_modules and the reference ViT fused, by the rule.
+    assert {row["provider"] for row in report["rows"] if row["mode"] == "train step"} == {"timm_swapped",
+                                                                                          "reference_fused"}
+    assert "End to end" in table
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -85,3 +92,39 @@ def test_timed_path_fills_the_report(monkeypatch):
         if r.provider == "vit_kernels":
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
     assert "| flash_attention |" in bench.markdown(report)
+
+
+def test_plot_draws_speedups_from_a_timed_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vit_kernels.bench import Report, Row, plot
+
+    report = Report("NVIDIA H100 80GB HBM3", "2026-11-22", "2.11", "3.6", "3.11")
+    report.rows = [Row("add_layer_norm", "(50432, 768)", "fwd", "vit_kernels", ms=0.1, speedup_vs_eager=2.5),
+                   Row("add_layer_norm", "(50432, 768)", "fwd", "eager", ms=0.25, speedup_vs_eager=1.0),
+                   Row("ViT-B/16", "batch 128, 224px", "train", "timm_swapped", ms=300.0, speedup_vs_eager=0.9)]
+    plot(report, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_vit_flops_match_the_published_count():
+    """ViT-B/16 at 224: 17.6 GMACs per image (timm / fvcore count) = 35.1 GFLOPs."""
+    timm = pytest.importorskip("timm")
+    from vit_kernels.bench_vit import vit_flops_per_image
+
+    flops = vit_flops_per_image(timm.create_model("vit_base_patch16_224", pretrained=False))
+    assert 35.0e9 < flops < 35.3e9
+
+
+@pytest.mark.parametrize("mode", ["inference", "train"])
+def test_vit_cases_run(mode):
+    """The end-to-end closures the benchmarks time run (tiny model; compile is exercised on the GPU)."""
+    pytest.importorskip("timm")
+    from vit_kernels.bench_vit import VIT_SMALL_MODELS, vit_case
+
+    label, spec = next(iter(VIT_SMALL_MODELS.items()))
+    for provider in ("timm", "timm_swapped", "reference_fused"):
+        case = vit_case(provider, label, mode, kernel_device(), spec=spec, batch=2)
+        out = case.run()
+        assert case.flops > 0
+        if mode == "inference":
+            assert out.shape == (2, 1000) and torch.isfinite(out).all()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vit_kernels.testing import assert_rule
+from vit_kernels.testing import assert_rule, kernel_device
 from vit_kernels.train import cli
 from vit_kernels.train import data as data_lib
 from vit_kernels.train.job import Distributed, run
@@ -21,11 +21,12 @@ TINY = ["--img-size", "8", "--patch-size", "4", "--embed-dim", "64", "--depth", 
         "--no-progress", "--workers", "0"]
 
 
-def _run(argv, tmp_path, *, model_dtype=torch.float32):
-    config = cli.parse_config([*argv, "--output", str(tmp_path / "run")])
+def _run(argv, tmp_path, *, model_dtype=torch.float32, device="cpu"):
+    """One in-process run; on CPU unless asked (CPU runs are bitwise reproducible)."""
+    config = cli.parse_config([*argv, "--output", str(tmp_path / "run"), "--device", str(device)])
     images = data_lib.load(config["data"], config["img_size"], num_classes=config["num_classes"],
                            synthetic_images=config["synthetic_images"], seed=config["seed"])
-    return run(config, images, Distributed(), torch.device("cpu"), model_dtype=model_dtype)
+    return run(config, images, Distributed(), torch.device(device), model_dtype=model_dtype)
 
 
 def test_digits_reach_90_percent_on_cpu_within_two_minutes(tmp_path):
@@ -41,10 +42,11 @@ def test_digits_reach_90_percent_on_cpu_within_two_minutes(tmp_path):
 def test_fused_losses_match_eager_by_the_rule(tmp_path):
     """Three steps (drop path on, AdamW in between): fused through the kernels, eager float32,
     and eager float64 as the oracle, from the same initial weights and batches."""
-    argv = [*TINY, "--batch-size", "16", "--stop-after", "3", "--no-save", "--drop-path", "0.2"]
-    fused = _run([*argv, "--fused"], tmp_path)["history"]["train_loss"]
-    eager = _run([*argv, "--eager"], tmp_path)["history"]["train_loss"]
-    oracle = _run([*argv, "--eager"], tmp_path, model_dtype=torch.float64)["history"]["train_loss"]
+    argv = [*TINY, "--batch-size", "16", "--stop-after", "3", "--no-save", "--drop-path", "0.2", "--precision", "fp32"]
+    device = kernel_device()  # the interpreter on CPU, the compiled kernels on a GPU
+    fused = _run([*argv, "--fused"], tmp_path, device=device)["history"]["train_loss"]
+    eager = _run([*argv, "--eager"], tmp_path, device=device)["history"]["train_loss"]
+    oracle = _run([*argv, "--eager"], tmp_path, device=device, model_dtype=torch.float64)["history"]["train_loss"]
     assert len(fused) == 3
     assert_rule("losses", torch.tensor(fused, dtype=torch.float64), torch.tensor(oracle, dtype=torch.float64),
                 torch.tensor(eager, dtype=torch.float64))
@@ -159,7 +161,7 @@ def test_bad_argument_from_the_command_line_has_no_traceback(tmp_path):
 
 
 def _torchrun(argv, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}  # CPU processes run the kernels interpreted
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vit_kernels.train", *argv, "--device", "cpu", "--output", str(tmp_path / "dist")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)

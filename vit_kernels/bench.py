@@ -1,13 +1,15 @@
 """The main job: per-op speed and numerical agreement on this device.
 
-    python -m vit_kernels.bench [--json FILE] [--markdown FILE] [--quick]
+    python -m vit_kernels.bench [--json FILE] [--markdown FILE] [--plot FILE.png] [--quick] [--ops ...]
 
 On a CUDA device, for every op and ViT shape: median time of each provider
 (vit_kernels, eager PyTorch, and the strongest PyTorch alternative: torch.compile,
 SDPA), the speedups over eager and over that alternative, achieved GB/s or TFLOP/s as
 a share of the device's measured copy bandwidth or bf16 matmul rate, and the numerics
 rule (error against float64 relative to eager's error) checked at that shape before
-anything is timed. Without CUDA the first line says so and only the numerics run, at
+anything is timed. Then end to end (`bench_vit`): ViT-B/16 and ViT-L/16 inference and
+training step for timm, timm after swap_modules, torch.compile of each, and our reference
+ViT fused: images/s, MFU, peak memory. Without CUDA the first line says so and only the numerics run, at
 small shapes through Triton's interpreter.
 
 The cases defined here are shared with `pytest benchmarks/ --benchmark-only`, so the
@@ -549,6 +551,8 @@ class Row:
     error_vs_eager: float = float("nan")  # max error against float64 / eager's; <= 2 passes
     rule_ok: bool = True
     note: str = ""
+    images_per_s: float = float("nan")  # end-to-end rows
+    peak_memory_gib: float = float("nan")
 
 
 @dataclass
@@ -619,6 +623,79 @@ def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *
             report.rows.extend(rows.values())
 
 
+def run_vit_numerics(report: Report, device: torch.device) -> None:
+    """The end-to-end rule on a tiny ViT in float32 (the no-GPU job; compile providers skipped)."""
+    from .bench_vit import VIT_SMALL_MODELS, vit_agreement
+
+    for label, spec in VIT_SMALL_MODELS.items():
+        for provider, check in vit_agreement(spec, device, None, providers=("timm_swapped", "reference_fused")).items():
+            report.rows.append(Row(label, "batch 4 float32", "train step", provider, error_vs_eager=check.ratio,
+                                   rule_ok=check.ok, note=f"worst: {check.name}"))
+
+
+def run_vit_timed(report: Report, device: torch.device, *, reps: int) -> None:
+    """ViT-B/16 and ViT-L/16: agreement, then inference and a training step per provider (bf16 autocast)."""
+    from .bench_vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
+
+    for label, spec in VIT_MODELS.items():
+        worst = vit_agreement(spec, device, torch.bfloat16)
+        for mode in MODES:
+            rows = {}
+            for provider in VIT_PROVIDERS:
+                row = Row(label, f"batch {spec['batch'][mode]}, 224px", mode, provider, baseline="timm_compile")
+                try:
+                    case = vit_case(provider, label, mode, device)
+                    measured = measure_vit(case, reps=reps)
+                    del case
+                    row.ms, row.tflops = measured["ms"], measured["tflops"]
+                    row.images_per_s, row.peak_memory_gib = measured["images_per_s"], measured["peak_memory_gib"]
+                    row.pct_of_peak = 100 * row.tflops / report.bf16_matmul_tflops  # MFU
+                except torch.cuda.OutOfMemoryError:
+                    row.note = "out of memory"
+                torch.cuda.empty_cache()
+                if provider in worst:
+                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok
+                    row.note = row.note or f"worst: {worst[provider].name}"
+                rows[provider] = row
+            for row in rows.values():
+                row.speedup_vs_eager = rows["timm"].ms / row.ms
+                row.speedup_vs_baseline = rows["timm_compile"].ms / row.ms
+            report.rows.extend(rows.values())
+
+
+def plot(report: Report, path: str) -> None:
+    """Speedup over eager of every fused provider (a bar per op, shape and mode); without
+    timings (no CUDA), each op's error relative to eager's instead, against the rule's bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fused = ("vit_kernels", "timm_swapped", "timm_swapped_compile", "reference_fused")
+    timed = [r for r in report.rows if r.provider in fused and not math.isnan(r.speedup_vs_eager)]
+    if timed:
+        rows, values, bound, xlabel = timed, [r.speedup_vs_eager for r in timed], 1.0, "speedup over eager (x)"
+    else:
+        rows = [r for r in report.rows if not math.isnan(r.error_vs_eager)]
+        values, bound, xlabel = [r.error_vs_eager for r in rows], 2.0, \
+            "error vs float64 / eager's error (rule: <= 2, or under its absolute floor)"
+    labels = [f"{r.op} {r.shape} {r.mode}" + ("" if r.provider == "vit_kernels" else f" [{r.provider}]") for r in rows]
+    figure, axes = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.5))
+    # Red: slower than eager, or failing the rule (whose absolute floor can pass a ratio above 2).
+    colors = ["tab:green" if (v >= bound if timed else r.rule_ok) else "tab:red" for v, r in zip(values, rows)]
+    axes.barh(range(len(rows)), values, color=colors)
+    axes.axvline(bound, color="black", linewidth=0.8)
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel(xlabel)
+    note = "" if timed else " (no CUDA device: numerics only)"
+    axes.set_title(f"vit_kernels on {report.device}{note}; torch {report.torch}, triton {report.triton}; {report.date}",
+                   fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
 def _fmt(v, spec):
     return "" if isinstance(v, float) and math.isnan(v) else format(v, spec)
 
@@ -639,13 +716,34 @@ def markdown(report: Report) -> str:
         "| op | shape | mode | provider | ms | GB/s | TFLOP/s | % of peak | x eager | x baseline | error / eager's | rule |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    end_to_end = [r for r in report.rows if r.provider not in ("vit_kernels", "eager", "compile")
+                  and not r.provider.startswith("sdpa")]
     for r in report.rows:
+        if r in end_to_end:
+            continue
         baseline = f"{_fmt(r.speedup_vs_baseline, '.2f')} ({r.baseline})" if r.baseline else ""
         lines.append(
             f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '.3f')} | {_fmt(r.gbps, '.0f')} | "
             f"{_fmt(r.tflops, '.0f')} | {_fmt(r.pct_of_peak, '.0f')} | {_fmt(r.speedup_vs_eager, '.2f')} | "
             f"{baseline} | {_fmt(r.error_vs_eager, '.2f')} | {'ok' if r.rule_ok else 'FAIL'} {r.note} |"
         )
+    if end_to_end:
+        lines += [
+            "",
+            "End to end (bf16 autocast on a GPU; a training step is forward + backward + AdamW; MFU = model "
+            "FLOPs / time / the measured bf16 matmul rate):",
+            "",
+            "| model | batch | mode | provider | ms | images/s | MFU % | peak GiB | x timm eager | x timm_compile "
+            "| error / eager's | rule |",
+            "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in end_to_end:
+            lines.append(
+                f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '.1f')} | {_fmt(r.images_per_s, '.0f')} | "
+                f"{_fmt(r.pct_of_peak, '.1f')} | {_fmt(r.peak_memory_gib, '.1f')} | {_fmt(r.speedup_vs_eager, '.2f')} | "
+                f"{_fmt(r.speedup_vs_baseline, '.2f')} | {_fmt(r.error_vs_eager, '.2f')} | "
+                f"{'ok' if r.rule_ok else 'FAIL'} {r.note} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -660,13 +758,25 @@ def _json_safe(value):
     return value
 
 
+def _has_timm() -> bool:
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        print("timm is not installed: end-to-end rows skipped")
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit_kernels.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", default="vit_kernels_bench.json", help="where to write the results as JSON")
     parser.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     parser.add_argument("--quick", action="store_true", help="fewer timed repetitions")
-    parser.add_argument("--ops", nargs="+", choices=[op.name for op in OPS], default=[op.name for op in OPS],
-                        help="which ops to run (default: all)")
+    names = [op.name for op in OPS] + ["vit"]
+    parser.add_argument("--ops", nargs="+", choices=names, default=names,
+                        help="which ops to run; vit = end to end (default: all)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png",
+                        help="draw the speedups (without CUDA: the numerics) as a bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
 
     has_cuda = torch.cuda.is_available()
@@ -692,6 +802,11 @@ def main(argv=None) -> int:
             run_timed(report, op, device, op.shapes, reps=10 if args.quick else 50)
         else:
             run_numerics(report, op, device)
+    if "vit" in args.ops and _has_timm():
+        if has_cuda:
+            run_vit_timed(report, device, reps=5 if args.quick else 10)
+        else:
+            run_vit_numerics(report, device)
 
     table = markdown(report)
     print(table, end="")
@@ -700,7 +815,10 @@ def main(argv=None) -> int:
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)
-    print(f"wrote {args.json}" + (f" and {args.markdown}" if args.markdown else ""))
+    if args.plot:
+        plot(report, args.plot)
+    written = [args.json] + [path for path in (args.markdown, args.plot) if path]
+    print("wrote " + ", ".join(written))
     return 0 if all(r.rule_ok for r in report.rows) else 1
 
 

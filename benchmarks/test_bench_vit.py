@@ -1,0 +1,40 @@
+"""End to end: ViT-B/16 and ViT-L/16 at 224, bf16 autocast, inference and a full training
+step (forward + backward + AdamW), for timm eager, timm after swap_modules, torch.compile of
+each, and our reference ViT fused. Agreement (logits and one step's gradients, the numerics
+rule) is asserted per model before timing. extra_info: images/s, MFU (model FLOPs / time /
+the measured bf16 matmul rate), peak memory.
+"""
+
+import pytest
+import torch
+
+from vit_kernels.bench_vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
+
+_agreed = set()
+
+
+@pytest.mark.parametrize("provider", VIT_PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", list(VIT_MODELS))
+def test_vit(benchmark, matmul_tflops, model, mode, provider):
+    pytest.importorskip("timm")
+    device = torch.device("cuda")
+    if model not in _agreed:
+        for result in vit_agreement(VIT_MODELS[model], device, torch.bfloat16).values():
+            assert result.ok, str(result)
+        _agreed.add(model)
+    case = vit_case(provider, model, mode, device)
+
+    def timed():
+        case.run()
+        torch.cuda.synchronize()
+
+    benchmark.group = f"{model} {mode} batch {case.batch}"
+    benchmark.pedantic(timed, rounds=5, warmup_rounds=3, iterations=1)
+    measured = measure_vit(case)
+    benchmark.extra_info.update(provider=provider, batch=case.batch, cuda_event_median_ms=measured["ms"],
+                                images_per_s=measured["images_per_s"], tflops=measured["tflops"],
+                                mfu_pct=100 * measured["tflops"] / matmul_tflops, bf16_matmul_tflops=matmul_tflops,
+                                peak_memory_gib=measured["peak_memory_gib"])
+    del case
+    torch.cuda.empty_cache()

@@ -1,0 +1,182 @@
+"""End to end: a whole ViT, inference and a training step, under bf16 autocast.
+
+Providers, all from the same weights (timm's keys are ours):
+  timm                   timm's VisionTransformer as is (its SDPA attention)
+  timm_swapped           the same model after `vit_kernels.swap_modules`
+  timm_compile           torch.compile(timm)
+  timm_swapped_compile   torch.compile(timm after swap_modules)
+  reference_fused        `vit_kernels.models.create_model(name, fused=True)`
+A training step is forward + cross-entropy + backward + AdamW step. Agreement first: the
+logits and every parameter gradient of one step, each provider against a float64 copy of
+timm's model, within twice timm eager's error (the numerics rule). Reported: images/s,
+MFU (model FLOPs / time / the measured bf16 matmul rate) and peak memory.
+
+Shared by `benchmarks/test_bench_vit.py` and `python -m vit_kernels.bench`.
+"""
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .testing import RuleCheck, check_rule
+
+VIT_PROVIDERS = ("timm", "timm_swapped", "timm_compile", "timm_swapped_compile", "reference_fused")
+# Batches that keep an 80 GB H100 busy without running the eager baseline out of memory.
+VIT_MODELS = {
+    "ViT-B/16": dict(name="vit_base_patch16_224", config={}, batch={"inference": 256, "train": 128}),
+    "ViT-L/16": dict(name="vit_large_patch16_224", config={}, batch={"inference": 128, "train": 64}),
+}
+# Numerics only, on CPU through Triton's interpreter: a tiny ViT in float32.
+VIT_SMALL_MODELS = {
+    "tiny (32px, P8, D64, 2 blocks)": dict(name="vit_tiny_patch16_224",
+                                           config=dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2),
+                                           batch={"inference": 2, "train": 2}),
+}
+MODES = ("inference", "train")
+
+
+def vit_flops_per_image(model: nn.Module) -> int:
+    """Forward FLOPs of one image: the block GEMMs (24 N D^2 per block at mlp_ratio 4, read off
+    the Linear shapes), attention (4 N^2 D per block) and the patch embedding."""
+    proj = model.patch_embed.proj
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    flops = 2 * model.patch_embed.num_patches * proj.weight.numel()
+    for block in model.blocks:
+        linears = [m for m in block.modules() if isinstance(m, nn.Linear)]
+        flops += sum(2 * tokens * m.weight.numel() for m in linears)
+        flops += 4 * tokens * tokens * model.embed_dim
+    return flops + 2 * model.embed_dim * model.num_classes
+
+
+def _timm_model(spec: dict, device: torch.device) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(spec["name"], pretrained=False, **spec["config"])
+    with torch.no_grad():  # trained-looking weights: timm's init leaves zero biases and unit norms
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.to(device)
+
+
+def build(provider: str, spec: dict, device: torch.device, base: nn.Module = None) -> nn.Module:
+    """The provider's model, with `base`'s (timm's) weights."""
+    import vit_kernels
+    from .models import create_model
+
+    base = base if base is not None else _timm_model(spec, device)
+    if provider in ("timm", "timm_compile"):
+        model = copy.deepcopy(base)
+    elif provider in ("timm_swapped", "timm_swapped_compile"):
+        model, _ = vit_kernels.swap_modules(copy.deepcopy(base))
+    elif provider == "reference_fused":
+        model = create_model(spec["name"], fused=True, **spec["config"]).to(device)
+        model.load_state_dict(base.state_dict(), strict=True)
+    else:
+        raise ValueError(f"provider must be one of {', '.join(VIT_PROVIDERS)}; got {provider!r}")
+    return torch.compile(model) if provider.endswith("_compile") else model
+
+
+def _autocast(device: torch.device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _inputs(spec: dict, batch: int, device: torch.device, num_classes: int, generator_seed: int):
+    generator = torch.Generator(device="cpu").manual_seed(generator_seed)
+    size = spec["config"].get("img_size", 224)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    return images, labels
+
+
+def _logits_and_grads(model: nn.Module, images, labels, autocast_dtype) -> Dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with _autocast(images.device, autocast_dtype):
+        logits = model(images)
+    F.cross_entropy(logits.float(), labels).backward()
+    named = getattr(model, "_orig_mod", model).named_parameters()
+    out = {"logits": logits.detach()}
+    out.update({f"d{name}": p.grad.detach() for name, p in named if p.grad is not None})
+    return out
+
+
+def vit_agreement(spec: dict, device: torch.device, autocast_dtype, providers=VIT_PROVIDERS) -> Dict[str, RuleCheck]:
+    """The worst rule check (logits, every gradient of one step) per provider, at a small batch."""
+    base = _timm_model(spec, device).train()
+    images, labels = _inputs(spec, 4, device, base.num_classes, 1)
+    oracle = _logits_and_grads(copy.deepcopy(base).double(), images.double(), labels, None)
+    eager = _logits_and_grads(base, images, labels, autocast_dtype)
+    worst = {}
+    for provider in providers:
+        if provider == "timm":
+            continue
+        got = _logits_and_grads(build(provider, spec, device, base).train(), images, labels, autocast_dtype)
+        if got.keys() != eager.keys():
+            raise AssertionError(f"{provider}: gradients of {sorted(set(got) ^ set(eager))} missing on one side")
+        checks = [check_rule(name, got[name].to(eager[name].dtype), oracle[name], eager[name]) for name in got]
+        worst[provider] = max(checks, key=lambda c: (not c.ok, c.ratio))
+    return worst
+
+
+@dataclass
+class VitCase:
+    model: str
+    mode: str
+    provider: str
+    batch: int
+    run: Callable[[], object]  # one inference call or one training step, on the next batch
+    flops: int  # per call: forward, or 3x forward for a training step
+
+
+def vit_case(provider: str, model_label: str, mode: str, device: torch.device, spec: dict = None,
+             batch: int = None) -> VitCase:
+    spec = spec or VIT_MODELS[model_label]
+    batch = batch or spec["batch"][mode]
+    model = build(provider, spec, device)
+    plain = getattr(model, "_orig_mod", model)
+    per_image = vit_flops_per_image(plain)
+    batches = [_inputs(spec, batch, device, plain.num_classes, seed) for seed in range(2)]
+    state = {"i": 0}
+
+    def next_batch():
+        state["i"] = (state["i"] + 1) % len(batches)
+        return batches[state["i"]]
+
+    if mode == "inference":
+        model.eval()
+
+        def run():
+            images, _ = next_batch()
+            with torch.no_grad(), _autocast(device, torch.bfloat16):
+                return model(images)
+
+        return VitCase(model_label, mode, provider, batch, run, per_image * batch)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def run():
+        images, labels = next_batch()
+        with _autocast(device, torch.bfloat16):
+            logits = model(images)
+        F.cross_entropy(logits.float(), labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return VitCase(model_label, mode, provider, batch, run, 3 * per_image * batch)
+
+
+def measure_vit(case: VitCase, *, reps: int = 10, warmup: int = 3) -> dict:
+    """Median ms per call (CUDA events), images/s, TFLOP/s and peak memory of the timed calls."""
+    from .bench import time_cuda_ms
+
+    for _ in range(warmup):  # compile, autotune, allocator
+        case.run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = time_cuda_ms(case.run, warmup=1, reps=reps)
+    return dict(ms=ms, images_per_s=case.batch / (ms * 1e-3), tflops=case.flops / (ms * 1e-3) / 1e12,
+                peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
