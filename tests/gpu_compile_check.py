@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
@@ -42,6 +43,12 @@ def _arg_type(value):
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def _divisible_by_16(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.data_ptr() % 16 == 0
+    return isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0
 
 
 def _ptxas(capability: int) -> str:
@@ -78,7 +85,7 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(self.arg_names):
         value = bound[name]
         if i in self.constexprs or value is None:
@@ -86,12 +93,17 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             constexprs[(i,)] = value
         else:
             signature[name] = _arg_type(value)
+            if _divisible_by_16(value):
+                # What a real launch specializes on: 16-byte-aligned pointers and integers divisible
+                # by 16. Without it loads stay scalar and unpipelined, and ptxas reports spills that
+                # the launched kernel does not have.
+                attrs[(i,)] = [["tt.divisibility", 16]]
     key = (self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), repr(options))
     if key in _seen:
         return None
     _seen.add(key)
     for arch, target in TARGETS.items():
-        compiled = triton.compile(ASTSource(self, signature, constexprs), target=target, options=options)
+        compiled = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options)
         record = {
             "kernel": self.fn.__name__,
             "target": arch,
@@ -104,13 +116,23 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     return None
 
 
+def compile_every_config(self, *args, grid, warmup, **kwargs):
+    """An autotuned launch: compile each of its configs (the device would time them all)."""
+    for config in self.configs:
+        self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
+
+
 def main(argv):
     """Default: the launches a bf16 ViT makes (every head dim, ViT hidden sizes). --full: every
     dtype, D up to 16384 and fp32 attention too (minutes)."""
     full = "--full" in argv
     JITFunction.run = compile_instead_of_launch
+    Autotuner.run = compile_every_config
     from vit_kernels.ops import attention, layer_norm
     from vit_kernels.ops.bias_gelu import _bias_gelu_bwd, _bias_gelu_fwd
+    from vit_kernels.ops.linear_bias_gelu import _launch as launch_linear_bias_gelu
+    from vit_kernels.ops.linear_bias_gelu import autotune_configs as linear_bias_gelu_configs
 
     hiddens = (192, 768, 1280, 8192, 16384) if full else (768, 1280, 8192)
     variants = [(torch.bfloat16, torch.float32, True), (torch.bfloat16, torch.bfloat16, False)]
@@ -144,6 +166,14 @@ def main(argv):
             bias = torch.randn(n_cols)
             _bias_gelu_fwd(x, bias, approximate)
             _bias_gelu_bwd(x, x, bias, approximate)
+    # The fc1 GEMM: every autotune config (after the shared-memory prune), saving z or not.
+    gemm_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
+    for dtype in gemm_dtypes:
+        x, weight, bias = torch.randn(6, 64, dtype=dtype), torch.randn(96, 64, dtype=dtype), torch.randn(96)
+        y = torch.empty(6, 96, dtype=dtype)
+        for config in linear_bias_gelu_configs(x):
+            for z in (y, None):
+                launch_linear_bias_gelu(x, weight, bias, y, z, "none", config=config)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,36 @@ def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
         assert_rule(name, g, g_ref, g_eager)
 
 
+def _gpu_tile_shapes():
+    from vit_kernels.ops import attention
+
+    entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._BWD_CONFIGS
+               + attention._BWD_CONFIGS_D64 + attention._BWD_CONFIGS_D32
+               + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG])
+    return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")
+@pytest.mark.parametrize("block_m, block_n", _gpu_tile_shapes())
+def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, block_m, block_n):
+    """The interpreter run with each tile shape the GPU configs use (non-square ones
+    included): forward, both backward paths and dropout by the rule, at N = 197 and d = 80,
+    where neither sequence nor head dim fits the tiles."""
+    monkeypatch.setattr("vit_kernels.ops.attention._INTERPRETER_CONFIG", (block_m, block_n, 4, 1))
+    check_attention(1, 197, 197, 2, 80, torch.float32, packed=True)
+    check_attention(1, 197, 130, 1, 80, torch.float16, packed=False, deterministic=False)
+    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: torch.tensor(77))
+    (q, k, v), leaves = _make(1, 197, 197, 1, 80, torch.float32, packed=False)
+    mask = attention_dropout_mask(torch.tensor(77), 1, 1, 197, 197, 0.2, DEVICE)
+    dout = torch.randn(1, 197, 1, 80, device=DEVICE)
+    out, grads = _grads(lambda q, k, v: flash_attention(q, k, v, dropout_p=0.2), leaves, dout)
+    want, want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, None, mask, 0.2), leaves, dout,
+                              torch.float64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
 def test_dropout_draws_a_new_mask_each_call(seed):
     q = torch.randn(1, 17, 2, 32, device=DEVICE)
     a = flash_attention(q, q, q, dropout_p=0.5)

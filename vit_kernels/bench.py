@@ -304,6 +304,9 @@ MLP_SHAPES = {
 }
 MLP_SMALL_SHAPES = {"small (2*197, 192->768)": (2 * 197, 192, 768)}
 MLP_PROVIDERS = ("vit_kernels", "eager", "compile")
+# fc1 + bias + GELU also times the Triton GEMM with the epilogue (forced), against which
+# linear_bias_gelu's per-shape dispatch (vit_kernels) is to be set.
+FC1_PROVIDERS = ("vit_kernels", "triton_gemm", "eager", "compile")
 
 
 def _eager_bias_gelu(x, bias):
@@ -318,14 +321,14 @@ def _eager_mlp(x, w1, b1, w2, b2):
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
-def _fused_fc1_gelu(x, weight, bias):
-    from .ops import bias_gelu
+def _fused_fc1_gelu(x, weight, bias, backend="auto"):
+    from .ops import linear_bias_gelu
 
-    return bias_gelu(F.linear(x, weight), bias)
+    return linear_bias_gelu(x, weight, bias, backend=backend)
 
 
-def _fused_mlp(x, w1, b1, w2, b2):
-    return F.linear(_fused_fc1_gelu(x, w1, b1), w2, b2)
+def _fused_mlp(x, w1, b1, w2, b2, backend="auto"):
+    return F.linear(_fused_fc1_gelu(x, w1, b1, backend), w2, b2)
 
 
 def _mlp_fns(op: str):
@@ -339,6 +342,9 @@ def _mlp_fns(op: str):
 
 
 def _mlp_fn(op: str, provider: str):
+    if provider == "triton_gemm":
+        fused = _mlp_fns(op)[0]
+        return lambda *inputs: fused(*inputs, backend="triton")
     return _provider_fn(provider, *_mlp_fns(op))
 
 
@@ -399,7 +405,8 @@ def mlp_agreement(op: str):
             grads = torch.autograd.grad(y, leaves, cast(dy))
             return {"y": y, **dict(zip(_MLP_GRAD_NAMES[op], grads))}
 
-        providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+        providers = ["vit_kernels"] + (["triton_gemm"] if op != "bias_gelu" else [])
+        providers += ["compile"] if device.type == "cuda" else []
         return _worst_by_provider(outputs, lambda provider: _mlp_fn(op, provider), providers)
 
     return agreement
@@ -518,10 +525,10 @@ OPS = [
             attention_case, attention_agreement, (torch.float16,)),
     OpBench("bias_gelu", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
             mlp_case("bias_gelu"), mlp_agreement("bias_gelu"), (torch.bfloat16, torch.float16)),
-    # The GEMMs run in cuBLAS for every provider; only the epilogue differs.
-    OpBench("fc1_bias_gelu", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
+    # vit_kernels = linear_bias_gelu's dispatch; triton_gemm = its Triton GEMM with the epilogue.
+    OpBench("fc1_bias_gelu", MLP_SHAPES, MLP_SMALL_SHAPES, FC1_PROVIDERS, "compile",
             mlp_case("fc1_bias_gelu"), mlp_agreement("fc1_bias_gelu"), (torch.float16,)),
-    OpBench("mlp", MLP_SHAPES, MLP_SMALL_SHAPES, MLP_PROVIDERS, "compile",
+    OpBench("mlp", MLP_SHAPES, MLP_SMALL_SHAPES, FC1_PROVIDERS, "compile",
             mlp_case("mlp"), mlp_agreement("mlp"), (torch.float16,)),
     # The C++ CPU path checks its numerics in float32 here (CPU bf16 convolution is slow and
     # not what the GPU runs); on a GPU the agreement runs in bf16 like the timings.

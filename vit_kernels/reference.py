@@ -100,6 +100,11 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> T
     return F.gelu(pre, approximate=approximate)
 
 
+def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
+    """``gelu(x @ weight^T + bias)`` as eager computes an nn.Linear followed by nn.GELU."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
+
+
 def patch_embed(
     images: Tensor,
     weight: Tensor,

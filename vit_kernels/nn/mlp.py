@@ -1,9 +1,8 @@
 from typing import Optional, Type
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.bias_gelu import bias_gelu
+from ..ops.linear_bias_gelu import linear_bias_gelu
 
 
 def _gelu_approximation(act: nn.Module) -> str:
@@ -22,9 +21,10 @@ class FusedMlp(nn.Module):
     """timm's `Mlp` (fc1 -> GELU -> fc2) with fc1's bias fused into the GELU.
 
     Submodule names match timm's `Mlp` (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``,
-    ``drop2``), so its state_dict loads with ``strict=True``. fc1 runs as a bias-free
-    GEMM (cuBLAS) and `vit_kernels.ops.bias_gelu` adds the bias and applies GELU in one
-    pass, forward and backward; fc2 is a plain Linear. The activation must be GELU (exact
+    ``drop2``), so its state_dict loads with ``strict=True``. fc1 + bias + GELU is
+    `vit_kernels.ops.linear_bias_gelu` (per shape: the Triton GEMM with the bias + GELU
+    epilogue, or a bias-free cuBLAS GEMM and `bias_gelu` in one pass), forward and
+    backward; fc2 is a plain Linear. The activation must be GELU (exact
     or tanh); anything else is refused at construction.
     """
 
@@ -64,6 +64,6 @@ class FusedMlp(nn.Module):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
-        x = bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, self.approximate)
+        x = linear_bias_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)
         x = self.norm(self.drop1(x))
         return self.drop2(self.fc2(x))

@@ -3,6 +3,7 @@
 from .attention import attention_probs, flash_attention, flash_attention_qkvpacked
 from .bias_gelu import bias_gelu
 from .layer_norm import add_layer_norm
+from .linear_bias_gelu import linear_bias_gelu
 from .patch_embed import patch_embed
 
 __all__ = [
@@ -11,5 +12,6 @@ __all__ = [
     "bias_gelu",
     "flash_attention",
     "flash_attention_qkvpacked",
+    "linear_bias_gelu",
     "patch_embed",
 ]

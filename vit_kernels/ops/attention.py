@@ -31,8 +31,10 @@
 #   deterministic=False, accumulated with float32 atomics inside the dK/dV kernel.
 # - Grid (query or key blocks, heads, batch): blocks of one head run next to each other
 #   (they share K/V in L2) and B*H is not bound by CUDA's 65535 limit on grid.y.
-# - Block sizes: a fixed table per head dim and dtype (below), checked spill-free by
-#   ptxas for sm_80/sm_90, not yet timed on a GPU.
+# - Block sizes: a few configs per kernel for Hopper and Ampere, each checked spill-free by
+#   ptxas for sm_80/sm_90 at its head dims, autotuned on the device keyed on an N bucket
+#   (a power of two), the head dim, dropout and the dtype (launch_configs, below).
+#   The configs have not been timed against each other here (no GPU lent yet).
 #
 # Not supported: causal or additive masks (the module falls back to the reference when
 # a mask is given), head dims outside {32, 64, 80, 96, 128}, float64 (runs the reference).
@@ -109,6 +111,7 @@ def _attn_fwd_kernel(
     qk_scale_log2,
     dropout_p,
     seed,
+    n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -224,6 +227,7 @@ def _attn_bwd_dkdv_kernel(
     qk_scale_log2,
     dropout_p,
     seed,
+    n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -313,6 +317,7 @@ def _attn_bwd_dq_kernel(
     qk_scale_log2,
     dropout_p,
     seed,
+    n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -359,32 +364,70 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptrs, cast_for_store(dq, DQ.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=q_mask)
 
 
-def _block_config(head_dim: int, dtype: torch.dtype, kernel) -> dict:
-    """Forward block sizes and launch parameters.
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on Hopper and
+# Ampere. Each compiles without register spills for sm_90 at the head dims it is listed
+# for, and for sm_80 too except the forward's 64-wide tiles at d >= 80 with dropout (36-52
+# bytes), which Ampere therefore skips there (ptxas through tests/gpu_compile_check.py).
+# The autotuner times them on the device at first use, per (N bucket, head dim, dropout,
+# dtype). Seen spilling and so left out: forward 128 x 128 for d >= 64; backward 64 x 64
+# with 8 warps for d >= 64 (24-36 bytes), 64 x 32 for d >= 80, 128 x 64 and 64 x 128.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+_FWD_CONFIGS_D32 = [(128, 128, 8, 2)]
+_BWD_CONFIGS = [(32, 64, 8, 2), (32, 32, 4, 1)]
+_BWD_CONFIGS_D64 = [(64, 32, 4, 2)]
+_BWD_CONFIGS_D32 = [(64, 64, 8, 2)]
+# One config where timing is impossible or pointless: the interpreter (64 x 64 tiles, so
+# N = 197 and 257 still cross several tile boundaries), float32 (dots without tensor cores,
+# on small tiles), and the dK/dV kernel with atomic dQ (an autotuner's repeated runs would
+# accumulate dQ several times).
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
+_FLOAT32_FWD_CONFIG = (64, 32, 4, 1)
+_FLOAT32_BWD_CONFIG = (32, 32, 4, 1)
+_ATOMIC_BWD_CONFIG = (32, 64, 8, 2)
 
-    Interpreter: 64 x 64 tiles, so N = 197 and 257 still cross several tile boundaries.
-    GPU: picked so that ptxas reports no register spills for sm_80 and sm_90
-    (tests/gpu_compile_check.py) with and without dropout; not yet timed on a device.
-    float32 runs its dots without tensor cores, on smaller tiles.
-    """
+
+def _as_config(entry: tuple) -> triton.Config:
+    block_m, block_n, num_warps, num_stages = entry
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atomic_dq: bool = False,
+                   dropout: bool = False, arch_major: int = 9) -> list:
+    """The configs a launch chooses among: one (run as is) or several (autotuned)."""
     if interpreted(kernel):
-        return dict(BLOCK_M=64, BLOCK_N=64)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2)
+        entries = [_INTERPRETER_CONFIG]
+    elif dtype == torch.float32:
+        entries = [_FLOAT32_FWD_CONFIG if kind == "fwd" else _FLOAT32_BWD_CONFIG]
+    elif kind == "fwd":
+        entries = _FWD_CONFIGS + (_FWD_CONFIGS_D32 if head_dim <= 32 else [])
+        if arch_major < 9 and head_dim >= 80 and dropout:
+            entries = [entry for entry in entries if entry[1] <= 32]
+    elif atomic_dq:
+        entries = [_ATOMIC_BWD_CONFIG]
+    else:
+        entries = _BWD_CONFIGS + (_BWD_CONFIGS_D64 if head_dim <= 64 else []) + (_BWD_CONFIGS_D32 if head_dim <= 32 else [])
+    return [_as_config(entry) for entry in entries]
 
 
-def _bwd_block_config(head_dim: int, dtype: torch.dtype, kernel) -> dict:
-    """Backward block sizes (dK/dV and dQ kernels); chosen as _block_config's."""
-    if interpreted(kernel):
-        return dict(BLOCK_M=64, BLOCK_N=64)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)
+_AUTOTUNED = {}
+
+
+def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
+    """Run `kernel` with the single config, or through an autotuner over several (built once
+    per kernel and config list; keyed on the N bucket, head dim, dropout and the dtypes)."""
+    if len(configs) == 1:
+        config = configs[0]
+        kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages)
+        return
+    key = (kernel, tuple(str(c) for c in configs))
+    if key not in _AUTOTUNED:
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel)
+    _AUTOTUNED[key][grid_for](*args, **kwargs)
+
+
+def _n_bucket(n_q: int, n_kv: int) -> int:
+    return min(triton.next_power_of_2(max(n_q, n_kv)), 16384)
 
 
 def _common_constexprs(q: Tensor, kernel) -> dict:
@@ -431,15 +474,14 @@ def _flash_attention_fwd(
     lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = _block_config(head_dim, q.dtype, _attn_fwd_kernel)
-    grid = (triton.cdiv(n_q, config["BLOCK_M"]), n_heads, batch)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
-        HAS_DROPOUT=dropout_p > 0,
-        **_common_constexprs(q, _attn_fwd_kernel),
-        **config,
+    arch_major = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else 9
+    _launch(
+        _attn_fwd_kernel,
+        launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
+        lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
+        (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+         n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p), _n_bucket(n_q, n_kv)),
+        dict(HAS_DROPOUT=dropout_p > 0, **_common_constexprs(q, _attn_fwd_kernel)),
     )
     return out, lse
 
@@ -480,23 +522,25 @@ def _flash_attention_bwd(
         out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
     )
-    config = _bwd_block_config(head_dim, q.dtype, _attn_bwd_dkdv_kernel)
     # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
     dq_accum = None if deterministic else torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
-    qk_scale_log2 = softmax_scale * LOG2E
-    seed = _seed_value(seed, dropout_p)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, config["BLOCK_N"]), n_heads, batch)](
-        q, k, v, dout, lse, delta, dk, dv, dq_accum,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk),
-        n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
-        HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs, **config,
+    scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
+               _n_bucket(n_q, n_kv))
+    _launch(
+        _attn_bwd_dkdv_kernel,
+        launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic),
+        lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
+        (q, k, v, dout, lse, delta, dk, dv, dq_accum,
+         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs),
     )
     if deterministic:
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, config["BLOCK_M"]), n_heads, batch)](
-            q, k, v, dout, lse, delta, dq,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-            n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed,
-            HAS_DROPOUT=dropout_p > 0, **constexprs, **config,
+        _launch(
+            _attn_bwd_dq_kernel, launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dq_kernel),
+            lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
+            (q, k, v, dout, lse, delta, dq,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), *scalars),
+            dict(HAS_DROPOUT=dropout_p > 0, **constexprs),
         )
     else:
         dq.copy_(dq_accum)
