@@ -46,7 +46,7 @@ def test_layer_norm_cases_run(provider, mode):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["vit_kernels", "eager", "sdpa"])
+@pytest.mark.parametrize("provider", ["vit_kernels", "vit_kernels_atomic_dq", "eager", "sdpa"])
 def test_attention_cases_agree(provider, mode):
     """Every attention provider computes the same [B, N, H*d] output from the packed qkv."""
     device = kernel_device()
@@ -63,7 +63,7 @@ def test_attention_providers_match_each_other():
     from vit_kernels.bench import _attention_fn
 
     want = _attention_fn("eager")(qkv)
-    for provider in ("vit_kernels", "sdpa"):
+    for provider in ("vit_kernels", "vit_kernels_atomic_dq", "sdpa"):
         torch.testing.assert_close(_attention_fn(provider)(qkv), want, rtol=1e-4, atol=1e-4)
     assert set(ATTENTION_PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
 
@@ -88,8 +88,8 @@ def test_timed_path_fills_the_report(monkeypatch):
         bench.run_timed(report, op, kernel_device(), dict(list(op.small_shapes.items())[:1]), reps=2)
     assert {r.op for r in report.rows} == {op.name for op in bench.OPS}
     for r in report.rows:
-        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS + bench.MLP_PROVIDERS)
-        if r.provider == "vit_kernels":
+        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS + bench.FC1_PROVIDERS)
+        if r.provider in ("vit_kernels", "vit_kernels_atomic_dq", "triton_gemm"):
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
     assert "| flash_attention |" in bench.markdown(report)
 

@@ -222,7 +222,9 @@ ATTENTION_SHAPES = {
     "long (1, 16384, 16, 64)": (1, 16384, 16, 64),
 }
 ATTENTION_SMALL_SHAPES = {"small (2, 197, 3, 64)": (2, 197, 3, 64), "small d=80 (1, 257, 2, 80)": (1, 257, 2, 80)}
-ATTENTION_PROVIDERS = ("vit_kernels", "eager", "sdpa", "sdpa_flash", "sdpa_cudnn")
+# vit_kernels_atomic_dq: deterministic=False (dQ by float32 atomics), to measure what the
+# bitwise-reproducible default costs (fwd+bwd rows).
+ATTENTION_PROVIDERS = ("vit_kernels", "vit_kernels_atomic_dq", "eager", "sdpa", "sdpa_flash", "sdpa_cudnn")
 # The float64 oracle materializes B*H*N^2 scores; past 2^28 (2 GiB) agreement is checked on
 # one sample and 2 heads at the same N and d.
 AGREEMENT_MAX_SCORES = 2**28
@@ -250,10 +252,12 @@ def _eager_attention(qkv):
 
 
 def _attention_fn(provider: str):
-    if provider == "vit_kernels":
+    if provider in ("vit_kernels", "vit_kernels_atomic_dq"):
         from .ops import flash_attention_qkvpacked
 
-        return lambda qkv: flash_attention_qkvpacked(qkv).reshape(qkv.shape[0], qkv.shape[1], -1)
+        deterministic = provider == "vit_kernels"
+        return lambda qkv: flash_attention_qkvpacked(qkv, deterministic=deterministic).reshape(
+            qkv.shape[0], qkv.shape[1], -1)
     if provider == "eager":
         return _eager_attention
     backends = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}
@@ -289,7 +293,7 @@ def attention_agreement(dims: tuple, dtype, device) -> dict:
         (grad,) = torch.autograd.grad(out, leaf, cast(dout))
         return {"out": out, "dqkv": grad}
 
-    providers = ["vit_kernels"] + (["sdpa"] if device.type == "cuda" else [])
+    providers = ["vit_kernels", "vit_kernels_atomic_dq"] + (["sdpa"] if device.type == "cuda" else [])
     return _worst_by_provider(outputs, _attention_fn, providers)
 
 
