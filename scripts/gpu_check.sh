@@ -2,11 +2,13 @@
 # One device call: build the extension, run the whole test suite on CUDA, run the
 # benchmarks and the main job, and leave logs, JSON and a markdown table in $OUT.
 #
-#   OUT=/some/dir bash scripts/gpu_check.sh [all|tests|bench|vit]     ($OUT defaults to ./gpu_out)
+#   OUT=/some/dir bash scripts/gpu_check.sh [all|tests|sanitize|bench|vit]     ($OUT defaults to ./gpu_out)
 #
 # The stage argument splits the work over several device calls when one would run past
 # the 10-minute limit (the first run compiles every kernel variant the tests use):
-# `tests` builds and runs the test suite; `bench` the per-op benchmarks and the main
+# `tests` builds and runs the test suite; `sanitize` runs the patch-embedding tests (the
+# csrc/ CUDA kernels, every odd size and layout they cover) under compute-sanitizer's
+# memcheck; `bench` the per-op benchmarks and the main
 # job's per-op rows; `vit` the end-to-end benchmarks, the main job's end-to-end rows and
 # the training job's fused/eager throughput ratio; `all` (the default) does everything.
 # The main job leaves bench-<stage>.json, .md and .png (its speedup chart) in $OUT.
@@ -43,6 +45,16 @@ fi
 tail -15 "$OUT/tests.log"
 fi
 [ "$STAGE" = tests ] && exit $status
+
+if [ "$STAGE" = all ] || [ "$STAGE" = sanitize ]; then
+echo "== compute-sanitizer memcheck: csrc/ CUDA kernels"
+if ! compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        python -m pytest tests/test_patch_embed.py -q -x -p no:cacheprovider > "$OUT/memcheck.log" 2>&1; then
+    status=1
+fi
+tail -8 "$OUT/memcheck.log"
+fi
+[ "$STAGE" = sanitize ] && exit $status
 
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
 echo "== op benchmarks"

@@ -97,6 +97,34 @@ def test_float_images_with_normalization_and_channels_last(seed):
     assert got["dimages"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize(
+    "image_dtype, patch, layout",
+    [(torch.uint8, 16, "nchw"), (torch.float32, 16, "nchw"), (torch.bfloat16, 16, "nchw"), (torch.float16, 14, "nchw"),
+     (torch.uint8, 14, "nchw"), (torch.bfloat16, 16, "channels_last"), (torch.float32, 16, "offset"),
+     (torch.uint8, 16, "offset")],
+    ids=["u8-P16", "f32-P16", "bf16-P16", "f16-P14", "u8-P14", "bf16-channels_last", "f32-misaligned",
+         "u8-misaligned"],
+)
+def test_every_gather_width(seed, image_dtype, patch, layout):
+    """The CUDA gather moves 16-byte vectors when the patch width, strides and alignment allow
+    and narrower ones (down to one element) when not: P = 16 and 14, channels_last, and an
+    image one element into its storage all run here (on the CPU this is the C++ path)."""
+    size = (2 * patch, 3 * patch)
+    weight_dtype = torch.bfloat16 if image_dtype == torch.uint8 and DEVICE.type == "cuda" else torch.float32
+    if image_dtype == torch.uint8:
+        images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8, device=DEVICE)
+    else:
+        images = torch.randn(2, 3, *size, device=DEVICE).to(image_dtype)
+    if layout == "channels_last":
+        images = images.contiguous(memory_format=torch.channels_last)
+    elif layout == "offset":
+        storage = torch.empty(images.numel() + 1, dtype=images.dtype, device=DEVICE)
+        images = storage[1:].view(images.shape).copy_(images)
+    dtype = weight_dtype if image_dtype == torch.uint8 else image_dtype
+    _, params = _inputs(2, size, patch, 64, dtype, cls=True, pos="with_cls")
+    check(images, params, **({"mean": MEAN, "std": STD} if image_dtype == torch.uint8 else {}))
+
+
 def test_empty_batch():
     images, params = _inputs(0, (32, 32), 16, 64, torch.float32, cls=True, pos="with_cls")
     out = patch_embed(images, **params)

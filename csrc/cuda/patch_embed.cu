@@ -8,10 +8,14 @@
 // buffer in one pass: bias and position embeddings added, the class token row filled,
 // no torch.cat and no separate add.
 // Only c10 CUDA headers are included (ATen/cuda/CUDAContext.h pulls in cuSPARSE/cuBLAS headers
-// that a minimal toolkit may lack). Not done yet: 16-byte vectorized loads in the gather (it reads element by element,
-// coalesced along each patch row), and writing the GEMM straight into the final buffer.
+// that a minimal toolkit may lack). The gather moves 16-byte vectors where the patch width,
+// strides and alignment allow (patchify_vector_width), element by element otherwise.
+// Not done yet: writing the GEMM straight into the final buffer (the epilogue reads the
+// GEMM's [B*N, D] result once); it waits for a GPU measurement of what it would save.
 
 #include <c10/cuda/CUDAStream.h>
+#include <cstdint>
+#include <type_traits>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
@@ -27,21 +31,47 @@ int64_t blocks_for(int64_t total) {
   return std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, max_blocks));
 }
 
-template <typename in_t, typename out_t>
+// VEC consecutive elements of one type, aligned to their size, for one vector load or store.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Aligned {
+  T v[VEC];
+};
+
+// Each thread converts VEC consecutive elements of one patch row (same channel and patch
+// row, consecutive columns): with VEC > 1 one vector load of the image and one vector store
+// of the operand (16 bytes for the wider of the two types). The launcher picks the largest
+// VEC that the patch width, the strides and both pointers' alignment allow; VEC = 1 (e.g.
+// channels_last, where a patch row is strided) reads element by element.
+template <typename in_t, typename out_t, int VEC>
 __global__ void patchify_kernel(const in_t* __restrict__ images, out_t* __restrict__ patches,
                                 const float* __restrict__ mean, const float* __restrict__ inv_std, int64_t stride_b,
                                 int64_t stride_c, int64_t stride_h, int64_t stride_w, int64_t patch, int64_t grid_w,
-                                int64_t patches_per_image, int64_t row_len, int64_t total, float scale) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+                                int64_t patches_per_image, int64_t row_len, int64_t total_vecs, float scale) {
+  for (int64_t vec = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; vec < total_vecs;
+       vec += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = vec * VEC;
     const int64_t row = i / row_len, k = i % row_len;
     const int64_t b = row / patches_per_image, p = row % patches_per_image;
     const int64_t gy = p / grid_w, gx = p % grid_w;
     const int64_t c = k / (patch * patch), r = k % (patch * patch);
     const int64_t y = gy * patch + r / patch, x = gx * patch + r % patch;
-    float v = static_cast<float>(images[b * stride_b + c * stride_c + y * stride_h + x * stride_w]) * scale;
-    if (mean != nullptr) v = (v - mean[c]) * inv_std[c];
-    patches[i] = static_cast<out_t>(v);
+    const in_t* src = images + b * stride_b + c * stride_c + y * stride_h + x * stride_w;
+    Aligned<in_t, VEC> in;
+    if constexpr (VEC == 1) {
+      in.v[0] = *src;
+    } else {
+      in = *reinterpret_cast<const Aligned<in_t, VEC>*>(src);
+    }
+    const float m = mean != nullptr ? mean[c] : 0.0f;
+    const float s = mean != nullptr ? inv_std[c] : 1.0f;
+    Aligned<out_t, VEC> out;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      float v = static_cast<float>(in.v[j]) * scale;
+      if (mean != nullptr) v = (v - m) * s;
+      out.v[j] = static_cast<out_t>(v);
+    }
+    *reinterpret_cast<Aligned<out_t, VEC>*>(patches + i) = out;
   }
 }
 
@@ -72,16 +102,44 @@ const float* float_ptr_or_null(const OptTensor& t, at::Tensor& holder) {
   return holder.data_ptr<float>();
 }
 
+// The widest vector (elements per thread) this launch allows: 16 bytes of the wider type,
+// halved until the patch width, the row length, the image strides and both pointers fit.
+int patchify_vector_width(const at::Tensor& images, const at::Tensor& patches, int64_t patch) {
+  const int64_t in_size = images.element_size(), out_size = patches.element_size();
+  int vec = static_cast<int>(16 / std::max(in_size, out_size));
+  auto fits = [&](int v) {
+    const auto in_addr = reinterpret_cast<uintptr_t>(images.data_ptr());
+    const auto out_addr = reinterpret_cast<uintptr_t>(patches.data_ptr());
+    return images.stride(3) == 1 && patch % v == 0 && patches.size(1) % v == 0 && images.stride(2) % v == 0 &&
+           images.stride(1) % v == 0 && images.stride(0) % v == 0 && in_addr % (v * in_size) == 0 &&
+           out_addr % (v * out_size) == 0;
+  };
+  while (vec > 1 && !fits(vec)) vec /= 2;
+  return vec;
+}
+
 template <typename out_t>
 void launch_patchify(const at::Tensor& images, at::Tensor& patches, const float* mean, const float* inv_std,
                      int64_t patch, float scale) {
   const int64_t grid_h = images.size(2) / patch, grid_w = images.size(3) / patch;
-  const int64_t total = patches.numel();
+  const int vec = patchify_vector_width(images, patches, patch);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto* in) {
-    patchify_kernel<<<blocks_for(total), kThreads, 0, stream>>>(
-        in, patches.data_ptr<out_t>(), mean, inv_std, images.stride(0), images.stride(1), images.stride(2),
-        images.stride(3), patch, grid_w, grid_h * grid_w, patches.size(1), total, scale);
+    using in_t = std::remove_const_t<std::remove_pointer_t<decltype(in)>>;
+    auto run = [&](auto vec_tag) {
+      constexpr int VEC = decltype(vec_tag)::value;
+      const int64_t total_vecs = patches.numel() / VEC;
+      patchify_kernel<in_t, out_t, VEC><<<blocks_for(total_vecs), kThreads, 0, stream>>>(
+          in, patches.data_ptr<out_t>(), mean, inv_std, images.stride(0), images.stride(1), images.stride(2),
+          images.stride(3), patch, grid_w, grid_h * grid_w, patches.size(1), total_vecs, scale);
+    };
+    switch (vec) {
+      case 16: run(std::integral_constant<int, 16>{}); break;
+      case 8: run(std::integral_constant<int, 8>{}); break;
+      case 4: run(std::integral_constant<int, 4>{}); break;
+      case 2: run(std::integral_constant<int, 2>{}); break;
+      default: run(std::integral_constant<int, 1>{}); break;
+    }
   };
   switch (images.scalar_type()) {
     case at::kByte: launch(images.data_ptr<uint8_t>()); break;
