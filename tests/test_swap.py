@@ -8,6 +8,7 @@ from torch import nn
 
 import vit_kernels
 from vit_kernels.nn import FlashAttention, FusedLayerNorm, FusedMlp
+from vit_kernels.swap import set_input_normalization
 from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
 
 timm = pytest.importorskip("timm")
@@ -352,3 +353,25 @@ def test_swapped_timm_vit_checkpoints_its_fused_blocks(seed):
         torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
     # forward without, forward with checkpointing, its recomputation in backward
     assert len(calls) == 3 * len(model.blocks)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(reg_tokens=4)], ids=["one-op-embedding", "timm-pos-embed"])
+def test_swapped_timm_vit_normalizes_uint8_images_inside_the_op(seed, config):
+    """uint8 in, normalized inside patch_embed: the same logits and gradients (rule) as timm fed
+    the images normalized in float; with and without the class/pos tokens inside the op."""
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    original = _timm(**config).eval()
+    oracle_model = copy.deepcopy(original).double()
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device=DEVICE)
+    mean_t, std_t = torch.tensor(mean, device=DEVICE).view(1, 3, 1, 1), torch.tensor(std, device=DEVICE).view(1, 3, 1, 1)
+    normalized = (images.float() / 255 - mean_t) / std_t
+    eager = output_and_grads(original, lambda m: m(normalized))
+    oracle = output_and_grads(oracle_model, lambda m: m((images.double() / 255 - mean_t.double()) / std_t.double()))
+    with pytest.raises(ValueError, match="swapped"):
+        set_input_normalization(original, mean, std)
+    model, _ = vit_kernels.swap_modules(original)
+    with pytest.raises(TypeError, match="set_input_normalization"):
+        model(images)
+    set_input_normalization(model, mean, std)
+    assert set(model.state_dict()) == set(oracle_model.state_dict())  # buffers are not persistent
+    assert_rules(output_and_grads(model, lambda m: m(images)), oracle, eager)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from vit_kernels.testing import assert_rule, kernel_device
 from vit_kernels.train import cli
 from vit_kernels.train import data as data_lib
-from vit_kernels.train.job import Distributed, run
+from vit_kernels.train.job import Distributed, TrainJob, run
 
 # A ViT small enough for the interpreter: 8x8 digits, 4 patches of 4x4, width 64, 2 heads of 32.
 TINY = ["--img-size", "8", "--patch-size", "4", "--embed-dim", "64", "--depth", "2", "--num-heads", "2",
@@ -119,10 +119,16 @@ def test_image_folder(tmp_path):
 
 def test_timm_model_fused_on_synthetic_data(tmp_path):
     pytest.importorskip("timm")
-    summary = _run(["--model", "timm:vit_tiny_patch16_224", "--fused", "--data", "synthetic", "--num-classes", "5",
-                    "--synthetic-images", "40", *TINY, "--batch-size", "8", "--stop-after", "2", "--no-save"],
-                   tmp_path)
+    argv = ["--model", "timm:vit_tiny_patch16_224", "--data", "synthetic", "--num-classes", "5",
+            "--synthetic-images", "40", *TINY, "--batch-size", "8", "--stop-after", "2", "--no-save"]
+    summary = _run([*argv, "--fused"], tmp_path)
     assert len(summary["history"]["train_loss"]) == 2
+    # uint8 batches reach the swapped model and are normalized inside its patch-embedding op;
+    # the eager timm model gets them normalized in PyTorch.
+    config = cli.parse_config([*argv, "--device", "cpu"])
+    images = data_lib.load("synthetic", 8, num_classes=5, synthetic_images=40, seed=0)
+    assert TrainJob(config, images, Distributed(), torch.device("cpu"), fused=True).uint8_input
+    assert not TrainJob(config, images, Distributed(), torch.device("cpu"), fused=False).uint8_input
 
 
 def test_compare_prints_the_throughput_ratio(tmp_path, capsys):

@@ -2,11 +2,12 @@
 
 Supported now: timm's VisionTransformer and the families built on it (DeiT, DeiT-3,
 ...), torchvision's VisionTransformer, and Hugging Face transformers' ViT, DeiT and
-Dinov2 models (both the <= 5.8 and the 5.9+ layouts).
+Dinov2 models (both the <= 5.8 and the 5.9+ layouts). `set_input_normalization` lets a
+swapped timm ViT take uint8 images, normalized inside the patch-embedding op.
 """
 
 from .summary import SwapSummary
-from .timm_vit import swap_timm_vit
+from .timm_vit import set_input_normalization, swap_timm_vit
 from .torchvision_vit import swap_torchvision_vit
 from .transformers_vit import swap_transformers_vit
 
@@ -54,4 +55,4 @@ def _isinstance_of(model, module: str, name: str) -> bool:
     return isinstance(model, getattr(importlib.import_module(module), name))
 
 
-__all__ = ["SwapSummary", "swap_modules"]
+__all__ = ["SwapSummary", "set_input_normalization", "swap_modules"]

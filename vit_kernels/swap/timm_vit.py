@@ -32,9 +32,39 @@ def _swap_layer_norm(parent, name, path, summary):
     summary.swap(path, "FusedLayerNorm")
 
 
+def _input_normalization(patch_embed_module, images) -> dict:
+    """mean/std for uint8 images (set by set_input_normalization), else nothing."""
+    if images.dtype != torch.uint8:
+        return {}
+    mean = getattr(patch_embed_module, "input_mean", None)
+    if mean is None:
+        raise TypeError("uint8 images need vit_kernels.swap.set_input_normalization(model, mean, std) first")
+    return {"mean": mean, "std": patch_embed_module.input_std}
+
+
 def _patch_embed_forward(self, x):
     """timm PatchEmbed.forward (flatten, NLC) on vit_kernels.ops.patch_embed."""
-    return self.norm(patch_embed(x, self.proj.weight, self.proj.bias))
+    return self.norm(patch_embed(x, self.proj.weight, self.proj.bias, **_input_normalization(self, x)))
+
+
+def set_input_normalization(model, mean, std) -> None:
+    """Let a swapped timm ViT take uint8 images ``[B, C, H, W]``: scaled by 1/255 and
+    normalized by the per-channel mean/std (in [0, 1] units) inside the patch-embedding op.
+    Stored as non-persistent buffers of ``model.patch_embed`` (the state_dict is unchanged)."""
+    module = getattr(model, "patch_embed", None)
+    if module is None or "forward" not in vars(module):
+        raise ValueError("set_input_normalization needs a timm ViT whose patch embedding swap_modules swapped")
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    std = torch.as_tensor(std, dtype=torch.float32).flatten()
+    channels = module.proj.in_channels
+    if mean.numel() != channels or std.numel() != channels:
+        raise ValueError(f"mean and std must have one entry per input channel ({channels}), "
+                         f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+    if bool((std <= 0).any()):
+        raise ValueError("std must be positive")
+    device = module.proj.weight.device
+    module.register_buffer("input_mean", mean.to(device), persistent=False)
+    module.register_buffer("input_std", std.to(device), persistent=False)
 
 
 def _swap_patch_embed(module, summary) -> None:
@@ -103,7 +133,8 @@ def _make_forward_features(embed_in_one_op: bool):
             return type(self).forward_features(self, x, **kwargs)
         if embed_in_one_op:
             proj = self.patch_embed.proj
-            x = self.pos_drop(patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed))
+            x = self.pos_drop(patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token, pos_embed=self.pos_embed,
+                                          **_input_normalization(self.patch_embed, x)))
         else:
             x = self._pos_embed(self.patch_embed(x))
         x = self.norm_pre(self.patch_drop(x))

@@ -97,9 +97,19 @@ def build_model(config: Dict[str, Any], num_classes: int, fused: bool) -> nn.Mod
     return model
 
 
-def takes_uint8(model) -> bool:
-    """Our reference ViT normalizes uint8 images inside its patch embedding."""
-    return callable(getattr(model, "set_input_normalization", None))
+def enable_uint8_input(model, mean, std) -> bool:
+    """Have the model normalize uint8 images inside its patch-embedding op, where it can: our
+    reference ViT (fused or eager) and a timm ViT whose patch embedding swap_modules swapped."""
+    if callable(getattr(model, "set_input_normalization", None)):
+        model.set_input_normalization(mean, std)
+        return True
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and "forward" in vars(patch_embed):
+        from ..swap import set_input_normalization
+
+        set_input_normalization(model, mean, std)
+        return True
+    return False
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -156,9 +166,7 @@ class TrainJob:
         torch.manual_seed(config["seed"])  # the same initial weights on every rank (FSDP2 does not broadcast)
         base = build_model(config, images.num_classes, fused).to(device=device, dtype=model_dtype)
         torch.manual_seed(config["seed"] + dist_info.rank)  # drop path and dropout masks differ per rank
-        self.uint8_input = takes_uint8(base)
-        if self.uint8_input:
-            base.set_input_normalization(images.mean, images.std)
+        self.uint8_input = enable_uint8_input(base, images.mean, images.std)
         self.mean = torch.tensor(images.mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(images.std, device=device).view(1, -1, 1, 1)
         self.base_model = base
@@ -184,7 +192,7 @@ class TrainJob:
         images = images.to(self.device, non_blocking=True)
         if self.uint8_input:
             return images
-        # timm / swapped models take float images: normalize here (one elementwise pass).
+        # Eager timm models take float images: normalize here (one elementwise pass).
         return ((images.float() / 255.0 - self.mean) / self.std).to(self.base_model_dtype)
 
     @property
