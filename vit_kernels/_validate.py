@@ -40,3 +40,15 @@ def check_number(name: str, value, *, minimum=None) -> float:
     if minimum is not None and not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return float(value)
+
+
+def channel_normalization(mean, std, channels: int) -> tuple:
+    """(mean, std) as float32 vectors of one entry per channel, std positive; else ValueError."""
+    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+    std = torch.as_tensor(std, dtype=torch.float32).flatten()
+    if mean.numel() != channels or std.numel() != channels:
+        raise ValueError(f"mean and std must have one entry per input channel ({channels}), "
+                         f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+    if bool((std <= 0).any()):
+        raise ValueError("std must be positive")
+    return mean, std

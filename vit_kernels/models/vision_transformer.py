@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._validate import channel_normalization
 from ..nn.block import DropPath, FusedBlock, LayerScale, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.patch_embed import FusedPatchEmbed
@@ -180,6 +181,7 @@ class VisionTransformer(nn.Module):
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
         self.fused = fused
+        self.in_chans = in_chans
         self.global_pool = global_pool
         self.num_classes = num_classes
         self.embed_dim = embed_dim
@@ -233,14 +235,7 @@ class VisionTransformer(nn.Module):
         by 1/255 and normalizes inside the patch-embedding op (a data loader ships a quarter
         of float32's bytes); the eager model does the same in PyTorch first.
         """
-        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std = torch.as_tensor(std, dtype=torch.float32).flatten()
-        in_chans = self.patch_embed.proj.in_channels if self.backbone is None else None
-        if mean.shape != std.shape or (in_chans is not None and mean.numel() != in_chans):
-            raise ValueError(f"mean and std must have one entry per input channel ({in_chans}), "
-                             f"got {tuple(mean.shape)} and {tuple(std.shape)}")
-        if bool((std <= 0).any()):
-            raise ValueError("std must be positive")
+        mean, std = channel_normalization(mean, std, self.in_chans)
         device = self.pos_embed.device
         self.input_mean, self.input_std = mean.to(device), std.to(device)
 

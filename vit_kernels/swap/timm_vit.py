@@ -5,6 +5,7 @@ import types
 import torch
 from torch import nn
 
+from .._validate import channel_normalization
 from ..nn.attention import FlashAttention
 from ..nn.block import carried_block_forward, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
@@ -54,14 +55,7 @@ def set_input_normalization(model, mean, std) -> None:
     module = getattr(model, "patch_embed", None)
     if module is None or "forward" not in vars(module):
         raise ValueError("set_input_normalization needs a timm ViT whose patch embedding swap_modules swapped")
-    mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
-    std = torch.as_tensor(std, dtype=torch.float32).flatten()
-    channels = module.proj.in_channels
-    if mean.numel() != channels or std.numel() != channels:
-        raise ValueError(f"mean and std must have one entry per input channel ({channels}), "
-                         f"got {tuple(mean.shape)} and {tuple(std.shape)}")
-    if bool((std <= 0).any()):
-        raise ValueError("std must be positive")
+    mean, std = channel_normalization(mean, std, module.proj.in_channels)
     device = module.proj.weight.device
     module.register_buffer("input_mean", mean.to(device), persistent=False)
     module.register_buffer("input_std", std.to(device), persistent=False)
