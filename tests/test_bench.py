@@ -128,3 +128,42 @@ def test_vit_cases_run(mode):
         assert case.flops > 0
         if mode == "inference":
             assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+def test_end_to_end_timed_path_fills_the_report(monkeypatch):
+    """The GPU job's end-to-end bookkeeping (agreement, images/s, MFU, peak memory, speedups
+    over timm and torch.compile), run on the CPU with a tiny ViT: host timers stand in for
+    CUDA events and memory stats, and torch.compile is left out (it is exercised on the GPU)."""
+    pytest.importorskip("timm")
+    import time
+
+    from vit_kernels import bench, bench_vit
+
+    def host_time_ms(fn, **_):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    monkeypatch.setattr(bench, "time_cuda_ms", host_time_ms)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 2**30)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)
+    tiny = dict(bench_vit.VIT_SMALL_MODELS)
+    for spec in tiny.values():
+        spec["batch"] = {"inference": 2, "train": 2}
+    monkeypatch.setattr(bench_vit, "VIT_MODELS", tiny)
+    report = bench.Report("test", "now", "t", "t", "p", bf16_matmul_tflops=10.0)
+    measure = bench_vit.measure_vit
+    monkeypatch.setattr(bench_vit, "measure_vit", lambda case, reps: measure(case, reps=reps, warmup=0))
+    agreement = bench_vit.vit_agreement  # float32 on the CPU: the interpreter's bf16 dot is wrong
+    monkeypatch.setattr(bench_vit, "vit_agreement", lambda spec, device, dtype: agreement(spec, device, None))
+    bench.run_vit_timed(report, kernel_device(), reps=1)
+    assert {(r.mode, r.provider) for r in report.rows} == {
+        (mode, provider) for mode in bench_vit.MODES for provider in bench_vit.VIT_PROVIDERS}
+    for r in report.rows:
+        assert r.ms > 0 and r.images_per_s > 0 and r.pct_of_peak > 0 and r.peak_memory_gib == 1.0
+        assert r.speedup_vs_eager > 0 and r.speedup_vs_baseline > 0
+        assert r.rule_ok
+    assert "End to end" in bench.markdown(report)
