@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .testing import RuleCheck, check_rule
+from .testing import RuleCheck, check_rule, output_and_grads
 
 VIT_PROVIDERS = ("timm", "timm_swapped", "timm_compile", "timm_swapped_compile", "reference_fused")
 # Batches that keep an 80 GB H100 busy without running the eager baseline out of memory.
@@ -94,14 +94,12 @@ def _inputs(spec: dict, batch: int, device: torch.device, num_classes: int, gene
 
 
 def _logits_and_grads(model: nn.Module, images, labels, autocast_dtype) -> Dict[str, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    with _autocast(images.device, autocast_dtype):
-        logits = model(images)
-    F.cross_entropy(logits.float(), labels).backward()
-    named = getattr(model, "_orig_mod", model).named_parameters()
-    out = {"logits": logits.detach()}
-    out.update({f"d{name}": p.grad.detach() for name, p in named if p.grad is not None})
-    return out
+    """The logits ("output") and every parameter's gradient of one cross-entropy step."""
+    def run(m):
+        with _autocast(images.device, autocast_dtype):
+            return m(images)
+
+    return output_and_grads(model, run, loss=lambda logits: F.cross_entropy(logits.float(), labels))
 
 
 def vit_agreement(spec: dict, device: torch.device, autocast_dtype, providers=VIT_PROVIDERS) -> Dict[str, RuleCheck]:

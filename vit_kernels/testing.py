@@ -112,11 +112,13 @@ def assert_rules(got: dict, oracle: dict, eager: dict) -> None:
         assert_rule(name, got[name], oracle[name], eager[name])
 
 
-def output_and_grads(model, run) -> dict:
-    """``run(model)`` -> output; backpropagates its sum of squares and returns
-    ``{"output": ..., "d<param name>": grad, ...}`` (detached copies), for assert_rules."""
+def output_and_grads(model, run, loss=None) -> dict:
+    """``run(model)`` -> output; backpropagates ``loss(output)`` (default: its sum of squares)
+    and returns ``{"output": ..., "d<param name>": grad, ...}`` (detached copies), for
+    assert_rules. A torch.compile'd model reports its original module's parameter names."""
     model.zero_grad(set_to_none=True)
     out = run(model)
-    out.square().sum().backward()
-    grads = {f"d{n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    (out.square().sum() if loss is None else loss(out)).backward()
+    named = getattr(model, "_orig_mod", model).named_parameters()
+    grads = {f"d{n}": p.grad.detach().clone() for n, p in named if p.grad is not None}
     return {"output": out.detach(), **grads}

@@ -216,14 +216,14 @@ def _backward(ctx, dy, dz_unused):
 _linear_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_gemm_wins(x: Tensor, n: int, k: int) -> bool:
+def _triton_gemm_wins(x: Tensor, m: int, n: int, k: int) -> bool:
     if x.device.type != "cuda":
         # The interpreter: run the kernel so that it is tested, except in bf16, whose tl.dot
         # the interpreter computes wrongly (triton 3.7-3.9).
         return x.dtype != torch.bfloat16
     major, _ = torch.cuda.get_device_capability(x.device)
     rule = _TRITON_GEMM_WINS.get((major, x.dtype))
-    return bool(rule and rule(x.numel() // max(k, 1), n, k))
+    return bool(rule and rule(m, n, k))
 
 
 def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, approximate: str = "none",
@@ -276,7 +276,7 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, a
     rows, (n, k) = x.numel() // max(x.shape[-1], 1), weight.shape
     # The kernel's offsets are int32; a tensor of 2^31 elements or more takes cuBLAS.
     fits_int32 = max(rows * k, rows * n, n * k) < 2**31
-    use_triton = fits_int32 and (backend == "triton" or (backend == "auto" and _triton_gemm_wins(x, n, k)))
+    use_triton = fits_int32 and (backend == "triton" or (backend == "auto" and _triton_gemm_wins(x, rows, n, k)))
     if not use_triton:
         return bias_gelu(F.linear(x, weight), bias, approximate)
     if x.stride(-1) != 1:

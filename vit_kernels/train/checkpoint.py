@@ -70,7 +70,7 @@ def save(directory: str, model, optimizer, config: Dict[str, Any], state: Dict[s
     save_file({k: v.detach().contiguous() for k, v in _rng_state().items()}, os.path.join(staging, _rng_file(rank)))
     if rank == 0:
         save_file({k: v.detach().contiguous() for k, v in model_state.items()}, os.path.join(staging, MODEL_FILE))
-        flat = {f"{name}/{key}": value.detach().reshape(value.shape).contiguous()
+        flat = {f"{name}/{key}": value.detach().contiguous()
                 for name, per_param in optimizer_state["state"].items() for key, value in per_param.items()}
         save_file(flat, os.path.join(staging, OPTIMIZER_FILE))
         state = {**state, "param_groups": optimizer_state["param_groups"]}

@@ -180,8 +180,7 @@ def iterate(dataset, batches: List[List[int]], workers: int, pin_memory: bool) -
             index = torch.as_tensor(indices)
             yield dataset.images[index], dataset.labels[index]
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
-                                         persistent_workers=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory)
     yield from loader
 
 

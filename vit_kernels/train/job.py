@@ -163,6 +163,7 @@ class TrainJob:
     def __init__(self, config: Dict[str, Any], images: data_lib.ImageData, dist_info: Distributed,
                  device: torch.device, *, fused: bool, model_dtype: torch.dtype = torch.float32):
         self.config, self.images, self.dist, self.device = config, images, dist_info, device
+        self.model_dtype = model_dtype
         torch.manual_seed(config["seed"])  # the same initial weights on every rank (FSDP2 does not broadcast)
         base = build_model(config, images.num_classes, fused).to(device=device, dtype=model_dtype)
         torch.manual_seed(config["seed"] + dist_info.rank)  # drop path and dropout masks differ per rank
@@ -193,11 +194,7 @@ class TrainJob:
         if self.uint8_input:
             return images
         # Eager timm models take float images: normalize here (one elementwise pass).
-        return ((images.float() / 255.0 - self.mean) / self.std).to(self.base_model_dtype)
-
-    @property
-    def base_model_dtype(self) -> torch.dtype:
-        return next(self.base_model.parameters()).dtype
+        return ((images.float() / 255.0 - self.mean) / self.std).to(self.model_dtype)
 
     def _forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
