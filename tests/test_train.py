@@ -189,3 +189,40 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, mode, k
     weights_single, _ = _state(tmp_path / "run")
     for key, value in weights_single.items():
         torch.testing.assert_close(weights_distributed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_warmup_then_cosine_schedule():
+    from vit_kernels.train.job import lr_factor
+
+    assert [lr_factor(step, 4, 20) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20) == 1.0
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_factor(step, 4, 20) for step in range(4, 21)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_label_smoothing_and_gradient_clipping_take_effect(tmp_path):
+    def first_step(*extra):
+        argv = ["--eager", *TINY, "--batch-size", "32", "--stop-after", "1", "--drop-path", "0", *extra]
+        config = cli.parse_config([*argv, "--output", str(tmp_path), "--device", "cpu", "--no-save"])
+        images = data_lib.load("digits", 8, num_classes=None, synthetic_images=1, seed=0)
+        job = TrainJob(config, images, Distributed(), torch.device("cpu"), fused=False)
+        before = [p.detach().clone() for p in job.model.parameters()]
+        loss, _ = job.train_step(*next(data_lib.iterate(images.train, job._batches(images.train, 0, True), 0, False)))
+        moved = sum((p.detach() - b).norm() ** 2 for p, b in zip(job.model.parameters(), before)) ** 0.5
+        return loss.item(), moved.item()
+
+    plain_loss, plain_move = first_step("--label-smoothing", "0", "--clip-grad", "0")
+    smoothed_loss, _ = first_step("--label-smoothing", "0.5", "--clip-grad", "0")
+    _, clipped_move = first_step("--label-smoothing", "0", "--clip-grad", "1e-12")
+    assert smoothed_loss != plain_loss
+    # AdamW normalizes the update, so only a clip that brings gradients near its eps shows:
+    assert clipped_move < 0.1 * plain_move
+
+
+def test_progress_bar_shows_loss_accuracy_and_throughput(tmp_path, capsys):
+    argv = [a for a in TINY if a != "--no-progress"]
+    _run(["--eager", *argv, "--batch-size", "64", "--epochs", "1", "--log-every", "5", "--no-save"], tmp_path)
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "acc=" in err and "img_s=" in err
