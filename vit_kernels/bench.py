@@ -609,7 +609,10 @@ def run_numerics(report: Report, op: OpBench, device: torch.device) -> None:
 def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *, reps: int) -> None:
     """Agreement, then every provider timed in both modes, in bf16, at each shape."""
     for shape, dims in shapes.items():
-        worst = op.agreement(dims, torch.bfloat16, device)
+        try:
+            worst = op.agreement(dims, torch.bfloat16, device)
+        except Exception as err:  # a kernel that fails to run is a FAIL row, not the end of the report
+            worst = {provider: _failed_check(err) for provider in op.providers}
         for mode in ("fwd", "fwd+bwd"):
             rows = {}
             for provider in op.providers:
@@ -620,18 +623,34 @@ def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *
                 except torch.cuda.OutOfMemoryError:
                     row.note = "out of memory"
                     torch.cuda.empty_cache()
-                except RuntimeError as err:  # an SDPA backend that does not support this shape/device
-                    if not provider.startswith("sdpa_"):
-                        raise
+                except RuntimeError as err:
+                    # An SDPA backend that does not support this shape/device is a note; any
+                    # other provider failing is a FAIL row.
                     row.note = f"unavailable: {str(err).splitlines()[0][:80]}"
+                    row.rule_ok = provider.startswith("sdpa_")
                 if provider in worst:
-                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok
-                    row.note = f"worst: {worst[provider].name}"
+                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok and row.rule_ok
+                    row.note = row.note or f"worst: {worst[provider].name}"
                 rows[provider] = row
             for row in rows.values():
                 row.speedup_vs_eager = rows["eager"].ms / row.ms
                 row.speedup_vs_baseline = rows[op.baseline].ms / row.ms
+                _progress(row)
             report.rows.extend(rows.values())
+
+
+def _failed_check(err: Exception):
+    from .testing import RuleCheck
+
+    # NaN error: fails the rule and shows as not measured.
+    return RuleCheck(f"raised {type(err).__name__}: {str(err).splitlines()[0][:80]}", float("nan"), 1.0, 0.0)
+
+
+def _progress(row: Row) -> None:
+    """One line per measured row as it comes, so a run cut short still shows what it measured."""
+    print(f"[bench] {row.op} | {row.shape} | {row.mode} | {row.provider} | {row.ms:.3f} ms | "
+          f"x eager {row.speedup_vs_eager:.2f} | x {row.baseline} {row.speedup_vs_baseline:.2f} | "
+          f"{'ok' if row.rule_ok else 'FAIL'} {row.note}", file=sys.stderr, flush=True)
 
 
 def run_vit_numerics(report: Report, device: torch.device) -> None:
@@ -649,7 +668,10 @@ def run_vit_timed(report: Report, device: torch.device, *, reps: int) -> None:
     from .bench_vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
 
     for label, spec in VIT_MODELS.items():
-        worst = vit_agreement(spec, device, torch.bfloat16)
+        try:
+            worst = vit_agreement(spec, device, torch.bfloat16)
+        except Exception as err:
+            worst = {provider: _failed_check(err) for provider in VIT_PROVIDERS}
         for mode in MODES:
             rows = {}
             for provider in VIT_PROVIDERS:
@@ -663,14 +685,17 @@ def run_vit_timed(report: Report, device: torch.device, *, reps: int) -> None:
                     row.pct_of_peak = 100 * row.tflops / report.bf16_matmul_tflops  # MFU
                 except torch.cuda.OutOfMemoryError:
                     row.note = "out of memory"
+                except RuntimeError as err:
+                    row.note, row.rule_ok = f"failed: {str(err).splitlines()[0][:80]}", False
                 torch.cuda.empty_cache()
                 if provider in worst:
-                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok
+                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok and row.rule_ok
                     row.note = row.note or f"worst: {worst[provider].name}"
                 rows[provider] = row
             for row in rows.values():
                 row.speedup_vs_eager = rows["timm"].ms / row.ms
                 row.speedup_vs_baseline = rows["timm_compile"].ms / row.ms
+                _progress(row)
             report.rows.extend(rows.values())
 
 
@@ -806,6 +831,16 @@ def main(argv=None) -> int:
     if has_cuda:
         report.copy_bandwidth_gbps = copy_bandwidth_gbps(device)
         report.bf16_matmul_tflops = matmul_tflops(device)
+    def write_tables() -> str:
+        # After every op, so that a run cut short keeps what it measured.
+        table = markdown(report)
+        with open(args.json, "w") as f:
+            json.dump(_json_safe(asdict(report)), f, indent=2)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(table)
+        return table
+
     for op in OPS:
         if op.name not in args.ops:
             continue
@@ -813,19 +848,15 @@ def main(argv=None) -> int:
             run_timed(report, op, device, op.shapes, reps=10 if args.quick else 50)
         else:
             run_numerics(report, op, device)
+        write_tables()
     if "vit" in args.ops and _has_timm():
         if has_cuda:
             run_vit_timed(report, device, reps=5 if args.quick else 10)
         else:
             run_vit_numerics(report, device)
 
-    table = markdown(report)
+    table = write_tables()
     print(table, end="")
-    with open(args.json, "w") as f:
-        json.dump(_json_safe(asdict(report)), f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(table)
     if args.plot:
         plot(report, args.plot)
     written = [args.json] + [path for path in (args.markdown, args.plot) if path]

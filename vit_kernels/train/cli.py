@@ -131,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import data as data_lib
     from .job import ConfigError, compare_throughput, run, setup_distributed
 
-    dist_info = setup_distributed()
+    dist_info = setup_distributed(config["device"].startswith("cuda"))
     device = torch.device(config["device"])
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", dist_info.local_rank)

@@ -41,15 +41,16 @@ class Distributed:
         return self.rank == 0
 
 
-def setup_distributed() -> Distributed:
-    """torchrun's environment: init the process group (NCCL on GPUs, gloo on CPU)."""
+def setup_distributed(on_cuda: bool) -> Distributed:
+    """torchrun's environment: init the process group (NCCL when training on GPUs, gloo on CPU,
+    also on a machine that has GPUs but was told ``--device cpu``)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Distributed()
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_cuda else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if on_cuda:
         torch.cuda.set_device(local_rank)
     return Distributed(dist.get_rank(), dist.get_world_size(), local_rank)
 
