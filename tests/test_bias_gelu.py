@@ -108,7 +108,7 @@ def test_opcheck_and_compile(seed):
     b = torch.randn(96, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_fwd.default, (x, b, "none"))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_fwd.default, (x, None, "tanh"))
-    torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_bwd.default, (torch.randn(9, 96), x.detach(), b.detach(), "none"))
+    torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_bwd.default, (torch.randn(9, 96, device=DEVICE), x.detach(), b.detach(), "none"))
     compiled = torch.compile(lambda x, b: bias_gelu(x * 2, b) + 1, fullgraph=True, backend="aot_eager")
     out = compiled(x, b)
     grads = torch.autograd.grad(out.sum(), [x, b])

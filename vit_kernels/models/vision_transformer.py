@@ -191,7 +191,8 @@ class VisionTransformer(nn.Module):
             # The paper's hybrid: the CNN feature map is the "image", its positions the patches.
             with torch.no_grad():
                 was_training = backbone.training
-                feature = backbone.eval()(torch.zeros(1, in_chans, *_pair(img_size)))
+                probe_device = next(backbone.parameters(), torch.empty(0)).device
+                feature = backbone.eval()(torch.zeros(1, in_chans, *_pair(img_size), device=probe_device))
                 backbone.train(was_training)
             make_embed = FusedPatchEmbed if fused else PatchEmbed
             self.patch_embed = make_embed(tuple(feature.shape[-2:]), 1, feature.shape[1], embed_dim)

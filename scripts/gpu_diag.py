@@ -1,0 +1,107 @@
+"""GPU diagnostics for one device call (not part of the test suite or the main job).
+
+1. Attention: every forward and backward launch config forced one at a time, per dtype,
+   head dim and N, against float64 (error / eager's; the rule passes at <= 2). Finds a
+   config that computes wrong on the device although the interpreter runs its tile shape right.
+2. Where the time goes for each op's vit_kernels provider at the ViT-B shape: the median
+   between CUDA events (what the benchmarks report), the GPU kernels' own time (torch.profiler),
+   and the host time per call (no synchronization: the CPU cost of launching). When the
+   event time tracks the host time rather than the kernel time, the op is launch-bound.
+
+    python scripts/gpu_diag.py [attention] [overhead]
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from vit_kernels import reference
+from vit_kernels.ops import attention as attn
+
+
+def attention_configs():
+    from vit_kernels.testing import check_rule
+
+    original = attn.launch_configs
+    cases = [(2, 50, 2), (2, 197, 2), (1, 4096, 4)]
+    print("attention: forced config -> worst error / eager's (out, dq, dk, dv)")
+    for kind in ("bwd",):  # the forward passed every test on the device
+        entries = attn._FWD_CONFIGS + attn._FWD_CONFIGS_D32 if kind == "fwd" else (
+            attn._BWD_CONFIGS + attn._BWD_CONFIGS_D64 + attn._BWD_CONFIGS_D32)
+        for entry in entries:
+            for dtype in (torch.bfloat16, torch.float16):
+                for head_dim in (64, 128):
+                    if entry in attn._FWD_CONFIGS_D32 + attn._BWD_CONFIGS_D32 and head_dim > 32:
+                        continue
+                    if entry in attn._BWD_CONFIGS_D64 and head_dim > 64:
+                        continue
+                    forced = [attn._as_config(entry)]
+
+                    def launch_configs(k, *args, **kwargs):
+                        return forced if k == kind else original(k, *args, **kwargs)[:1]
+
+                    attn.launch_configs = launch_configs
+                    results = []
+                    try:
+                        for batch, n, heads in cases:
+                            q, k, v = (torch.randn(batch, n, heads, head_dim, device="cuda", dtype=dtype,
+                                                   requires_grad=True) for _ in range(3))
+                            dout = torch.randn(batch, n, heads, head_dim, device="cuda", dtype=dtype)
+                            out = attn.flash_attention(q, k, v)
+                            grads = torch.autograd.grad(out, (q, k, v), dout)
+                            qe, ke, ve = (t.detach().requires_grad_() for t in (q, k, v))
+                            out_e = reference.attention(qe, ke, ve)
+                            grads_e = torch.autograd.grad(out_e, (qe, ke, ve), dout)
+                            q6, k6, v6 = (t.detach().double().requires_grad_() for t in (q, k, v))
+                            out_6 = reference.attention(q6, k6, v6)
+                            grads_6 = torch.autograd.grad(out_6, (q6, k6, v6), dout.double())
+                            worst = []
+                            for a, e, o in zip((out, *grads), (out_e, *grads_e), (out_6, *grads_6)):
+                                worst.append(check_rule("x", a, o, e).ratio)
+                            results.append(f"N={n}: " + " ".join(f"{r:.2f}" for r in worst))
+                    finally:
+                        attn.launch_configs = original
+                    flag = "BAD" if any(float(x) > 2 for r in results for x in r.split(": ")[1].split()) else "ok "
+                    print(f"  {flag} {kind} {entry} {str(dtype)[6:]} d={head_dim}: " + " | ".join(results), flush=True)
+
+
+def overhead():
+    from vit_kernels.bench import OPS, time_cuda_ms
+
+    print("\nwhere the time goes, ViT-B shapes, bf16: event median / GPU kernel time / host time per call (ms)")
+    device = torch.device("cuda")
+    for op in OPS:
+        shape, dims = next(iter(op.shapes.items()))
+        for mode in ("fwd", "fwd+bwd"):
+            for provider in ("vit_kernels", "eager"):
+                case = op.case(provider, shape, dims, mode, torch.bfloat16, device)
+                event_ms = time_cuda_ms(case.run, reps=30)
+                torch.cuda.synchronize()
+                host = []
+                for _ in range(20):
+                    start = time.perf_counter()
+                    case.run()
+                    host.append((time.perf_counter() - start) * 1e3)
+                    torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        case.run()
+                    torch.cuda.synchronize()
+                kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                gpu_ms = sum(e.device_time for e in kernels) / 1e3 / 10
+                names = {}
+                for e in kernels:
+                    names[e.name] = names.get(e.name, 0.0) + e.device_time / 1e3 / 10
+                top = ", ".join(f"{n[:40]} {t:.3f}" for n, t in sorted(names.items(), key=lambda x: -x[1])[:4])
+                print(f"  {op.name:18s} {mode:8s} {provider:12s} event {event_ms:.3f}  kernels {gpu_ms:.3f}  "
+                      f"host {statistics.median(host):.3f}  [{top}]", flush=True)
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["attention", "overhead"]
+    if "overhead" in parts:
+        overhead()
+    if "attention" in parts:
+        attention_configs()
