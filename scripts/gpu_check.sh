@@ -91,7 +91,8 @@ for stage in "${STAGES[@]}"; do
         tail -3 "$OUT/train_compare.txt"
         ;;
     main)
-        capped main python -m vit_kernels.bench --quick --json "$OUT/bench-main.json" \
+        # MAIN_OPS (space-separated) limits the main job to some ops, e.g. MAIN_OPS="flash_attention vit".
+        capped main python -m vit_kernels.bench --quick ${MAIN_OPS:+--ops $MAIN_OPS} --json "$OUT/bench-main.json" \
             --markdown "$OUT/bench-main.md" --plot "$OUT/bench-main.png" > "$OUT/bench-main.log" 2>&1 || status=1
         grep -E "FAIL" "$OUT/bench-main.log" | head -20
         tail -2 "$OUT/bench-main.log"
