@@ -3,12 +3,13 @@
 1. Attention: every forward and backward launch config forced one at a time, per dtype,
    head dim and N, against float64 (error / eager's; the rule passes at <= 2). Finds a
    config that computes wrong on the device although the interpreter runs its tile shape right.
+3. The add_layer_norm backward's launch shape, swept at the ViT-B shape.
 2. Where the time goes for each op's vit_kernels provider at the ViT-B shape: the median
    between CUDA events (what the benchmarks report), the GPU kernels' own time (torch.profiler),
    and the host time per call (no synchronization: the CPU cost of launching). When the
    event time tracks the host time rather than the kernel time, the op is launch-bound.
 
-    python scripts/gpu_diag.py [attention] [overhead]
+    python scripts/gpu_diag.py [attention] [overhead] [layer_norm]
 """
 
 import statistics
@@ -99,8 +100,43 @@ def overhead():
                       f"host {statistics.median(host):.3f}  [{top}]", flush=True)
 
 
+def layer_norm_backward():
+    """The add_layer_norm backward kernel at the ViT-B shape, per (rows per iteration, warps,
+    programs per SM): median ms between CUDA events, GB/s over dy, h_new, dresidual read and
+    dx written, and the worst error of dx/dweight/dbias against the default config's."""
+    from vit_kernels.bench import time_cuda_ms
+    from vit_kernels.ops import layer_norm as ln
+
+    rows, hidden = 256 * 197, 768
+    x, res = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w, b = (torch.randn(hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dy, dres = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    _, h, mean, rstd = torch.ops.vit_kernels.add_layer_norm_fwd(x, res, w, b, None, None, 1e-6, torch.bfloat16, True)
+
+    def backward():
+        return torch.ops.vit_kernels.add_layer_norm_bwd(dy, dres, None, h, w, b, None, None, mean, rstd, None)
+
+    want = backward()
+    original_config, original_per_sm = ln._block_config, ln._BWD_PROGRAMS_PER_SM
+    print("\nadd_layer_norm backward, ViT-B (50432 x 768) bf16: BLOCK_M, warps, programs/SM -> ms, GB/s, max |diff|")
+    for block_m, warps, per_sm in [(1, 4, 8), (1, 4, 4), (1, 4, 16), (1, 8, 8), (1, 2, 16), (2, 4, 8), (4, 16, 4)]:
+        ln._block_config = lambda n, k, backward=False, _c=(block_m, 1024, warps): (
+            _c if backward else original_config(n, k))
+        ln._BWD_PROGRAMS_PER_SM = per_sm
+        try:
+            got = backward()
+            diff = max((g.float() - w_.float()).abs().max().item() for g, w_ in zip(got, want) if g.numel())
+            ms = time_cuda_ms(backward, reps=30)
+            print(f"  {block_m:2d} {warps:2d} {per_sm:2d}: {ms:.3f} ms  {4 * rows * hidden * 2 / ms / 1e6:.0f} GB/s  "
+                  f"diff {diff:.2e}", flush=True)
+        finally:
+            ln._block_config, ln._BWD_PROGRAMS_PER_SM = original_config, original_per_sm
+
+
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["attention", "overhead"]
+    parts = sys.argv[1:] or ["attention", "overhead", "layer_norm"]
+    if "layer_norm" in parts:
+        layer_norm_backward()
     if "overhead" in parts:
         overhead()
     if "attention" in parts:

@@ -140,8 +140,28 @@ def _gpu_tile_shapes():
 
     entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._BWD_CONFIGS
                + attention._BWD_CONFIGS_D64 + attention._BWD_CONFIGS_D32
-               + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG])
+               + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG,
+                  attention._BWD_CONFIG_WIDE_HEAD])
     return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_dim):
+    """Each config the autotuner may pick, forced one at a time on the device, forward and
+    backward by the rule. The interpreter cannot catch a config that compiles wrong: on an
+    H100 the backward's (32, 64, 8, 2) at d = 128 computed dK 20x off eager's error."""
+    from vit_kernels.ops import attention
+
+    original = attention.launch_configs
+    for kind in ("fwd", "bwd"):
+        for config in original(kind, head_dim, dtype, attention._attn_fwd_kernel):
+            def forced(k, *args, _kind=kind, _config=config, **kwargs):
+                return [_config] if k == _kind else original(k, *args, **kwargs)[:1]
+
+            monkeypatch.setattr(attention, "launch_configs", forced)
+            check_attention(2, 197, 197, 2, head_dim, dtype, packed=True)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")

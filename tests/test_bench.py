@@ -81,6 +81,7 @@ def test_timed_path_fills_the_report(monkeypatch):
         return (time.perf_counter() - start) * 1e3
 
     monkeypatch.setattr(bench, "time_cuda_ms", host_time_ms)
+    monkeypatch.setattr(bench, "time_cuda_graph_ms", host_time_ms)
     report = bench.Report("test", "now", "t", "t", "p", copy_bandwidth_gbps=100.0, bf16_matmul_tflops=10.0)
     monkeypatch.setattr(bench, "_randn", lambda *shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False: (
         (torch.randn(*shape, device=device) * scale + shift).float().requires_grad_(requires_grad)))
@@ -91,7 +92,9 @@ def test_timed_path_fills_the_report(monkeypatch):
         assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS + bench.FC1_PROVIDERS)
         if r.provider in ("vit_kernels", "vit_kernels_atomic_dq", "triton_gemm"):
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
-    assert "| flash_attention |" in bench.markdown(report)
+            assert r.graph_ms > 0 and r.graph_speedup_vs_baseline > 0
+    table = bench.markdown(report)
+    assert "| flash_attention |" in table and "End to end" not in table  # every provider in the per-op table
 
 
 def test_plot_draws_speedups_from_a_timed_report(tmp_path):

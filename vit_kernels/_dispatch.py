@@ -10,6 +10,8 @@ environment, because triton.jit picks interpreted or compiled once, when the
 kernel's module is imported; the environment may have changed since.
 """
 
+import functools
+
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -21,15 +23,20 @@ def runs_kernel(kernel, tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and interpreted(kernel)
 
 
-def num_programs_for_reduction(device: torch.device) -> int:
+def num_programs_for_reduction(device: torch.device, per_sm: int = 4) -> int:
     """How many programs share a partial-sum reduction (one float32 partial row each).
 
     A few waves of the GPU's SMs hides the tail; under the interpreter a handful is
     enough to exercise the two-stage reduction while keeping CPU time low.
     """
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def interpreted(kernel) -> bool:

@@ -58,6 +58,24 @@ def time_cuda_ms(fn: Callable[[], object], *, warmup: int = 10, reps: int = 50) 
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def time_cuda_graph_ms(fn: Callable[[], object], *, reps: int = 50) -> float:
+    """Median milliseconds of one replay of fn() captured in a CUDA graph: the GPU's time
+    for the work, without the host's cost of launching it (Python, dispatch, Triton's
+    launcher). Where the host takes longer per call than the GPU, time_cuda_ms reports the
+    host; a ViT hides most of that behind its GEMMs, so both are reported. The graph
+    replays one input set (no rotation), so operands that fit in L2 may stay there."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: autotuning, allocator
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_cuda_ms(graph.replay, warmup=3, reps=reps)
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 2**30) -> float:
     """Measured device-to-device copy bandwidth: (bytes read + bytes written) / median time."""
     src = torch.randn(nbytes // 4, device=device)
@@ -132,6 +150,14 @@ def timed_case(op: str, shape: str, mode: str, provider: str, fn: Callable, make
     return Case(op, shape, mode, provider, run, **metric)
 
 
+def compile_fresh(fn, **kwargs):
+    """torch.compile(fn) after dropping dynamo's caches: one eager function is compiled for
+    every shape, mode and op that shares it (patch_embed and its uint8 variant), which would
+    pass dynamo's recompile limit and, with fullgraph=True, fail instead of falling back."""
+    torch._dynamo.reset()
+    return torch.compile(fn, **kwargs)
+
+
 def _provider_fn(provider: str, fused: Callable, eager: Callable) -> Callable:
     """vit_kernels -> the fused op, eager -> the PyTorch code, compile -> torch.compile of it."""
     if provider == "vit_kernels":
@@ -139,7 +165,7 @@ def _provider_fn(provider: str, fused: Callable, eager: Callable) -> Callable:
     if provider == "eager":
         return eager
     if provider == "compile":
-        return torch.compile(eager, fullgraph=True)
+        return compile_fresh(eager, fullgraph=True)
     raise ValueError(f"provider must be one of vit_kernels, eager, compile; got {provider!r}")
 
 
@@ -553,12 +579,14 @@ class Row:
     mode: str
     provider: str
     ms: float = float("nan")
+    graph_ms: float = float("nan")  # CUDA-graph replay: GPU time without the host's launch cost
     gbps: float = float("nan")
     tflops: float = float("nan")
     pct_of_peak: float = float("nan")  # of copy bandwidth (memory-bound ops) or bf16 matmul rate (attention)
     speedup_vs_eager: float = float("nan")
     baseline: str = ""
     speedup_vs_baseline: float = float("nan")
+    graph_speedup_vs_baseline: float = float("nan")
     error_vs_eager: float = float("nan")  # max error against float64 / eager's; <= 2 passes
     rule_ok: bool = True
     note: str = ""
@@ -590,6 +618,11 @@ def _numerics_row(op: OpBench, shape: str, mode: str, provider: str, check: Rule
 
 def _time_into(row: Row, case: Case, report: Report, reps: int) -> None:
     row.ms = time_cuda_ms(case.run, reps=reps)
+    try:
+        row.graph_ms = time_cuda_graph_ms(case.run, reps=reps)
+    except Exception as err:  # a provider that cannot be captured keeps its stream timing only
+        torch.cuda.synchronize()
+        row.note = f"no graph: {str(err).splitlines()[0][:60]}"
     if case.bytes_moved:
         row.gbps = case.bytes_moved / (row.ms * 1e-3) / 1e9
         row.pct_of_peak = 100 * row.gbps / report.copy_bandwidth_gbps
@@ -635,6 +668,7 @@ def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *
             for row in rows.values():
                 row.speedup_vs_eager = rows["eager"].ms / row.ms
                 row.speedup_vs_baseline = rows[op.baseline].ms / row.ms
+                row.graph_speedup_vs_baseline = rows[op.baseline].graph_ms / row.graph_ms
                 _progress(row)
             report.rows.extend(rows.values())
 
@@ -648,7 +682,7 @@ def _failed_check(err: Exception):
 
 def _progress(row: Row) -> None:
     """One line per measured row as it comes, so a run cut short still shows what it measured."""
-    print(f"[bench] {row.op} | {row.shape} | {row.mode} | {row.provider} | {row.ms:.3f} ms | "
+    print(f"[bench] {row.op} | {row.shape} | {row.mode} | {row.provider} | {row.ms:.3f} ms | graph {row.graph_ms:.3f} | "
           f"x eager {row.speedup_vs_eager:.2f} | x {row.baseline} {row.speedup_vs_baseline:.2f} | "
           f"{'ok' if row.rule_ok else 'FAIL'} {row.note}", file=sys.stderr, flush=True)
 
@@ -663,11 +697,17 @@ def run_vit_numerics(report: Report, device: torch.device) -> None:
                                    rule_ok=check.ok, note=f"worst: {check.name}"))
 
 
-def run_vit_timed(report: Report, device: torch.device, *, reps: int) -> None:
-    """ViT-B/16 and ViT-L/16: agreement, then inference and a training step per provider (bf16 autocast)."""
+def run_vit_timed(report: Report, device: torch.device, *, reps: int, models=None) -> None:
+    """ViT-B/16 and ViT-L/16 (or `models`): agreement, then inference and a training step per
+    provider (bf16 autocast)."""
     from .bench_vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
 
+    unknown = set(models or ()) - set(VIT_MODELS)
+    if unknown:
+        raise ValueError(f"--vit-models: unknown {sorted(unknown)}; choose from {list(VIT_MODELS)}")
     for label, spec in VIT_MODELS.items():
+        if models and label not in models:
+            continue
         try:
             worst = vit_agreement(spec, device, torch.bfloat16)
         except Exception as err:
@@ -749,19 +789,24 @@ def markdown(report: Report) -> str:
         "",
         header,
         "",
-        "| op | shape | mode | provider | ms | GB/s | TFLOP/s | % of peak | x eager | x baseline | error / eager's | rule |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "ms: CUDA events around each call (host launch cost included where it exceeds the GPU's); graph ms: "
+        "one CUDA-graph replay (the GPU's time alone). GB/s, TFLOP/s and % of peak are from ms.",
+        "",
+        "| op | shape | mode | provider | ms | graph ms | GB/s | TFLOP/s | % of peak | x eager | x baseline "
+        "| x baseline, graph | error / eager's | rule |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    end_to_end = [r for r in report.rows if r.provider not in ("vit_kernels", "eager", "compile")
-                  and not r.provider.startswith("sdpa")]
+    op_names = {op.name for op in OPS}
+    end_to_end = [r for r in report.rows if r.op not in op_names]
     for r in report.rows:
         if r in end_to_end:
             continue
         baseline = f"{_fmt(r.speedup_vs_baseline, '.2f')} ({r.baseline})" if r.baseline else ""
         lines.append(
-            f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '.3f')} | {_fmt(r.gbps, '.0f')} | "
-            f"{_fmt(r.tflops, '.0f')} | {_fmt(r.pct_of_peak, '.0f')} | {_fmt(r.speedup_vs_eager, '.2f')} | "
-            f"{baseline} | {_fmt(r.error_vs_eager, '.2f')} | {'ok' if r.rule_ok else 'FAIL'} {r.note} |"
+            f"| {r.op} | {r.shape} | {r.mode} | {r.provider} | {_fmt(r.ms, '.3f')} | {_fmt(r.graph_ms, '.3f')} | "
+            f"{_fmt(r.gbps, '.0f')} | {_fmt(r.tflops, '.0f')} | {_fmt(r.pct_of_peak, '.0f')} | "
+            f"{_fmt(r.speedup_vs_eager, '.2f')} | {baseline} | {_fmt(r.graph_speedup_vs_baseline, '.2f')} | "
+            f"{_fmt(r.error_vs_eager, '.2f')} | {'ok' if r.rule_ok else 'FAIL'} {r.note} |"
         )
     if end_to_end:
         lines += [
@@ -811,6 +856,8 @@ def main(argv=None) -> int:
     names = [op.name for op in OPS] + ["vit"]
     parser.add_argument("--ops", nargs="+", choices=names, default=names,
                         help="which ops to run; vit = end to end (default: all)")
+    parser.add_argument("--vit-models", nargs="+", default=None, metavar="MODEL",
+                        help="end-to-end models to run (default: all of vit_kernels.bench_vit.VIT_MODELS)")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
                         help="draw the speedups (without CUDA: the numerics) as a bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -851,7 +898,7 @@ def main(argv=None) -> int:
         write_tables()
     if "vit" in args.ops and _has_timm():
         if has_cuda:
-            run_vit_timed(report, device, reps=5 if args.quick else 10)
+            run_vit_timed(report, device, reps=5 if args.quick else 10, models=args.vit_models)
         else:
             run_vit_numerics(report, device)
 

@@ -78,7 +78,11 @@ def build(provider: str, spec: dict, device: torch.device, base: nn.Module = Non
         model.load_state_dict(base.state_dict(), strict=True)
     else:
         raise ValueError(f"provider must be one of {', '.join(VIT_PROVIDERS)}; got {provider!r}")
-    return torch.compile(model) if provider.endswith("_compile") else model
+    if provider.endswith("_compile"):
+        from .bench import compile_fresh
+
+        return compile_fresh(model)
+    return model
 
 
 def _autocast(device: torch.device, dtype):

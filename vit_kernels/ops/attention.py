@@ -376,6 +376,11 @@ _FWD_CONFIGS_D32 = [(128, 128, 8, 2)]
 _BWD_CONFIGS = [(32, 64, 8, 2), (32, 32, 4, 1)]
 _BWD_CONFIGS_D64 = [(64, 32, 4, 2)]
 _BWD_CONFIGS_D32 = [(64, 64, 8, 2)]
+# d > 64: only 32 x 32 with 4 warps. On an H100 (triton 3.6, 2026-11-22) the backward with
+# (32, 64, 8, 2) at d = 128 computed dK wrong — 4 to 470 times eager's error, fp16 and bf16,
+# N = 50, 197 and 4096 — while dQ and dV were right and the interpreter runs that tile shape
+# right (scripts/gpu_diag.py attention). d = 64 with the same config is right.
+_BWD_CONFIG_WIDE_HEAD = (32, 32, 4, 1)
 # One config where timing is impossible or pointless: the interpreter (64 x 64 tiles, so
 # N = 197 and 257 still cross several tile boundaries), float32 (dots without tensor cores,
 # on small tiles), and the dK/dV kernel with atomic dQ (an autotuner's repeated runs would
@@ -403,9 +408,11 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
         if arch_major < 9 and head_dim >= 80 and dropout:
             entries = [entry for entry in entries if entry[1] <= 32]
     elif atomic_dq:
-        entries = [_ATOMIC_BWD_CONFIG]
+        entries = [_ATOMIC_BWD_CONFIG if head_dim <= 64 else _BWD_CONFIG_WIDE_HEAD]
+    elif head_dim > 64:
+        entries = [_BWD_CONFIG_WIDE_HEAD]
     else:
-        entries = _BWD_CONFIGS + (_BWD_CONFIGS_D64 if head_dim <= 64 else []) + (_BWD_CONFIGS_D32 if head_dim <= 32 else [])
+        entries = _BWD_CONFIGS + _BWD_CONFIGS_D64 + (_BWD_CONFIGS_D32 if head_dim <= 32 else [])
     return [_as_config(entry) for entry in entries]
 
 
