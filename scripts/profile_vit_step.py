@@ -42,8 +42,8 @@ def main(providers):
         totals, names = {}, {}
         for e in prof.events():
             if e.device_type == torch.autograd.DeviceType.CUDA:
-                ms = e.device_time / 1e3 / 3
-                totals[kind_of(e.name)] = totals.get(kind_of(e.name), 0.0) + ms
+                ms, kind = e.device_time / 1e3 / 3, kind_of(e.name)
+                totals[kind] = totals.get(kind, 0.0) + ms
                 names[e.name] = names.get(e.name, 0.0) + ms
         gpu = sum(totals.values())
         print(f"{provider}: step {wall:.1f} ms wall, {gpu:.1f} ms of kernels; "

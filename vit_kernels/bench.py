@@ -642,10 +642,7 @@ def run_numerics(report: Report, op: OpBench, device: torch.device) -> None:
 def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *, reps: int) -> None:
     """Agreement, then every provider timed in both modes, in bf16, at each shape."""
     for shape, dims in shapes.items():
-        try:
-            worst = op.agreement(dims, torch.bfloat16, device)
-        except Exception as err:  # a kernel that fails to run is a FAIL row, not the end of the report
-            worst = {provider: _failed_check(err) for provider in op.providers}
+        worst = _agreement_or_failure(lambda: op.agreement(dims, torch.bfloat16, device), op.providers)
         for mode in ("fwd", "fwd+bwd"):
             rows = {}
             for provider in op.providers:
@@ -661,23 +658,35 @@ def run_timed(report: Report, op: OpBench, device: torch.device, shapes: dict, *
                     # other provider failing is a FAIL row.
                     row.note = f"unavailable: {str(err).splitlines()[0][:80]}"
                     row.rule_ok = provider.startswith("sdpa_")
-                if provider in worst:
-                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok and row.rule_ok
-                    row.note = row.note or f"worst: {worst[provider].name}"
                 rows[provider] = row
-            for row in rows.values():
-                row.speedup_vs_eager = rows["eager"].ms / row.ms
-                row.speedup_vs_baseline = rows[op.baseline].ms / row.ms
-                row.graph_speedup_vs_baseline = rows[op.baseline].graph_ms / row.graph_ms
-                _progress(row)
-            report.rows.extend(rows.values())
+            _settle_rows(report, rows, worst, "eager", op.baseline)
 
 
-def _failed_check(err: Exception):
+def _agreement_or_failure(agreement: Callable[[], dict], providers) -> dict:
+    """{provider: worst RuleCheck}; a kernel that raises is a FAIL row for every provider
+    (a NaN error: fails the rule and shows as not measured), not the end of the report."""
     from .testing import RuleCheck
 
-    # NaN error: fails the rule and shows as not measured.
-    return RuleCheck(f"raised {type(err).__name__}: {str(err).splitlines()[0][:80]}", float("nan"), 1.0, 0.0)
+    try:
+        return agreement()
+    except Exception as err:
+        failed = RuleCheck(f"raised {type(err).__name__}: {str(err).splitlines()[0][:80]}", float("nan"), 1.0, 0.0)
+        return {provider: failed for provider in providers}
+
+
+def _settle_rows(report: Report, rows: dict, worst: dict, eager: str, baseline: str) -> None:
+    """Fold each provider's agreement into its row, compute the speedups over `eager` and
+    `baseline` (event and graph timings), print the rows and add them to the report."""
+    for provider, row in rows.items():
+        if provider in worst:
+            row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok and row.rule_ok
+            row.note = row.note or f"worst: {worst[provider].name}"
+    for row in rows.values():
+        row.speedup_vs_eager = rows[eager].ms / row.ms
+        row.speedup_vs_baseline = rows[baseline].ms / row.ms
+        row.graph_speedup_vs_baseline = rows[baseline].graph_ms / row.graph_ms
+        _progress(row)
+    report.rows.extend(rows.values())
 
 
 def _progress(row: Row) -> None:
@@ -708,10 +717,7 @@ def run_vit_timed(report: Report, device: torch.device, *, reps: int, models=Non
     for label, spec in VIT_MODELS.items():
         if models and label not in models:
             continue
-        try:
-            worst = vit_agreement(spec, device, torch.bfloat16)
-        except Exception as err:
-            worst = {provider: _failed_check(err) for provider in VIT_PROVIDERS}
+        worst = _agreement_or_failure(lambda: vit_agreement(spec, device, torch.bfloat16), VIT_PROVIDERS)
         for mode in MODES:
             rows = {}
             for provider in VIT_PROVIDERS:
@@ -728,15 +734,8 @@ def run_vit_timed(report: Report, device: torch.device, *, reps: int, models=Non
                 except RuntimeError as err:
                     row.note, row.rule_ok = f"failed: {str(err).splitlines()[0][:80]}", False
                 torch.cuda.empty_cache()
-                if provider in worst:
-                    row.error_vs_eager, row.rule_ok = worst[provider].ratio, worst[provider].ok and row.rule_ok
-                    row.note = row.note or f"worst: {worst[provider].name}"
                 rows[provider] = row
-            for row in rows.values():
-                row.speedup_vs_eager = rows["timm"].ms / row.ms
-                row.speedup_vs_baseline = rows["timm_compile"].ms / row.ms
-                _progress(row)
-            report.rows.extend(rows.values())
+            _settle_rows(report, rows, worst, "timm", "timm_compile")
 
 
 def plot(report: Report, path: str) -> None:
