@@ -130,7 +130,7 @@ def main(argv):
     JITFunction.run = compile_instead_of_launch
     Autotuner.run = compile_every_config
     from vit_kernels.ops import attention, layer_norm
-    from vit_kernels.ops.bias_gelu import _bias_gelu_bwd, _bias_gelu_fwd
+    from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_op, bias_gelu_bwd_op
     from vit_kernels.ops.linear_bias_gelu import _launch as launch_linear_bias_gelu
     from vit_kernels.ops.linear_bias_gelu import autotune_configs as linear_bias_gelu_configs
 
@@ -148,7 +148,7 @@ def main(argv):
             res_dtype = torch.float32 if everything else dtype
             layer_norm._add_layer_norm_fwd(x, residual, params[0], params[1], gamma, row_scale, 1e-6, res_dtype, True)
             mean, rstd = torch.zeros(6), torch.ones(6)
-            layer_norm._add_layer_norm_bwd(x, x if everything else None, x if everything else None, x, params[0],
+            layer_norm._add_layer_norm_bwd_op(x, x if everything else None, x if everything else None, x, params[0],
                                            params[1], gamma, row_scale, mean, rstd, res_dtype if everything else None)
     attention_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     for head_dim in (32, 64, 80, 96, 128):
@@ -158,14 +158,14 @@ def main(argv):
                 qkv = torch.randn(1, 5, 3, 2, head_dim, dtype=dtype)
                 q, k, v = qkv.unbind(2)
                 out, lse = attention._flash_attention_fwd(q, k, v, 0.1, dropout_p, seed, deterministic)
-                attention._flash_attention_bwd(out, q, k, v, out, lse, 0.1, dropout_p, seed, deterministic)
+                attention._flash_attention_bwd_op(out, q, k, v, out, lse, 0.1, dropout_p, seed, deterministic)
     attention.attention_dropout_mask(torch.tensor(3), 1, 1, 5, 5, 0.1, torch.device("cpu"))
     for n_cols in (1000, 3072, 5120):
         for approximate in ("none", "tanh"):
             x = torch.randn(6, n_cols, dtype=torch.bfloat16)
             bias = torch.randn(n_cols)
-            _bias_gelu_fwd(x, bias, approximate)
-            _bias_gelu_bwd(x, x, bias, approximate)
+            _bias_gelu_fwd_op(x, bias, approximate)
+            bias_gelu_bwd_op(x, x, bias, approximate)
     # The fc1 GEMM: every autotune config (after the shared-memory prune), saving z or not.
     gemm_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
     for dtype in gemm_dtypes:

@@ -5,12 +5,17 @@
   Triton kernel through Triton's interpreter (how CI tests kernels without a GPU).
 - CPU tensors otherwise: the pure-PyTorch reference in vit_kernels/reference.py.
 
+And how a kernel path is called: through its registered custom op while something traces
+(torch.compile, torch.export, a Python dispatch mode such as FakeTensorMode), and
+directly otherwise (FusedOp below).
+
 The interpreter decision is read off the kernel object itself, not the
 environment, because triton.jit picks interpreted or compiled once, when the
 kernel's module is imported; the environment may have changed since.
 """
 
 import functools
+from typing import Callable, Sequence
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
@@ -42,3 +47,68 @@ def _sm_count(index: int) -> int:
 def interpreted(kernel) -> bool:
     """Whether `kernel` runs through Triton's CPU interpreter (see ops/_triton_helpers.cast_for_store)."""
     return isinstance(kernel, InterpretedFunction)
+
+
+def tracing() -> bool:
+    """True while torch.compile or torch.export traces, or under a Python dispatch mode
+    (FakeTensorMode, make_fx, FlopCounterMode): they must see a fused op as the one
+    registered custom op, with its fake implementation, not as the Triton launches inside.
+
+    `is_compiling()` comes first: dynamo folds it to True and never reaches the C call.
+    """
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+def op_or_impl(op, impl: Callable) -> Callable:
+    """For a backward: `op` (a custom op) while tracing, else `impl`, the function it was made from.
+
+    Also `op` when gradients are on, which inside a backward means create_graph=True: the
+    custom op, which has no autograd of its own, then makes a double backward fail loudly
+    instead of silently treating the gradient as a constant.
+    """
+    return op if tracing() or torch.is_grad_enabled() else impl
+
+
+class FusedOp:
+    """A custom op's forward, called the cheapest way that is still correct.
+
+    The custom op (torch.library.custom_op, with `backward` registered on it) is what
+    torch.compile, export and opcheck see. In eager mode the same `impl`, `setup_context`
+    and `backward` run under a plain autograd.Function, or `impl` alone when no input needs
+    a gradient. The custom op's dispatch and generated autograd cost about as much host time
+    as everything else in a call: `scripts/host_overhead.py` (kernel launches stubbed out, a
+    2-core CPU, 2026-11-22) measured add_layer_norm forward + backward at 153-161 us through
+    the custom op and 86-89 us this way (eager's add + LayerNorm: 40 us), flash_attention
+    133-138 -> 63-64 us, bias_gelu 84-86 -> 44-46 us. A ViT step at a small batch is
+    host-bound (README, "Measured results"), so this is step time.
+
+    Outputs at the positions in `non_differentiable` get no gradient. Gradients of unused
+    outputs reach `backward` as None (not materialized zeros), so backward must accept None.
+    `backward` calls its backward op through `op_or_impl`; a double backward fails there as it
+    does through the custom op.
+    """
+
+    def __init__(self, op, impl: Callable, *, setup_context: Callable, backward: Callable,
+                 non_differentiable: Sequence[int] = ()):
+        op.register_autograd(backward, setup_context=setup_context)
+        self.op, self.impl = op, impl
+
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            ctx.set_materialize_grads(False)
+            if non_differentiable:
+                ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+            return output
+
+        self.function = type("Eager" + impl.__name__, (torch.autograd.Function,), {
+            "forward": staticmethod(forward),
+            "backward": staticmethod(backward),
+        })
+
+    def __call__(self, *inputs):
+        if tracing():
+            return self.op(*inputs)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
+            return self.function.apply(*inputs)
+        return self.impl(*inputs)

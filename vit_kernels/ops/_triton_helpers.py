@@ -5,6 +5,18 @@ import triton.language as tl
 from torch import Tensor
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code. triton.cdiv and triton.next_power_of_2 are constexpr
+    functions since triton 3.4: callable on the host, but each call unwraps its arguments
+    through Triton's frontend (~2 us), and a launch computes several."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see cdiv)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def as_rows(t: Tensor, n_cols: int) -> Tensor:
     """A [rows, n_cols] view of t whose last dim is contiguous (a copy only if no such view exists)."""
     t2 = t.reshape(-1, n_cols)

@@ -56,6 +56,7 @@
 # Not supported: causal or additive masks (the module falls back to the reference when
 # a mask is given), head dims outside {32, 64, 80, 96, 128}, float64 (runs the reference).
 
+import functools
 from typing import Optional
 
 import torch
@@ -64,9 +65,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import interpreted, runs_kernel
+from .._dispatch import FusedOp, interpreted, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_number, check_same_device
-from ._triton_helpers import cast_for_store
+from ._triton_helpers import cast_for_store, cdiv, next_power_of_2
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -414,8 +415,11 @@ def _as_config(entry: tuple) -> triton.Config:
 
 
 def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atomic_dq: bool = False,
-                   dropout: bool = False, arch_major: int = 9) -> list:
-    """The configs a launch chooses among: one (run as is) or several (autotuned)."""
+                   dropout: bool = False, arch_major: int = 9) -> tuple:
+    """The configs a launch chooses among: one (run as is) or several (autotuned).
+
+    The same tuple object for the same configs (cached): `_launch` keys its autotuners on it.
+    """
     if interpreted(kernel):
         entries = [_INTERPRETER_CONFIG]
     elif dtype == torch.float32:
@@ -430,7 +434,12 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
         entries = [_BWD_CONFIG_WIDE_HEAD]
     else:
         entries = _BWD_CONFIGS + _BWD_CONFIGS_D64 + (_BWD_CONFIGS_D32 if head_dim <= 32 else [])
-    return [_as_config(entry) for entry in entries]
+    return _as_configs(tuple(entries))
+
+
+@functools.lru_cache(maxsize=None)
+def _as_configs(entries: tuple) -> tuple:
+    return tuple(_as_config(entry) for entry in entries)
 
 
 _AUTOTUNED = {}
@@ -444,21 +453,25 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
         kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                                         num_stages=config.num_stages)
         return
-    key = (kernel, tuple(str(c) for c in configs))
-    if key not in _AUTOTUNED:
-        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel)
-    _AUTOTUNED[key][grid_for](*args, **kwargs)
+    # Keyed on the config list's identity (launch_configs returns cached tuples); the entry
+    # holds the list, so its id cannot be reused by another while the entry exists.
+    key = (kernel, id(configs))
+    entry = _AUTOTUNED.get(key)
+    if entry is None:
+        entry = _AUTOTUNED[key] = (configs, triton.autotune(configs=list(configs),
+                                                           key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel))
+    entry[1][grid_for](*args, **kwargs)
 
 
 def _n_bucket(n_q: int, n_kv: int) -> int:
-    return min(triton.next_power_of_2(max(n_q, n_kv)), 16384)
+    return min(next_power_of_2(max(n_q, n_kv)), 16384)
 
 
 def _common_constexprs(q: Tensor, kernel) -> dict:
     head_dim = q.shape[-1]
     return dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=next_power_of_2(head_dim),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RNE_BF16_IN_SOFTWARE=interpreted(kernel),
     )
@@ -473,11 +486,15 @@ def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
 
 
 def _strides(t: Tensor) -> tuple:
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]
 
 
-@torch.library.custom_op("vit_kernels::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(
+@functools.lru_cache(maxsize=None)
+def _arch_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def _flash_attention_fwd_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -498,11 +515,12 @@ def _flash_attention_fwd(
     lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    arch_major = torch.cuda.get_device_capability(q.device)[0] if q.device.type == "cuda" else 9
+    arch_major = _arch_major(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+        if q.device.type == "cuda" else 9
     _launch(
         _attn_fwd_kernel,
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
-        lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
+        lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p), _n_bucket(n_q, n_kv)),
         dict(HAS_DROPOUT=dropout_p > 0, **_common_constexprs(q, _attn_fwd_kernel)),
@@ -510,14 +528,17 @@ def _flash_attention_fwd(
     return out, lse
 
 
-@_flash_attention_fwd.register_fake
+_flash_attention_fwd_op = torch.library.custom_op(
+    "vit_kernels::flash_attention_fwd", _flash_attention_fwd_impl, mutates_args=())
+
+
+@_flash_attention_fwd_op.register_fake
 def _(q, k, v, softmax_scale, dropout_p, seed, deterministic):
     batch, n_q, n_heads, head_dim = q.shape
     return q.new_empty((batch, n_q, n_heads, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("vit_kernels::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd(
+def _flash_attention_bwd_impl(
     dout: Tensor,
     q: Tensor,
     k: Tensor,
@@ -542,7 +563,7 @@ def _flash_attention_bwd(
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     pre_block = 32
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), n_heads, batch)](
+    _attn_bwd_preprocess_kernel[(cdiv(n_q, pre_block), n_heads, batch)](
         out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
     )
@@ -553,7 +574,7 @@ def _flash_attention_bwd(
     _launch(
         _attn_bwd_dkdv_kernel,
         launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic),
-        lambda meta: (triton.cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
+        lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
          *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
         dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs),
@@ -561,7 +582,7 @@ def _flash_attention_bwd(
     if deterministic:
         _launch(
             _attn_bwd_dq_kernel, launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dq_kernel),
-            lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
+            lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, dout, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), *scalars),
             dict(HAS_DROPOUT=dropout_p > 0, **constexprs),
@@ -571,7 +592,11 @@ def _flash_attention_bwd(
     return dq, dk, dv
 
 
-@_flash_attention_bwd.register_fake
+_flash_attention_bwd_op = torch.library.custom_op(
+    "vit_kernels::flash_attention_bwd", _flash_attention_bwd_impl, mutates_args=())
+
+
+@_flash_attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, softmax_scale, dropout_p, seed, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -587,13 +612,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.vit_kernels.flash_attention_bwd(
+    dq, dk, dv = op_or_impl(_flash_attention_bwd_op, _flash_attention_bwd_impl)(
         dout, q, k, v, out, lse, ctx.softmax_scale, ctx.dropout_p, seed, ctx.deterministic
     )
     return dq, dk, dv, None, None, None, None
 
 
-_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_flash_attention_fwd = FusedOp(_flash_attention_fwd_op, _flash_attention_fwd_impl, setup_context=_setup_context,
+                               backward=_backward, non_differentiable=(1,))
 
 
 @triton.jit
@@ -614,7 +640,7 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     a dropped-out forward and backward exactly.
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
-    grid = (triton.cdiv(n_q, 32), triton.cdiv(n_kv, 32), batch * n_heads)
+    grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
     _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, _seed_value(seed, dropout_p), BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 

@@ -38,16 +38,19 @@
 #   ViT-L 25216 x 1024     0.085 / 0.115 / 0.073           0.177 / 0.323 / 0.181
 #   ViT-H 16448 x 1280     0.070 / 0.093 / 0.079           0.168 / 0.251 / 0.182
 #
-# Between CUDA events around each call the fused op is slower than eager in fwd+bwd (0.755
-# vs 0.574 ms at ViT-B): the host takes longer to launch it (custom-op autograd, two Triton
+# Between CUDA events around each call the fused op was slower than eager in fwd+bwd (0.755
+# vs 0.574 ms at ViT-B): the host took longer to launch it (custom-op autograd, two Triton
 # launches) than the GPU takes to run it. Inside a ViT block the GEMMs give the host that
-# time; alone, nothing does.
+# time; alone, nothing does. Eager calls have since skipped the custom-op dispatch
+# (_dispatch.FusedOp): host time per fwd+bwd 153-161 -> 86-89 us on a CPU with the
+# launches stubbed out (scripts/host_overhead.py); not yet re-measured on a GPU.
 #
 # Layout: the last dimension must be contiguous (stride 1); any leading shape and any
 # row stride are read in place. Not supported: normalizing over more than the last
 # dimension, D > MAX_HIDDEN (one row must fit a program's registers), float64 (the
 # public function runs the reference for it), RMSNorm.
 
+import functools
 from typing import Optional
 
 import torch
@@ -56,8 +59,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import interpreted, num_programs_for_reduction, runs_kernel
-from ._triton_helpers import as_rows, cast_for_store
+from .._dispatch import FusedOp, interpreted, num_programs_for_reduction, op_or_impl, runs_kernel
+from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
     check_number,
@@ -239,6 +242,7 @@ def _add_layer_norm_bwd_kernel(
         tl.store(DGAMMA_PARTIAL + pid * n_cols + cols, dgamma_acc, mask=col_mask)
 
 
+@functools.lru_cache(maxsize=None)
 def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols elements.
 
@@ -254,7 +258,7 @@ def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, 
     Interpreter: its cost is per operation, not per element, so tiles of up to 64K
     elements; the kernel code and its masking are the same.
     """
-    block_n = triton.next_power_of_2(n_cols)
+    block_n = next_power_of_2(n_cols)
     if interpreted(kernel):
         return max(1, min(64, 65536 // block_n)), block_n, 4
     if backward:
@@ -271,12 +275,7 @@ def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, 
 _BWD_PROGRAMS_PER_SM = 8
 
 
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
-@torch.library.custom_op("vit_kernels::add_layer_norm_fwd", mutates_args=())
-def _add_layer_norm_fwd(
+def _add_layer_norm_fwd_impl(
     x: Tensor,
     residual: Optional[Tensor],
     weight: Optional[Tensor],
@@ -305,7 +304,7 @@ def _add_layer_norm_fwd(
     y2 = y.view(-1, n_cols)
     res_out2 = residual_out.view(-1, n_cols) if store_residual else None
     block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_fwd_kernel)
-    _add_layer_norm_fwd_kernel[(triton.cdiv(n_rows, block_m),)](
+    _add_layer_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
         x2,
         res2,
         weight,
@@ -338,7 +337,11 @@ def _add_layer_norm_fwd(
     return y, residual_out, mean, rstd
 
 
-@_add_layer_norm_fwd.register_fake
+_add_layer_norm_fwd_op = torch.library.custom_op(
+    "vit_kernels::add_layer_norm_fwd", _add_layer_norm_fwd_impl, mutates_args=())
+
+
+@_add_layer_norm_fwd_op.register_fake
 def _(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual):
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     residual_out = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype)
@@ -350,8 +353,7 @@ def _(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_re
     )
 
 
-@torch.library.custom_op("vit_kernels::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd(
+def _add_layer_norm_bwd_impl(
     dy: Tensor,
     dresidual_out: Optional[Tensor],
     x: Optional[Tensor],
@@ -381,10 +383,10 @@ def _add_layer_norm_bwd(
 
     block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_bwd_kernel, backward=True)
     # Whole row blocks per program; the last program may get fewer rows.
-    n_row_blocks = max(1, triton.cdiv(n_rows, block_m))
+    n_row_blocks = max(1, cdiv(n_rows, block_m))
     n_programs = min(num_programs_for_reduction(device, _BWD_PROGRAMS_PER_SM), n_row_blocks)
-    rows_per_program = triton.cdiv(n_row_blocks, n_programs) * block_m
-    n_programs = triton.cdiv(n_row_blocks * block_m, rows_per_program)
+    rows_per_program = cdiv(n_row_blocks, n_programs) * block_m
+    n_programs = cdiv(n_row_blocks * block_m, rows_per_program)
 
     def partial(param):
         if param is None:
@@ -444,7 +446,11 @@ def _add_layer_norm_bwd(
     return dx, dresidual, reduce(dw_partial, weight), reduce(db_partial, bias), reduce(dgamma_partial, gamma)
 
 
-@_add_layer_norm_bwd.register_fake
+_add_layer_norm_bwd_op = torch.library.custom_op(
+    "vit_kernels::add_layer_norm_bwd", _add_layer_norm_bwd_impl, mutates_args=())
+
+
+@_add_layer_norm_bwd_op.register_fake
 def _(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, mean, rstd, residual_dtype):
     def grad_like(param):
         return param.new_empty(param.shape) if param is not None else dy.new_empty(0)
@@ -482,7 +488,7 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     separate_dresidual = ctx.has_residual and (
         gamma is not None or row_scale is not None or ctx.residual_dtype != dy.dtype
     )
-    dx, dresidual, dweight, dbias, dgamma = torch.ops.vit_kernels.add_layer_norm_bwd(
+    dx, dresidual, dweight, dbias, dgamma = op_or_impl(_add_layer_norm_bwd_op, _add_layer_norm_bwd_impl)(
         dy,
         dresidual_out,
         x,
@@ -510,7 +516,8 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     )
 
 
-_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_add_layer_norm_fwd = FusedOp(_add_layer_norm_fwd_op, _add_layer_norm_fwd_impl, setup_context=_setup_context,
+                              backward=_backward, non_differentiable=(2, 3))
 
 
 def _validate(x, residual, weight, bias, eps, gamma, row_scale):

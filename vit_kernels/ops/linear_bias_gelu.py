@@ -59,10 +59,10 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import interpreted, runs_kernel
+from .._dispatch import FusedOp, interpreted, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
-from ._triton_helpers import as_rows, cast_for_store
-from .bias_gelu import APPROXIMATIONS, _gelu, bias_gelu
+from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
+from .bias_gelu import APPROXIMATIONS, _gelu, bias_gelu, bias_gelu_bwd_impl, bias_gelu_bwd_op
 
 BACKENDS = ("auto", "triton", "cublas")
 # (compute capability major, dtype) -> predicate on (M, N, K) where the Triton GEMM measured
@@ -150,8 +150,7 @@ _linear_bias_gelu_fwd_tuned = triton.autotune(
 )(_linear_bias_gelu_fwd_kernel)
 
 
-@torch.library.custom_op("vit_kernels::linear_bias_gelu_fwd", mutates_args=())
-def _linear_bias_gelu_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
+def _linear_bias_gelu_fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str,
                           save_pre: bool) -> tuple[Tensor, Tensor]:
     """Returns (y, z): z = x @ W^T (bias-free, for backward) when save_pre, else an empty tensor."""
     n, k = weight.shape
@@ -182,15 +181,15 @@ def _launch(x2: Tensor, weight: Tensor, bias: Optional[Tensor], y2: Tensor, z2: 
     (m, k), n = x2.shape, weight.shape[0]
     args = (x2, weight, bias, y2, y2 if z2 is None else z2,  # an unused pointer when not saving
             x2.stride(0), weight.stride(0), y2.stride(0), y2.stride(0) if z2 is None else z2.stride(0),
-            m, n, k, triton.next_power_of_2(m))
+            m, n, k, next_power_of_2(m))
     kwargs = dict(HAS_BIAS=bias is not None, SAVE_PRE=z2 is not None, TANH=approximate == "tanh",
                   DOT_PRECISION="ieee" if x2.dtype == torch.float32 else "tf32",
                   RNE_BF16_IN_SOFTWARE=interpreted(_linear_bias_gelu_fwd_kernel))
     if config is None:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _linear_bias_gelu_fwd_tuned[grid](*args, **kwargs)
         return
-    grid = (triton.cdiv(m, config.kwargs["BLOCK_M"]) * triton.cdiv(n, config.kwargs["BLOCK_N"]),)
+    grid = (cdiv(m, config.kwargs["BLOCK_M"]) * cdiv(n, config.kwargs["BLOCK_N"]),)
     _linear_bias_gelu_fwd_kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
                                        num_stages=config.num_stages)
 
@@ -200,7 +199,11 @@ def autotune_configs(x: Tensor) -> list:
     return _prune(_linear_bias_gelu_fwd_tuned.configs, {"X": x})
 
 
-@_linear_bias_gelu_fwd.register_fake
+_linear_bias_gelu_fwd_op = torch.library.custom_op(
+    "vit_kernels::linear_bias_gelu_fwd", _linear_bias_gelu_fwd_impl, mutates_args=())
+
+
+@_linear_bias_gelu_fwd_op.register_fake
 def _(x, weight, bias, approximate, save_pre):
     out_shape = (*x.shape[:-1], weight.shape[0])
     return x.new_empty(out_shape), x.new_empty(out_shape if save_pre else (0,))
@@ -216,7 +219,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, dz_unused):
     x, weight, bias, z = ctx.saved_tensors
     # dz = dy * gelu'(z + b), dbias in the same pass (deterministic partial sums).
-    dz, dbias = torch.ops.vit_kernels.bias_gelu_bwd(dy, z, bias, ctx.approximate)
+    dz, dbias = op_or_impl(bias_gelu_bwd_op, bias_gelu_bwd_impl)(dy, z, bias, ctx.approximate)
     dz2, x2 = dz.reshape(-1, dz.shape[-1]), x.reshape(-1, x.shape[-1])
     dx = (dz2 @ weight).view(x.shape) if ctx.needs_input_grad[0] else None
     dweight = (dz2.t() @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
@@ -224,7 +227,8 @@ def _backward(ctx, dy, dz_unused):
     return dx, dweight, dbias, None, None
 
 
-_linear_bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_linear_bias_gelu_fwd = FusedOp(_linear_bias_gelu_fwd_op, _linear_bias_gelu_fwd_impl, setup_context=_setup_context,
+                                 backward=_backward, non_differentiable=(1,))
 
 
 def _triton_gemm_wins(x: Tensor, m: int, n: int, k: int) -> bool:
@@ -293,5 +297,5 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, a
     if x.stride(-1) != 1:
         x = x.contiguous()
     save_pre = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    y, _ = torch.ops.vit_kernels.linear_bias_gelu_fwd(x, weight.contiguous(), bias, approximate, save_pre)
+    y, _ = _linear_bias_gelu_fwd(x, weight.contiguous(), bias, approximate, save_pre)
     return y

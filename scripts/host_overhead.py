@@ -1,0 +1,156 @@
+"""Host (CPU) time per call of the fused ops and of a ViT step, without a GPU.
+
+A ViT step at a small batch is launch-bound: the GPU waits for Python. This measures the
+Python and dispatcher cost of our ops on any machine: CPU tensors, the op's kernel path
+forced, and every Triton launch replaced by a no-op (Triton's own launcher is therefore not
+counted; `scripts/gpu_diag.py overhead` measures the whole host cost on a device). The
+eager equivalents run their real CPU kernels on tiny tensors, so their numbers are an
+upper bound on their host cost. Times are the minimum over 7 batches of calls, in us (ops)
+or ms (ViT steps).
+
+    python scripts/host_overhead.py [--reps N] [--no-vit] [--profile add_layer_norm|flash_attention|bias_gelu]
+
+Run it without TRITON_INTERPRET (interpreted kernels cannot be stubbed out).
+"""
+
+import argparse
+import cProfile
+import importlib
+import os
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+from triton.runtime.jit import JITFunction
+
+OP_MODULES = ("attention", "bias_gelu", "layer_norm", "linear_bias_gelu")
+
+
+def stub_out_kernels():
+    """Every Triton launch a no-op, every op's kernel path taken for CPU tensors, one config
+    per attention launch (the autotuner would time configs on a GPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels cannot be stubbed out")
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    for name in OP_MODULES:
+        importlib.import_module(f"vit_kernels.ops.{name}").runs_kernel = lambda kernel, tensor: True
+    attention = importlib.import_module("vit_kernels.ops.attention")
+    all_configs = attention.launch_configs
+    attention.launch_configs = lambda *args, **kwargs: all_configs(*args, **kwargs)[:1]
+
+
+def per_call_seconds(fn, reps: int) -> float:
+    for _ in range(max(reps // 20, 5)):
+        fn()
+    batch = max(reps // 7, 1)
+    best = float("inf")
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        best = min(best, (time.perf_counter() - start) / batch)
+    return best
+
+
+def op_cases():
+    """(name, ours, eager): each a function of no arguments returning a tuple of outputs."""
+    from vit_kernels.ops import add_layer_norm, bias_gelu, flash_attention
+
+    dtype, hidden = torch.bfloat16, 64
+    x, residual = (torch.randn(2, 5, hidden, dtype=dtype, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(hidden, requires_grad=True) for _ in range(2))
+    q, k, v = (torch.randn(2, 5, 2, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    h = torch.randn(2, 5, 4 * hidden, dtype=dtype, requires_grad=True)
+    h_bias = torch.randn(4 * hidden, requires_grad=True)
+
+    def eager_layer_norm():
+        h_new = x + residual
+        return F.layer_norm(h_new, (hidden,), weight, bias, 1e-6), h_new
+
+    def eager_attention():
+        return (F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2),)
+
+    return [
+        ("add_layer_norm", lambda: add_layer_norm(x, residual, weight, bias), eager_layer_norm),
+        ("flash_attention", lambda: (flash_attention(q, k, v),), eager_attention),
+        ("bias_gelu", lambda: (bias_gelu(h, h_bias),), lambda: (F.gelu(h + h_bias),)),
+    ]
+
+
+def forward_and_backward(fn):
+    def run():
+        outputs = fn()
+        torch.autograd.backward(outputs, [torch.ones_like(o) for o in outputs])
+    return run
+
+
+def vit_cases():
+    """timm's ViT-B/16 layout (12 blocks) at a tiny width and image, eager and swapped."""
+    import timm
+
+    import vit_kernels
+
+    def make(swap):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=32, embed_dim=64, num_heads=2,
+                                  num_classes=10)
+        return vit_kernels.swap_modules(model)[0] if swap else model
+
+    images = torch.randn(1, 3, 32, 32)
+    models = {"timm": make(False), "timm swapped": make(True)}
+
+    def train_step(model):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(images).float().sum()
+            loss.backward()
+        return run
+
+    def inference(model):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                model(images)
+        return run
+
+    return models, train_step, inference
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=1400)
+    parser.add_argument("--no-vit", action="store_true")
+    parser.add_argument("--profile", choices=["add_layer_norm", "flash_attention", "bias_gelu"])
+    args = parser.parse_args()
+    stub_out_kernels()
+    torch.manual_seed(0)
+    print("host time per call, us (kernel launches stubbed out; eager runs tiny CPU kernels)")
+    print(f"{'op':18s} {'mode':10s} {'ours':>8s} {'eager':>8s} {'ours/eager':>10s}")
+    cases = op_cases()
+    for name, ours, eager in cases:
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd":
+                with torch.no_grad():
+                    times = [per_call_seconds(fn, args.reps) * 1e6 for fn in (ours, eager)]
+            else:
+                times = [per_call_seconds(forward_and_backward(fn), args.reps // 2) * 1e6 for fn in (ours, eager)]
+            print(f"{name:18s} {mode:10s} {times[0]:8.1f} {times[1]:8.1f} {times[0] / times[1]:10.2f}", flush=True)
+    if not args.no_vit:
+        models, train_step, inference = vit_cases()
+        print("\nViT-B/16 layout (12 blocks, width 64, 32x32 image, batch 1, bf16 autocast), ms per step")
+        for mode, make_run in (("train step", train_step), ("inference", inference)):
+            times = {name: per_call_seconds(make_run(model), max(args.reps // 50, 14)) * 1e3
+                     for name, model in models.items()}
+            print(f"{mode:10s} " + "  ".join(f"{name} {t:.2f}" for name, t in times.items())
+                  + f"  swapped/timm {times['timm swapped'] / times['timm']:.2f}", flush=True)
+    if args.profile:
+        ours = forward_and_backward(dict((name, fn) for name, fn, _ in cases)[args.profile])
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(500):
+            ours()
+        profile.disable()
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The two ways a fused op is called (vit_kernels/_dispatch.py, FusedOp): an eager call runs
+the op's implementation under a plain autograd.Function (or alone without gradients);
+whatever traces (torch.compile, export, make_fx, fake tensors) sees the registered custom
+op. Both must compute the same bits, and each must really be the path taken."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from vit_kernels.ops import add_layer_norm, bias_gelu, flash_attention, linear_bias_gelu
+from vit_kernels.testing import kernel_device
+
+
+def _layer_norm_case(device):
+    x, residual = (torch.randn(2, 7, 96, device=device, requires_grad=True) for _ in range(2))
+    weight, bias = (torch.randn(96, device=device, requires_grad=True) for _ in range(2))
+
+    def public(*inputs):
+        return add_layer_norm(*inputs)
+
+    def custom_op(*inputs):
+        y, h, _, _ = torch.ops.vit_kernels.add_layer_norm_fwd(*inputs, None, None, 1e-6, torch.float32, True)
+        return y, h
+
+    return (x, residual, weight, bias), public, custom_op, ("add_layer_norm_fwd", "add_layer_norm_bwd")
+
+
+def _attention_case(device):
+    q, k, v = (torch.randn(2, 17, 2, 32, device=device, requires_grad=True) for _ in range(3))
+
+    def public(*inputs):
+        return (flash_attention(*inputs),)
+
+    def custom_op(*inputs):
+        return (torch.ops.vit_kernels.flash_attention_fwd(*inputs, 32 ** -0.5, 0.0, None, True)[0],)
+
+    return (q, k, v), public, custom_op, ("flash_attention_fwd", "flash_attention_bwd")
+
+
+def _bias_gelu_case(device):
+    x = torch.randn(5, 3, 100, device=device, requires_grad=True)
+    bias = torch.randn(100, device=device, requires_grad=True)
+
+    def public(*inputs):
+        return (bias_gelu(*inputs),)
+
+    def custom_op(*inputs):
+        return (torch.ops.vit_kernels.bias_gelu_fwd(*inputs, "none"),)
+
+    return (x, bias), public, custom_op, ("bias_gelu_fwd", "bias_gelu_bwd")
+
+
+def _linear_bias_gelu_case(device):
+    x = torch.randn(9, 64, device=device, requires_grad=True)
+    weight = torch.randn(80, 64, device=device, requires_grad=True)
+    bias = torch.randn(80, device=device, requires_grad=True)
+
+    def public(*inputs):
+        return (linear_bias_gelu(*inputs, backend="triton"),)
+
+    def custom_op(*inputs):
+        return (torch.ops.vit_kernels.linear_bias_gelu_fwd(*inputs, "none", True)[0],)
+
+    return (x, weight, bias), public, custom_op, ("linear_bias_gelu_fwd", "bias_gelu_bwd")
+
+
+CASES = {
+    "add_layer_norm": _layer_norm_case,
+    "flash_attention": _attention_case,
+    "bias_gelu": _bias_gelu_case,
+    "linear_bias_gelu": _linear_bias_gelu_case,
+}
+
+
+def _outputs_and_grads(fn, inputs, douts=None):
+    outputs = fn(*inputs)
+    if douts is None:
+        douts = [torch.randn_like(o) for o in outputs]
+    grads = torch.autograd.grad(outputs, inputs, douts)
+    return outputs, grads, douts
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_eager_path_is_taken_and_matches_the_custom_op_bitwise(seed, op):
+    inputs, public, custom_op, _ = CASES[op](kernel_device())
+    outputs, grads, douts = _outputs_and_grads(public, inputs)
+    # The eager autograd.Function, not the custom op's generated one, made the outputs.
+    assert type(outputs[0].grad_fn).__name__.startswith("Eager"), type(outputs[0].grad_fn).__name__
+    op_outputs, op_grads, _ = _outputs_and_grads(custom_op, inputs, douts)
+    assert not type(op_outputs[0].grad_fn).__name__.startswith("Eager")
+    for got, want in zip(outputs + grads, op_outputs + op_grads):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_without_gradients_the_implementation_runs_alone(seed, op):
+    inputs, public, _, _ = CASES[op](kernel_device())
+    with torch.no_grad():
+        outputs = public(*inputs)
+    assert all(o.grad_fn is None for o in outputs)
+    for got, want in zip(outputs, public(*inputs)):
+        assert torch.equal(got, want.detach())
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_tracing_sees_the_custom_ops(seed, op):
+    """make_fx (a Python dispatch mode, as AOTAutograd and export use) records the forward and
+    backward custom ops, not the Triton launches inside them."""
+    inputs, public, _, (fwd_name, bwd_name) = CASES[op](kernel_device())
+
+    def forward_and_backward(*inputs):
+        outputs = public(*inputs)
+        return torch.autograd.grad(outputs, inputs, [torch.ones_like(o) for o in outputs])
+
+    graph = make_fx(forward_and_backward)(*inputs)
+    called = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+    assert f"vit_kernels.{fwd_name}.default" in called, called
+    assert f"vit_kernels.{bwd_name}.default" in called, called
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_torch_compile_graph_holds_the_custom_op(seed, op):
+    """Dynamo must record the custom op, not trace into the eager autograd.Function and its
+    Triton launches."""
+    inputs, public, _, (fwd_name, _) = CASES[op](kernel_device())
+    called = set()
+
+    def record(graph_module, example_inputs):
+        called.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module
+
+    torch._dynamo.reset()
+    torch.compile(public, backend=record, fullgraph=True)(*inputs)
+    assert any(f"vit_kernels.{fwd_name}" in target for target in called), called
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_double_backward_fails_loudly(seed, op):
+    """No op has a second derivative: differentiating a gradient must raise, as it does
+    through the custom ops, never treat the gradient as a constant (a gradient penalty
+    would silently lose its term)."""
+    inputs, public, _, _ = CASES[op](kernel_device())
+    outputs = public(*inputs)
+    grads = torch.autograd.grad(outputs, inputs, [torch.randn_like(o) for o in outputs], create_graph=True)
+    assert grads[0].requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        grads[0].square().sum().backward()
+
+
+def test_host_overhead_script_runs():
+    """scripts/host_overhead.py (the host-time numbers in README) runs on a machine without a
+    GPU, outside the interpreter, and prints every op and both ViT modes."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "host_overhead.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script), "--reps", "70"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for row in ("add_layer_norm", "flash_attention", "bias_gelu", "train step", "inference"):
+        assert row in out.stdout, out.stdout
