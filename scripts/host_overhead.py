@@ -9,6 +9,12 @@ upper bound on their host cost. Times are the minimum over 7 batches of calls, i
 or ms (ViT steps).
 
     python scripts/host_overhead.py [--reps N] [--no-vit] [--profile add_layer_norm|flash_attention|bias_gelu]
+    python scripts/host_overhead.py --saved-activations
+
+--saved-activations instead counts what a ViT-B/16 training step keeps for backward per
+image (the bytes of the distinct storages autograd saves in the forward, bf16 autocast,
+224 px), timm eager against timm after swap_modules: the part of the step's peak memory
+that grows with the batch, from shapes alone (the stubbed kernels compute nothing).
 
 Run it without TRITON_INTERPRET (interpreted kernels cannot be stubbed out).
 """
@@ -24,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from triton.runtime.jit import JITFunction
 
-OP_MODULES = ("attention", "bias_gelu", "layer_norm", "linear_bias_gelu")
+OP_MODULES = ("attention", "bias_gelu", "bias_gelu_linear", "layer_norm", "linear_bias_gelu")
 
 
 def stub_out_kernels():
@@ -115,14 +121,57 @@ def vit_cases():
     return models, train_step, inference
 
 
+def saved_activation_bytes(model, images) -> int:
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(images)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(nbytes for ptr, nbytes in storages.items() if ptr not in parameters)
+
+
+def report_saved_activations():
+    """Per image: the saved bytes at batch 2 minus those at batch 1, so that what does not grow
+    with the batch (autocast's bf16 weight copies, which dominate at a tiny batch) cancels."""
+    import timm
+
+    import vit_kernels
+    from vit_kernels.nn import FusedMlp
+
+    per_image = {}
+    for name in ("timm", "timm swapped", "timm swapped, fc2 keeping the GELU output"):
+        model = timm.create_model("vit_base_patch16_224", pretrained=False).train()
+        if name != "timm":
+            vit_kernels.swap_modules(model)
+        if name.endswith("output"):  # FusedMlp's unfused path: linear_bias_gelu, then fc2 as a module
+            for module in model.modules():
+                if isinstance(module, FusedMlp):
+                    module._fc2_follows_gelu_directly = lambda: False
+        one, two = (saved_activation_bytes(model, torch.randn(b, 3, 224, 224)) for b in (1, 2))
+        per_image[name] = two - one
+    print("ViT-B/16, 224 px, bf16 autocast: activations kept for backward per image, MB (x timm)")
+    for name, nbytes in per_image.items():
+        print(f"  {name:45s} {nbytes / 1e6:8.2f}  {nbytes / per_image['timm']:.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=1400)
     parser.add_argument("--no-vit", action="store_true")
     parser.add_argument("--profile", choices=["add_layer_norm", "flash_attention", "bias_gelu"])
+    parser.add_argument("--saved-activations", action="store_true")
     args = parser.parse_args()
     stub_out_kernels()
     torch.manual_seed(0)
+    if args.saved_activations:
+        report_saved_activations()
+        return
     print("host time per call, us (kernel launches stubbed out; eager runs tiny CPU kernels)")
     print(f"{'op':18s} {'mode':10s} {'ours':>8s} {'eager':>8s} {'ours/eager':>10s}")
     cases = op_cases()

@@ -130,7 +130,7 @@ def main(argv):
     JITFunction.run = compile_instead_of_launch
     Autotuner.run = compile_every_config
     from vit_kernels.ops import attention, layer_norm
-    from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_op, bias_gelu_bwd_op
+    from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_op, bias_gelu_backward_into, bias_gelu_bwd_op
     from vit_kernels.ops.linear_bias_gelu import _launch as launch_linear_bias_gelu
     from vit_kernels.ops.linear_bias_gelu import autotune_configs as linear_bias_gelu_configs
 
@@ -166,6 +166,7 @@ def main(argv):
             bias = torch.randn(n_cols)
             _bias_gelu_fwd_op(x, bias, approximate)
             bias_gelu_bwd_op(x, x, bias, approximate)
+            bias_gelu_backward_into(x, x, bias, approximate, x.clone(), torch.empty_like(x))  # with y recomputed
     # The fc1 GEMM: every autotune config (after the shared-memory prune), saving z or not.
     gemm_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
     for dtype in gemm_dtypes:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vit_kernels.ops import add_layer_norm, bias_gelu, flash_attention, linear_bias_gelu
+from vit_kernels.ops import add_layer_norm, bias_gelu, bias_gelu_linear, flash_attention, linear_bias_gelu
 from vit_kernels.testing import kernel_device
 
 
@@ -69,11 +69,27 @@ def _linear_bias_gelu_case(device):
     return (x, weight, bias), public, custom_op, ("linear_bias_gelu_fwd", "bias_gelu_bwd")
 
 
+def _bias_gelu_linear_case(device):
+    x = torch.randn(9, 128, device=device, requires_grad=True)
+    bias = torch.randn(128, device=device, requires_grad=True)
+    weight = torch.randn(40, 128, device=device, requires_grad=True)
+    linear_bias = torch.randn(40, device=device, requires_grad=True)
+
+    def public(*inputs):
+        return (bias_gelu_linear(*inputs),)
+
+    def custom_op(*inputs):
+        return (torch.ops.vit_kernels.bias_gelu_linear_fwd(*inputs, "none"),)
+
+    return (x, bias, weight, linear_bias), public, custom_op, ("bias_gelu_linear_fwd", "bias_gelu_linear_bwd")
+
+
 CASES = {
     "add_layer_norm": _layer_norm_case,
     "flash_attention": _attention_case,
     "bias_gelu": _bias_gelu_case,
     "linear_bias_gelu": _linear_bias_gelu_case,
+    "bias_gelu_linear": _bias_gelu_linear_case,
 }
 
 

@@ -358,7 +358,13 @@ def _fused_fc1_gelu(x, weight, bias, backend="auto"):
 
 
 def _fused_mlp(x, w1, b1, w2, b2, backend="auto"):
-    return F.linear(_fused_fc1_gelu(x, w1, b1, backend), w2, b2)
+    """As FusedMlp runs it: fc1 without its bias, then bias + GELU + fc2 keeping only the
+    pre-activation; the Triton-GEMM provider keeps fc1 + bias + GELU in one GEMM instead."""
+    from .ops import bias_gelu_linear
+
+    if backend == "triton":
+        return F.linear(_fused_fc1_gelu(x, w1, b1, backend), w2, b2)
+    return bias_gelu_linear(F.linear(x, w1), b1, w2, b2)
 
 
 def _mlp_fns(op: str):

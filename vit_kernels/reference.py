@@ -105,6 +105,12 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], approxim
     return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
+def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor],
+                     approximate: str = "none") -> Tensor:
+    """``F.linear(gelu(x + bias), weight, linear_bias)``: eager's GELU and fc2 after a bias-free fc1."""
+    return F.linear(bias_gelu(x, bias, approximate), weight, linear_bias)
+
+
 def patch_embed(
     images: Tensor,
     weight: Tensor,

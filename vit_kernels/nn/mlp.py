@@ -1,7 +1,9 @@
 from typing import Optional, Type
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.bias_gelu_linear import bias_gelu_linear
 from ..ops.linear_bias_gelu import linear_bias_gelu
 
 
@@ -18,14 +20,17 @@ def _gelu_approximation(act: nn.Module) -> str:
 
 
 class FusedMlp(nn.Module):
-    """timm's `Mlp` (fc1 -> GELU -> fc2) with fc1's bias fused into the GELU.
+    """timm's `Mlp` (fc1 -> GELU -> fc2) with fc1's bias fused into the GELU, keeping one
+    [tokens, hidden] activation for backward instead of two.
 
     Submodule names match timm's `Mlp` (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``,
-    ``drop2``), so its state_dict loads with ``strict=True``. fc1 + bias + GELU is
-    `vit_kernels.ops.linear_bias_gelu` (per shape: the Triton GEMM with the bias + GELU
-    epilogue, or a bias-free cuBLAS GEMM and `bias_gelu` in one pass), forward and
-    backward; fc2 is a plain Linear. The activation must be GELU (exact
-    or tanh); anything else is refused at construction.
+    ``drop2``), so its state_dict loads with ``strict=True``. The forward is fc1 without
+    its bias (cuBLAS), then `vit_kernels.ops.bias_gelu_linear`: fc1's bias + GELU in one
+    pass and fc2, saving only the pre-activation; the backward recomputes the GELU output
+    in the pass that computes its gradient. With a dropout after the GELU (training,
+    drop1.p > 0), a norm there, or hooks on fc2, it runs fc1 + bias + GELU as
+    `vit_kernels.ops.linear_bias_gelu` and fc2 as its own module instead. The activation
+    must be GELU (exact or tanh); anything else is refused at construction.
     """
 
     def __init__(
@@ -64,6 +69,14 @@ class FusedMlp(nn.Module):
         return fused
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._fc2_follows_gelu_directly():
+            hidden = F.linear(x, self.fc1.weight)
+            return self.drop2(bias_gelu_linear(hidden, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.approximate))
         x = linear_bias_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)
         x = self.norm(self.drop1(x))
         return self.drop2(self.fc2(x))
+
+    def _fc2_follows_gelu_directly(self) -> bool:
+        dropout = self.training and float(getattr(self.drop1, "p", 0.0)) > 0.0
+        fc2_hooked = bool(self.fc2._forward_hooks or self.fc2._forward_pre_hooks)
+        return isinstance(self.norm, nn.Identity) and not dropout and type(self.fc2) is nn.Linear and not fc2_hooked

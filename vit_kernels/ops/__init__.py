@@ -2,6 +2,7 @@
 
 from .attention import attention_probs, flash_attention, flash_attention_qkvpacked
 from .bias_gelu import bias_gelu
+from .bias_gelu_linear import bias_gelu_linear
 from .layer_norm import add_layer_norm
 from .linear_bias_gelu import linear_bias_gelu
 from .patch_embed import patch_embed
@@ -10,6 +11,7 @@ __all__ = [
     "add_layer_norm",
     "attention_probs",
     "bias_gelu",
+    "bias_gelu_linear",
     "flash_attention",
     "flash_attention_qkvpacked",
     "linear_bias_gelu",

@@ -96,14 +96,17 @@ def _bias_gelu_bwd_kernel(
     X,
     BIAS,
     DX,
+    Y,
     DBIAS_PARTIAL,
     stride_dy_row,
     stride_x_row,
     stride_dx_row,
+    stride_y_row,
     n_rows,
     n_cols,
     rows_per_program,
     HAS_BIAS: tl.constexpr,
+    STORE_Y: tl.constexpr,
     TANH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -130,6 +133,9 @@ def _bias_gelu_bwd_kernel(
         dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dz = tl.where(mask, dy * _gelu_grad(z, TANH), 0.0)
         tl.store(DX + rows64 * stride_dx_row + cols[None, :], cast_for_store(dz, DX.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
+        if STORE_Y:
+            y = _gelu(z, TANH)
+            tl.store(Y + rows64 * stride_y_row + cols[None, :], cast_for_store(y, Y.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
         dbias += dz
     if HAS_BIAS:
         tl.store(DBIAS_PARTIAL + pid * n_cols + cols, tl.sum(dbias, axis=0), mask=col_mask)
@@ -170,31 +176,39 @@ def _(x, bias, approximate):
     return x.new_empty(x.shape)
 
 
-def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
-    """Returns (dx, dbias); dbias is an empty tensor when there is no bias."""
-    n_cols = x.shape[-1]
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x2, dy2 = as_rows(x, n_cols), as_rows(dy, n_cols)
-    n_rows = x2.shape[0]
+def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], approximate: str, dx2: Tensor,
+                            y2: Optional[Tensor] = None) -> Optional[Tensor]:
+    """One backward pass over rows: dx2 = dy2 * gelu'(x2 + bias), y2 = gelu(x2 + bias) when
+    given (the forward's output, recomputed for a caller that did not keep it); returns dbias
+    (float32) or None without a bias. dx2 may be dy2 itself: each element is read before it
+    is written, by the same program."""
+    n_rows, n_cols = x2.shape
     block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_bwd_kernel)
     n_row_blocks = max(1, cdiv(n_rows, block_m))
     n_col_blocks = cdiv(n_cols, block_n)
     # Enough row groups for a few waves of programs over all column blocks.
-    n_groups = min(n_row_blocks, max(1, num_programs_for_reduction(x.device) // n_col_blocks))
+    n_groups = min(n_row_blocks, max(1, num_programs_for_reduction(x2.device) // n_col_blocks))
     rows_per_program = cdiv(n_row_blocks, n_groups) * block_m
     n_groups = cdiv(n_row_blocks * block_m, rows_per_program)
-    partial = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x.device) if bias is not None else None
+    partial = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x2.device) if bias is not None else None
     if n_rows > 0:
-        dx2 = dx.view(-1, n_cols)
         _bias_gelu_bwd_kernel[(n_groups, n_col_blocks)](
-            dy2, x2, bias, dx2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0), n_rows, n_cols, rows_per_program,
-            HAS_BIAS=bias is not None, TANH=approximate == "tanh", BLOCK_M=block_m, BLOCK_N=block_n,
-            RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_bwd_kernel), num_warps=num_warps,
+            dy2, x2, bias, dx2, y2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0),
+            y2.stride(0) if y2 is not None else 0, n_rows, n_cols, rows_per_program,
+            HAS_BIAS=bias is not None, STORE_Y=y2 is not None, TANH=approximate == "tanh", BLOCK_M=block_m,
+            BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_bwd_kernel), num_warps=num_warps,
         )
     elif partial is not None:
         partial.zero_()
-    dbias = partial.sum(0).to(bias.dtype) if bias is not None else x.new_empty(0)
-    return dx, dbias
+    return partial.sum(0) if partial is not None else None
+
+
+def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dbias); dbias is an empty tensor when there is no bias."""
+    n_cols = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dbias = bias_gelu_backward_into(as_rows(dy, n_cols), as_rows(x, n_cols), bias, approximate, dx.view(-1, n_cols))
+    return dx, (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
 
 bias_gelu_bwd_op = torch.library.custom_op("vit_kernels::bias_gelu_bwd", bias_gelu_bwd_impl, mutates_args=())

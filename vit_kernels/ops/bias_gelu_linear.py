@@ -1,0 +1,163 @@
+# fc1's bias + GELU + fc2: out = gelu(z + b1) @ W2^T + b2, saving only the pre-activation z.
+#
+# What is fused and why. In a ViT MLP autograd keeps two [M, 4D] tensors per block for the
+# backward: the pre-activation (for GELU's derivative) and the GELU output y (fc2 keeps its
+# input for its weight gradient). At ViT-B, batch 128, bf16 that is 2 x 155 MB per block;
+# y alone is 1.9 GB over 12 blocks, about a fifth of the training step's activations. This
+# op keeps z only. Its backward needs y once, for dW2 = dout^T @ y, and the pass that
+# computes dz = dY * gelu'(z + b1) reads z anyway: it writes y beside dz, so the price of
+# not keeping y is one [M, 4D] write in backward (about 0.05 ms at ViT-B, batch 128, at 3
+# TB/s), not a second pass. Not yet measured on a GPU.
+#
+# Forward: the bias_gelu kernel (one read of z, one write of y), then fc2 in cuBLAS; y is
+# freed when the op returns. Backward: dY = dout @ W2 (cuBLAS); one bias_gelu backward pass
+# reads dY and z and writes dz over dY (in place) and y; dW2 = dout^T @ y and
+# dX-of-fc1's-input etc. are cuBLAS GEMMs; db1 comes from the same pass (deterministic
+# float32 partial sums), db2 = sum(dout) in float32. Gradients nobody asked for are not
+# computed (a frozen fc2 skips y; frozen everything below fc2 skips dz).
+#
+# Layout: z [..., H] (last dim contiguous after reshaping to rows, else copied), b1 [H] or
+# None, W2 [O, H] (nn.Linear's), b2 [O] or None. Not supported: other activations; a
+# dropout or a norm between the GELU and fc2 (FusedMlp keeps its unfused path for those).
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import reference
+from .._dispatch import FusedOp, op_or_impl, runs_kernel
+from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
+from ._triton_helpers import as_rows
+from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
+
+
+def _bias_gelu_linear_fwd_impl(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor],
+                               approximate: str) -> Tensor:
+    return F.linear(_bias_gelu_fwd_impl(x, bias, approximate), weight, linear_bias)
+
+
+_bias_gelu_linear_fwd_op = torch.library.custom_op(
+    "vit_kernels::bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, mutates_args=())
+
+
+@_bias_gelu_linear_fwd_op.register_fake
+def _(x, bias, weight, linear_bias, approximate):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], weight: Tensor,
+                               has_linear_bias: bool, approximate: str, needs_dx: bool,
+                               needs_dweight: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dbias, dweight, dlinear_bias); an empty tensor for each one not computed.
+
+    dx and dbias come together (one pass) when needs_dx; dweight when needs_dweight;
+    dlinear_bias (float32) when has_linear_bias.
+    """
+    hidden, out_features = x.shape[-1], weight.shape[0]
+    dout2, x2 = as_rows(dout, out_features), as_rows(x, hidden)
+    dx, dbias, dweight, dlinear_bias = (x.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
+    y2 = None
+    if needs_dx:
+        y2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if needs_dweight else None
+        dz2 = dout2 @ weight  # dY, overwritten with dz by the pass below
+        bias_sum = bias_gelu_backward_into(dz2, x2, bias, approximate, dz2, y2)
+        dx = dz2.view(x.shape)
+        if bias is not None:
+            dbias = bias_sum.to(bias.dtype)
+    elif needs_dweight:
+        y2 = as_rows(_bias_gelu_fwd_impl(x2, bias, approximate), hidden)
+    if needs_dweight:
+        dweight = (dout2.t() @ y2).to(weight.dtype)
+    if has_linear_bias:
+        dlinear_bias = dout2.sum(0, dtype=torch.float32)
+    return dx, dbias, dweight, dlinear_bias
+
+
+_bias_gelu_linear_bwd_op = torch.library.custom_op(
+    "vit_kernels::bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, mutates_args=())
+
+
+@_bias_gelu_linear_bwd_op.register_fake
+def _(dout, x, bias, weight, has_linear_bias, approximate, needs_dx, needs_dweight):
+    return (
+        x.new_empty(x.shape if needs_dx else (0,)),
+        bias.new_empty(bias.shape) if needs_dx and bias is not None else x.new_empty(0),
+        weight.new_empty(weight.shape if needs_dweight else (0,)),
+        dout.new_empty((weight.shape[0],), dtype=torch.float32) if has_linear_bias else x.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, weight, linear_bias, approximate = inputs
+    ctx.save_for_backward(x, bias, weight)
+    ctx.approximate = approximate
+    ctx.linear_bias_dtype = linear_bias.dtype if linear_bias is not None else None
+
+
+def _backward(ctx, dout):
+    x, bias, weight = ctx.saved_tensors
+    needs_x, needs_bias, needs_weight, needs_linear_bias, _ = ctx.needs_input_grad
+    dx, dbias, dweight, dlinear_bias = op_or_impl(_bias_gelu_linear_bwd_op, _bias_gelu_linear_bwd_impl)(
+        dout, x, bias, weight, needs_linear_bias, ctx.approximate, needs_x or needs_bias, needs_weight)
+    return (
+        dx if needs_x else None,
+        dbias if needs_bias else None,
+        dweight if needs_weight else None,
+        dlinear_bias.to(ctx.linear_bias_dtype) if needs_linear_bias else None,
+        None,
+    )
+
+
+_bias_gelu_linear_fwd = FusedOp(_bias_gelu_linear_fwd_op, _bias_gelu_linear_fwd_impl, setup_context=_setup_context,
+                                backward=_backward)
+
+
+def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor] = None,
+                     approximate: str = "none") -> Tensor:
+    """``F.linear(gelu(x + bias), weight, linear_bias)``: an MLP's activation and fc2, keeping
+    only x (the bias-free pre-activation) for backward, never the GELU output.
+
+    Args:
+        x: ``[..., H]``, float32, float16 or bfloat16: fc1's output without its bias
+            (``F.linear(input, fc1.weight)``).
+        bias: fc1's bias ``[H]`` (float32 or x's dtype), added in float32 inside the pass, or None.
+        weight: fc2's weight ``[O, H]``; linear_bias: fc2's bias ``[O]`` or None.
+        approximate: ``"none"`` (exact erf GELU, the default) or ``"tanh"``.
+
+    Returns ``[..., O]`` in the compute dtype: under autocast, weight and linear_bias are cast
+    to the autocast dtype (as autocast runs a Linear); otherwise to x's dtype. The backward
+    recomputes the GELU output in the pass that computes its gradient (see the header).
+    float64, and CPU tensors outside Triton's interpreter, run
+    `vit_kernels.reference.bias_gelu_linear`.
+
+    Raises:
+        TypeError: non-tensors, integer dtypes.
+        ValueError: weight not ``[O, H]``, bias not ``[H]``, linear_bias not ``[O]``, mixed
+            devices, unknown ``approximate``, 0-d x.
+    """
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    check_float_tensor("x", x, dtypes=dtypes)
+    check_optional_float_tensor("bias", bias, dtypes=dtypes)
+    check_float_tensor("weight", weight, dtypes=dtypes)
+    check_optional_float_tensor("linear_bias", linear_bias, dtypes=dtypes)
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape [O, {x.shape[-1]}] (x's last dim is H), got {tuple(weight.shape)}")
+    check_shape("bias", bias, (x.shape[-1],))
+    check_shape("linear_bias", linear_bias, (weight.shape[0],))
+    check_same_device("x", x, bias=bias, weight=weight, linear_bias=linear_bias)
+
+    dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        # Custom ops are outside autocast's cast lists: cast as autocast casts fc2's Linear.
+        dtype = torch.get_autocast_dtype(x.device.type)
+    x, weight = x.to(dtype), weight.to(dtype)
+    linear_bias = linear_bias.to(dtype) if linear_bias is not None else None
+    if dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
+        return reference.bias_gelu_linear(x, bias, weight, linear_bias, approximate)
+    return _bias_gelu_linear_fwd(x, bias, weight.contiguous(), linear_bias, approximate)
