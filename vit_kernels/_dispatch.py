@@ -35,13 +35,27 @@ def num_programs_for_reduction(device: torch.device, per_sm: int = 4) -> int:
     enough to exercise the two-stage reduction while keeping CPU time low.
     """
     if device.type == "cuda":
-        return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return per_sm * cuda_properties(device).multi_processor_count
     return 4
 
 
+def cuda_properties(device: torch.device):
+    """torch.cuda.get_device_properties, cached per device: launchers ask on every call."""
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def linear_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear on x computes in: autocast's when autocast is on for x's device
+    (float64 excepted, as autocast leaves it alone), else x's. Custom ops are outside
+    autocast's cast lists, so an op that runs a GEMM casts its operands to this itself."""
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def interpreted(kernel) -> bool:

@@ -65,7 +65,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, interpreted, op_or_impl, runs_kernel
+from .._dispatch import FusedOp, cuda_properties, interpreted, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_number, check_same_device
 from ._triton_helpers import cast_for_store, cdiv, next_power_of_2
 
@@ -489,11 +489,6 @@ def _strides(t: Tensor) -> tuple:
     return t.stride()[:3]
 
 
-@functools.lru_cache(maxsize=None)
-def _arch_major(device_index: int) -> int:
-    return torch.cuda.get_device_capability(device_index)[0]
-
-
 def _flash_attention_fwd_impl(
     q: Tensor,
     k: Tensor,
@@ -515,8 +510,7 @@ def _flash_attention_fwd_impl(
     lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    arch_major = _arch_major(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
-        if q.device.type == "cuda" else 9
+    arch_major = cuda_properties(q.device).major if q.device.type == "cuda" else 9
     _launch(
         _attn_fwd_kernel,
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),

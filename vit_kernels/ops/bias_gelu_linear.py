@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, op_or_impl, runs_kernel
+from .._dispatch import FusedOp, linear_compute_dtype, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 from ._triton_helpers import as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
@@ -67,7 +67,7 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
         if bias is not None:
             dbias = bias_sum.to(bias.dtype)
     elif needs_dweight:
-        y2 = as_rows(_bias_gelu_fwd_impl(x2, bias, approximate), hidden)
+        y2 = _bias_gelu_fwd_impl(x2, bias, approximate)
     if needs_dweight:
         dweight = (dout2.t() @ y2).to(weight.dtype)
     if has_linear_bias:
@@ -152,10 +152,7 @@ def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_b
     check_shape("linear_bias", linear_bias, (weight.shape[0],))
     check_same_device("x", x, bias=bias, weight=weight, linear_bias=linear_bias)
 
-    dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        # Custom ops are outside autocast's cast lists: cast as autocast casts fc2's Linear.
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = linear_compute_dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)
     linear_bias = linear_bias.to(dtype) if linear_bias is not None else None
     if dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):

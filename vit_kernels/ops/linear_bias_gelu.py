@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, interpreted, op_or_impl, runs_kernel
+from .._dispatch import FusedOp, cuda_properties, interpreted, linear_compute_dtype, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
 from .bias_gelu import APPROXIMATIONS, _gelu, bias_gelu, bias_gelu_bwd_impl, bias_gelu_bwd_op
@@ -236,8 +236,7 @@ def _triton_gemm_wins(x: Tensor, m: int, n: int, k: int) -> bool:
         # The interpreter: run the kernel so that it is tested, except in bf16, whose tl.dot
         # the interpreter computes wrongly (triton 3.7-3.9).
         return x.dtype != torch.bfloat16
-    major, _ = torch.cuda.get_device_capability(x.device)
-    rule = _TRITON_GEMM_WINS.get((major, x.dtype))
+    rule = _TRITON_GEMM_WINS.get((cuda_properties(x.device).major, x.dtype))
     return bool(rule and rule(m, n, k))
 
 
@@ -281,11 +280,8 @@ def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, a
     check_shape("bias", bias, (weight.shape[0],))
     check_same_device("x", x, weight=weight, bias=bias)
 
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        # Custom ops are outside autocast's cast lists: cast as autocast casts a Linear.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    weight = weight.to(x.dtype)
+    dtype = linear_compute_dtype(x)
+    x, weight = x.to(dtype), weight.to(dtype)
     if x.dtype == torch.float64 or not runs_kernel(_linear_bias_gelu_fwd_kernel, x):
         return reference.linear_bias_gelu(x, weight, bias, approximate)
     rows, (n, k) = x.numel() // max(x.shape[-1], 1), weight.shape
