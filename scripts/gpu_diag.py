@@ -23,25 +23,18 @@ from vit_kernels.ops import attention as attn
 
 
 def attention_configs():
+    from vit_kernels.bench import time_cuda_ms
     from vit_kernels.testing import check_rule
 
     original = attn.launch_configs
     cases = [(2, 50, 2), (2, 197, 2), (1, 4096, 4)]
-    print("attention: forced config -> worst error / eager's (out, dq, dk, dv)")
-    for kind in ("bwd",):  # the forward passed every test on the device
-        entries = attn._FWD_CONFIGS + attn._FWD_CONFIGS_D32 if kind == "fwd" else (
-            attn._BWD_CONFIGS + attn._BWD_CONFIGS_D64 + attn._BWD_CONFIGS_D32)
-        for entry in entries:
-            for dtype in (torch.bfloat16, torch.float16):
-                for head_dim in (64, 128):
-                    if entry in attn._FWD_CONFIGS_D32 + attn._BWD_CONFIGS_D32 and head_dim > 32:
-                        continue
-                    if entry in attn._BWD_CONFIGS_D64 and head_dim > 64:
-                        continue
-                    forced = [attn._as_config(entry)]
-
-                    def launch_configs(k, *args, **kwargs):
-                        return forced if k == kind else original(k, *args, **kwargs)[:1]
+    print("attention: forced config -> worst error / eager's (out, dq, dk, dv); fwd+bwd ms at (128, 197, 12, d)")
+    for kind in attn.KERNEL_KINDS:
+        for dtype in (torch.bfloat16, torch.float16):
+            for head_dim in (64, 128):
+                for config in original(kind, head_dim, dtype, attn._attn_fwd_kernel):
+                    def launch_configs(k, *args, _config=config, **kwargs):
+                        return (_config,) if k == kind else original(k, *args, **kwargs)[:1]
 
                     attn.launch_configs = launch_configs
                     results, all_ok = [], True
@@ -62,10 +55,17 @@ def attention_configs():
                                       for a, e, o in zip((out, *grads), (out_e, *grads_e), (out_6, *grads_6))]
                             all_ok = all_ok and all(c.ok for c in checks)
                             results.append(f"N={n}: " + " ".join(f"{c.ratio:.2f}" for c in checks))
+                        q, k, v = (torch.randn(128, 197, 12, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+                                   for _ in range(3))
+                        dout = torch.randn_like(q)
+                        ms = time_cuda_ms(lambda: torch.autograd.grad(attn.flash_attention(q, k, v), (q, k, v), dout),
+                                          reps=20)
                     finally:
                         attn.launch_configs = original
                     flag = "ok " if all_ok else "BAD"
-                    print(f"  {flag} {kind} {entry} {str(dtype)[6:]} d={head_dim}: " + " | ".join(results), flush=True)
+                    block_m, block_n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+                    print(f"  {flag} {kind:4s} ({block_m}, {block_n}, {config.num_warps}, {config.num_stages}) "
+                          f"{str(dtype)[6:]} d={head_dim}: {ms:.3f} ms | " + " | ".join(results), flush=True)
 
 
 def overhead():

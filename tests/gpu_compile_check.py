@@ -9,7 +9,7 @@ what the interpreter cannot: code the GPU compiler rejects, shared memory over t
 limit, register spills.
 
 Prints one JSON line per compiled launch: kernel, target, constexprs, shared bytes,
-registers, spill bytes.
+registers, spill bytes, and how many dots became wgmma or mma.sync.
 """
 
 import json
@@ -110,6 +110,10 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
             "options": options,
             "shared_bytes": compiled.metadata.shared,
+            # Which tensor-core instruction each tl.dot became: Hopper's wgmma needs 64 rows per
+            # warpgroup in the dot's M dimension, else Triton falls back to Ampere's mma.sync.
+            "wgmma_dots": len(re.findall(r"ttng\.warp_group_dot\b", compiled.asm["ttgir"])),
+            "mma_sync_dots": len(re.findall(r"\btt\.dot\b", compiled.asm["ttgir"])),
             **_ptxas_report(compiled.asm["ptx"], arch),
         }
         print(json.dumps(record, default=str), flush=True)
@@ -153,7 +157,7 @@ def main(argv):
     attention_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     for head_dim in (32, 64, 80, 96, 128):
         for dtype in attention_dtypes:
-            for dropout_p, deterministic in ((0.0, True), (0.1, False)):
+            for dropout_p, deterministic in ((0.0, True), (0.1, True), (0.1, False)):
                 seed = torch.tensor(3) if dropout_p else None
                 qkv = torch.randn(1, 5, 3, 2, head_dim, dtype=dtype)
                 q, k, v = qkv.unbind(2)

@@ -113,15 +113,13 @@ def test_dropout_keep_rate(seed):
     assert not torch.equal(mask[0, 0], mask[0, 1])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
-    """The kernel's dropped-out output and gradients equal the reference's with the same mask."""
-    p = 0.25
+def check_dropout_consistency(monkeypatch, batch, n, heads, head_dim, dtype, p):
+    """The kernel's dropped-out output and gradients against the reference's with the same mask, by the rule."""
     seed_value = torch.tensor(987654)
     monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: seed_value)
-    (q, k, v), leaves = _make(2, 50, 50, 2, 64, dtype, packed=False)
-    dout = torch.randn(2, 50, 2, 64, device=DEVICE).to(dtype)
-    mask = attention_dropout_mask(seed_value, 2, 2, 50, 50, p, DEVICE)
+    (q, k, v), leaves = _make(batch, n, n, heads, head_dim, dtype, packed=False)
+    dout = torch.randn(batch, n, heads, head_dim, device=DEVICE).to(dtype)
+    mask = attention_dropout_mask(seed_value, batch, heads, n, n, p, DEVICE)
 
     def masked_reference(q, k, v):
         return reference.attention(q, k, v, None, mask, p)
@@ -135,33 +133,43 @@ def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
         assert_rule(name, g, g_ref, g_eager)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
+    check_dropout_consistency(monkeypatch, 2, 50, 2, 64, dtype, 0.25)
+
+
 def _gpu_tile_shapes():
     from vit_kernels.ops import attention
 
-    entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._BWD_CONFIGS
-               + attention._BWD_CONFIGS_D64 + attention._BWD_CONFIGS_D32
+    entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._DKDV_CONFIGS
+               + attention._DKDV_CONFIGS_WIDE_STEP + attention._DQ_CONFIGS + attention._DQ_CONFIGS_WIDE_STEP
                + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG,
-                  attention._BWD_CONFIG_WIDE_HEAD])
+                  attention._ATOMIC_BWD_CONFIG_WIDE_HEAD])
     return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
 
 
 @pytest.mark.requires_cuda
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_dim):
-    """Each config the autotuner may pick, forced one at a time on the device, forward and
-    backward by the rule. The interpreter cannot catch a config that compiles wrong: on an
-    H100 the backward's (32, 64, 8, 2) at d = 128 computed dK 20x off eager's error."""
+def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_dim, dropout):
+    """Each config the autotuner may pick, forced one at a time on the device (the other
+    kernels run their first), forward and backward by the rule. The interpreter cannot catch a
+    config that compiles wrong: on an H100 an earlier backward's (32, 64, 8, 2) at d = 128
+    computed dK 20x off eager's error."""
     from vit_kernels.ops import attention
 
     original = attention.launch_configs
-    for kind in ("fwd", "bwd"):
-        for config in original(kind, head_dim, dtype, attention._attn_fwd_kernel):
+    for kind in attention.KERNEL_KINDS:
+        for config in original(kind, head_dim, dtype, attention._attn_fwd_kernel, dropout=dropout):
             def forced(k, *args, _kind=kind, _config=config, **kwargs):
-                return [_config] if k == _kind else original(k, *args, **kwargs)[:1]
+                return (_config,) if k == _kind else original(k, *args, **kwargs)[:1]
 
             monkeypatch.setattr(attention, "launch_configs", forced)
-            check_attention(2, 197, 197, 2, head_dim, dtype, packed=True)
+            if dropout:
+                check_dropout_consistency(monkeypatch, 2, 197, 2, head_dim, dtype, 0.1)
+            else:
+                check_attention(2, 197, 197, 2, head_dim, dtype, packed=True)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")

@@ -48,3 +48,20 @@ def test_no_register_spills_on_hopper(launches):
         if r["target"] != "sm_90" or r["constexprs"].get("BLOCK_N", 0) >= 8192:
             continue
         assert r["spill_bytes"] == 0, r
+
+
+def test_attention_dots_run_on_wgmma_on_hopper(launches):
+    """Each 16-bit attention dot becomes a wgmma on sm_90 (Triton falls back to mma.sync when
+    the dot's M block is under 64 rows per warpgroup: the backward before its dK/dV tile was
+    transposed ran all its dots that way at d > 64). Exempt: the atomic-dQ dot (M = the Q step)."""
+    checked = 0
+    for r in launches:
+        constexprs = r["constexprs"]
+        if r["target"] != "sm_90" or not r["kernel"].startswith("_attn_") or constexprs.get("DOT_PRECISION") != "tf32":
+            continue
+        if r["kernel"] == "_attn_bwd_preprocess_kernel":
+            continue
+        allowed_mma_sync = 1 if constexprs.get("ATOMIC_DQ") else 0
+        assert r["wgmma_dots"] > 0 and r["mma_sync_dots"] <= allowed_mma_sync, r
+        checked += 1
+    assert checked > 0

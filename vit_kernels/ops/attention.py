@@ -26,9 +26,11 @@
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
 #   of size N^2 is stored.
 # - Backward: a preprocess kernel for delta = rowsum(dO * O); one kernel per KV block
-#   for dK, dV; and dQ either from a second kernel per Q block (default: every element
-#   written by one program, so gradients are bitwise reproducible) or, with
-#   deterministic=False, accumulated with float32 atomics inside the dK/dV kernel.
+#   for dK, dV, which computes its tile transposed (S^T = K Q^T) so that no register tile
+#   is transposed and every dot runs on wgmma (the kernel's docstring); and dQ either from
+#   a second kernel per Q block (default: every element written by one program, so
+#   gradients are bitwise reproducible) or, with deterministic=False, accumulated with
+#   float32 atomics inside the dK/dV kernel.
 # - Grid (query or key blocks, heads, batch): blocks of one head run next to each other
 #   (they share K/V in L2) and B*H is not bound by CUDA's 65535 limit on grid.y.
 # - Block sizes: a few configs per kernel for Hopper and Ampere, each checked spill-free by
@@ -44,10 +46,15 @@
 #   ViT-H/14 (64, 257, 16, 80)  0.187        0.157              1.318           0.867
 #   (4, 4096, 16, 128)        1.287 (427 TFLOP/s)  0.815 (675)  12.56           3.78
 #
-# The forward runs at 0.84x SDPA's (cuDNN's Hopper kernel, wgmma + TMA) at ViT shapes and
-# 0.63x at N = 4096; ours is mma.sync-class Triton without warp specialization. The
-# backward is 1.19x SDPA at ViT-B but falls behind as d and N grow: d > 64 runs only
-# 32 x 32 tiles (the wider config computed dK wrong at d = 128, launch_configs below).
+# The forward runs at 0.84x SDPA's (cuDNN's Hopper kernel: TMA, warp specialization) at
+# ViT shapes and 0.63x at N = 4096; ours runs its dots on wgmma (the compiled TTGIR) but loads with
+# cp.async and has no warp specialization. The backward of that run was 1.19x SDPA at ViT-B
+# but fell behind as d and N grew. Its dots, read from the compiled kernels afterwards: with
+# a 32-row Q block, both kernels' score dots and every dQ dot ran on mma.sync, and at d > 64
+# (32 x 32 tiles only) every backward dot did. The backward since then (transposed dK/dV
+# tile, separate dK/dV and dQ configs with 64- or 128-row M blocks, every dot of the
+# deterministic path on wgmma: tests/test_gpu_compile.py) is
+# NOT measured yet: the next device run times it (scripts/gpu_diag.py attention, per config).
 # Deterministic dQ is the default because it costs nothing: the atomic-dQ path measured
 # 1.4-2.3x slower for the whole fwd+bwd (1.93 vs 1.06 ms at ViT-B), its single fixed
 # config (an autotuner's reruns would accumulate dQ) and float32 atomics losing to a
@@ -75,33 +82,28 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p):
-    """The keep mask of one [rows, cols] tile: one Philox draw per (batch*head, row, col)."""
-    offsets = (pid_bh * n_q + rows[:, None]) * n_kv + cols[None, :]
-    return tl.rand(seed, offsets) >= dropout_p
+    """The keep mask of one tile: one Philox draw per (batch*head, row, col). `rows` and `cols`
+    come broadcastable ([M, 1] and [1, N], or transposed for a [N, M] tile): the same element
+    draws the same number whichever way round its tile is."""
+    return tl.rand(seed, (pid_bh * n_q + rows) * n_kv + cols) >= dropout_p
 
 
 @triton.jit
-def _bwd_tile(
-    q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, n_kv,
-    HAS_DROPOUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+def _probs_and_dscores(
+    scores, dp, lse, delta, rows, cols, valid, dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT: tl.constexpr,
 ):
-    """One [rows, cols] tile of the backward, shared by the dK/dV and dQ kernels.
-
-    Recomputes P from the saved log-sum-exp, applies the forward's dropout mask to P and
-    to dP = dO V^T, and returns (P after dropout, dS = P * (dP - delta)).
-    """
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    p = tl.exp2(scores - lse[:, None])
-    p = tl.where(row_mask[:, None] & col_mask[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    """One tile of the backward, in whichever orientation the caller computed it: P recomputed
+    from the base-2 scores and the saved log-sum-exp, the forward's dropout mask applied to P
+    and to dP; returns (P after dropout, dS = P * (dP - delta)). `lse`, `delta`, `rows` and
+    `cols` come broadcastable to the tile."""
+    p = tl.where(valid, tl.exp2(scores - lse), 0.0)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
         p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
     else:
         p_dropped = p
-    return p_dropped, p * (dp - delta[:, None])
+    return p_dropped, p * (dp - delta)
 
 
 @triton.jit
@@ -168,7 +170,7 @@ def _attn_fwd_kernel(
         p = tl.exp2(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         if HAS_DROPOUT:
-            p = tl.where(_dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], n_q, n_kv, dropout_p), p, 0.0)
         v = tl.load(v_base + kv_offsets * stride_vn + offs_d[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -256,7 +258,15 @@ def _attn_bwd_dkdv_kernel(
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
     """dK, dV for one KV block, looping over all Q blocks; with ATOMIC_DQ also dQ's share of this
-    block, added with float32 atomics into DQ_ACCUM ([B, N_q, H, d] contiguous). DK and DV share strides."""
+    block, added with float32 atomics into DQ_ACCUM ([B, N_q, H, d] contiguous). DK and DV share strides.
+
+    The tile is computed transposed, S^T = K Q^T [BLOCK_N, BLOCK_M], so that P^T and dS^T come
+    out of their dots already in the orientation dV += P^T dO and dK += dS^T Q consume them:
+    no tile is transposed in registers (a round trip through shared memory), and every dot
+    has the KV block as its M dimension, so BLOCK_N = 64 or 128 runs them all on Hopper's
+    wgmma while BLOCK_M, the Q step, stays small (ptxas: no wgmma at all in the [M, N]
+    formulation with BLOCK_M = 32).
+    """
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -287,14 +297,16 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
 
-        p_dropped, ds = _bwd_tile(
-            q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh,
-            n_q, n_kv, HAS_DROPOUT, DOT_PRECISION,
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        p_dropped_t, ds_t = _probs_and_dscores(
+            scores_t, dp_t, lse[None, :], delta[None, :], rows[None, :], cols[:, None],
+            col_mask[:, None] & row_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT,
         )
-        dv += tl.dot(tl.trans(p_dropped).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
             dq_ptrs = DQ_ACCUM + ((b * n_q + rows64) * n_heads + h) * HEAD_DIM + offs_d[None, :]
             tl.atomic_add(dq_ptrs, dq, mask=q_mask)
 
@@ -371,9 +383,11 @@ def _attn_bwd_dq_kernel(
         cols64 = cols[:, None].to(tl.int64)
         k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        _, ds = _bwd_tile(
-            q, k, v, do, lse, delta, rows, cols, row_mask, col_mask, qk_scale_log2, dropout_p, seed, pid_bh,
-            n_q, n_kv, HAS_DROPOUT, DOT_PRECISION,
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        _, ds = _probs_and_dscores(
+            scores, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :],
+            row_mask[:, None] & col_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT,
         )
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
@@ -383,30 +397,35 @@ def _attn_bwd_dq_kernel(
 
 
 # Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on Hopper and
-# Ampere. Each compiles without register spills for sm_90 at the head dims it is listed
-# for, and for sm_80 too except the forward's 64-wide tiles at d >= 80 with dropout (36-52
-# bytes), which Ampere therefore skips there (ptxas through tests/gpu_compile_check.py).
-# The autotuner times them on the device at first use, per (N bucket, head dim, dropout,
-# dtype). Seen spilling and so left out: forward 128 x 128 for d >= 64; backward 64 x 64
-# with 8 warps for d >= 64 (24-36 bytes), 64 x 32 for d >= 80, 128 x 64 and 64 x 128.
+# Ampere, autotuned on the device at first use per (N bucket, head dim, dropout, dtype). Each
+# compiles without register spills for sm_90 (and sm_80, but where noted) at the head dims and
+# dropout setting it is listed for (ptxas, through tests/gpu_compile_check.py).
+#
+# The block that is the M dimension of a kernel's dots (BLOCK_M in the forward and the dQ
+# kernel, BLOCK_N in the dK/dV kernel) is 16 rows per warp, 64 per warpgroup: Hopper's wgmma
+# runs 64-row tiles per warpgroup, so a smaller one falls back to mma.sync (every backward dot
+# did, at BLOCK_M = 32, before the dK/dV kernel was transposed), and the one config seen to
+# compile wrong on an H100 (dK at d = 128, triton 3.6) had 64 rows on 8 warps. The other
+# block is the loop's step: 64 only at d <= 64 without dropout, where it stays spill-free.
+#
+# Forward: seen spilling and so left out, 128 x 128 for d >= 64; Ampere skips the 64-wide
+# step at d >= 80 with dropout (36-52 bytes).
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 _FWD_CONFIGS_D32 = [(128, 128, 8, 2)]
-_BWD_CONFIGS = [(32, 64, 8, 2), (32, 32, 4, 1)]
-_BWD_CONFIGS_D64 = [(64, 32, 4, 2)]
-_BWD_CONFIGS_D32 = [(64, 64, 8, 2)]
-# d > 64: only 32 x 32 with 4 warps. On an H100 (triton 3.6, 2026-11-22) the backward with
-# (32, 64, 8, 2) at d = 128 computed dK wrong — 4 to 470 times eager's error, fp16 and bf16,
-# N = 50, 197 and 4096 — while dQ and dV were right and the interpreter runs that tile shape
-# right (scripts/gpu_diag.py attention). d = 64 with the same config is right.
-_BWD_CONFIG_WIDE_HEAD = (32, 32, 4, 1)
+_DKDV_CONFIGS = [(32, 128, 8, 2), (32, 64, 4, 2)]
+_DKDV_CONFIGS_WIDE_STEP = [(64, 128, 8, 2), (64, 64, 4, 2)]
+_DQ_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2)]
+_DQ_CONFIGS_WIDE_STEP = [(128, 64, 8, 2), (64, 64, 4, 2)]
 # One config where timing is impossible or pointless: the interpreter (64 x 64 tiles, so
 # N = 197 and 257 still cross several tile boundaries), float32 (dots without tensor cores,
 # on small tiles), and the dK/dV kernel with atomic dQ (an autotuner's repeated runs would
-# accumulate dQ several times).
+# accumulate dQ several times; a 16-row Q step at d > 64, where 32 rows spill with dropout).
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 _FLOAT32_FWD_CONFIG = (64, 32, 4, 1)
 _FLOAT32_BWD_CONFIG = (32, 32, 4, 1)
-_ATOMIC_BWD_CONFIG = (32, 64, 8, 2)
+_ATOMIC_BWD_CONFIG = (32, 128, 8, 2)
+_ATOMIC_BWD_CONFIG_WIDE_HEAD = (16, 64, 4, 2)
+KERNEL_KINDS = ("fwd", "dkdv", "dq")
 
 
 def _as_config(entry: tuple) -> triton.Config:
@@ -416,10 +435,10 @@ def _as_config(entry: tuple) -> triton.Config:
 
 def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atomic_dq: bool = False,
                    dropout: bool = False, arch_major: int = 9) -> tuple:
-    """The configs a launch chooses among: one (run as is) or several (autotuned).
-
-    The same tuple object for the same configs (cached): `_launch` keys its autotuners on it.
-    """
+    """The configs a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or
+    several (autotuned). The same tuple object for the same configs (cached): `_launch` keys
+    its autotuners on it."""
+    wide_step = head_dim <= 64 and not dropout
     if interpreted(kernel):
         entries = [_INTERPRETER_CONFIG]
     elif dtype == torch.float32:
@@ -428,12 +447,15 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
         entries = _FWD_CONFIGS + (_FWD_CONFIGS_D32 if head_dim <= 32 else [])
         if arch_major < 9 and head_dim >= 80 and dropout:
             entries = [entry for entry in entries if entry[1] <= 32]
-    elif atomic_dq:
-        entries = [_ATOMIC_BWD_CONFIG if head_dim <= 64 else _BWD_CONFIG_WIDE_HEAD]
-    elif head_dim > 64:
-        entries = [_BWD_CONFIG_WIDE_HEAD]
+    elif kind == "dkdv":
+        if atomic_dq:
+            entries = [_ATOMIC_BWD_CONFIG if head_dim <= 64 else _ATOMIC_BWD_CONFIG_WIDE_HEAD]
+        else:
+            entries = _DKDV_CONFIGS + (_DKDV_CONFIGS_WIDE_STEP if wide_step else [])
+    elif kind == "dq":
+        entries = _DQ_CONFIGS + (_DQ_CONFIGS_WIDE_STEP if wide_step else [])
     else:
-        entries = _BWD_CONFIGS + _BWD_CONFIGS_D64 + (_BWD_CONFIGS_D32 if head_dim <= 32 else [])
+        raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     return _as_configs(tuple(entries))
 
 
@@ -567,7 +589,8 @@ def _flash_attention_bwd_impl(
                _n_bucket(n_q, n_kv))
     _launch(
         _attn_bwd_dkdv_kernel,
-        launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic),
+        launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic,
+                       dropout=dropout_p > 0),
         lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
          *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
@@ -575,7 +598,7 @@ def _flash_attention_bwd_impl(
     )
     if deterministic:
         _launch(
-            _attn_bwd_dq_kernel, launch_configs("bwd", head_dim, q.dtype, _attn_bwd_dq_kernel),
+            _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
             lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, dout, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), *scalars),
@@ -621,7 +644,7 @@ def _dropout_mask_kernel(MASK, n_q, n_kv, dropout_p, seed, BLOCK_M: tl.constexpr
     pid_bh = tl.program_id(2)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
+    keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], n_q, n_kv, dropout_p)
     ptrs = MASK + (pid_bh * n_q + rows[:, None]) * n_kv + cols[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(rows < n_q)[:, None] & (cols < n_kv)[None, :])
 
