@@ -4,8 +4,8 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [STAGE ...]     ($OUT defaults to ./gpu_out)
 #
-# STAGE is one or more of tests, sanitize, bench, vit, main, or all (the default, every
-# stage in that order). The stages split the work over several device calls when one
+# STAGE is one or more of tests, sanitize, bench, vit, main, diag, or all (the default,
+# every stage in that order). The stages split the work over several device calls when one
 # would run past the 10-minute limit (the first run compiles every kernel variant):
 #   tests     the test suite on CUDA (in parallel with pytest-xdist where it is installed:
 #             compiling Triton kernels is CPU-bound, and the tests are not timed)
@@ -14,6 +14,8 @@
 #   bench     `pytest benchmarks/ --benchmark-only` for the per-op benchmarks
 #   vit       the end-to-end benchmarks and the training job's fused/eager throughput ratio
 #   main      the main job (`python -m vit_kernels.bench`): bench-main.json, .md and .png
+#   diag      scripts/gpu_diag.py attention overhead: every attention config forced (rule
+#             and time each) and where each op's time goes (diag.txt)
 # Each stage may be capped in seconds by <STAGE>_TIMEOUT_S (e.g. TESTS_TIMEOUT_S=300); a
 # capped stage is interrupted, prints what it has, and the script goes on to the next.
 #
@@ -24,7 +26,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main)
+[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 status=0
@@ -97,8 +99,13 @@ for stage in "${STAGES[@]}"; do
         grep -E "FAIL" "$OUT/bench-main.log" | head -20
         tail -2 "$OUT/bench-main.log"
         ;;
+    diag)
+        capped diag python scripts/gpu_diag.py attention overhead > "$OUT/diag.txt" 2>&1 || status=1
+        grep -E "BAD" "$OUT/diag.txt" | head -20
+        tail -3 "$OUT/diag.txt"
+        ;;
     *)
-        echo "unknown stage $stage (tests, sanitize, bench, vit, main, all)"
+        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, all)"
         exit 2
         ;;
     esac
