@@ -262,10 +262,10 @@ def _attn_bwd_dkdv_kernel(
 
     The tile is computed transposed, S^T = K Q^T [BLOCK_N, BLOCK_M], so that P^T and dS^T come
     out of their dots already in the orientation dV += P^T dO and dK += dS^T Q consume them:
-    no tile is transposed in registers (a round trip through shared memory), and every dot
-    has the KV block as its M dimension, so BLOCK_N = 64 or 128 runs them all on Hopper's
-    wgmma while BLOCK_M, the Q step, stays small (ptxas: no wgmma at all in the [M, N]
-    formulation with BLOCK_M = 32).
+    no computed tile is transposed in registers, and every dot has the KV block as its M
+    dimension, so BLOCK_N = 64 or 128 runs them all on Hopper's wgmma while BLOCK_M, the Q
+    step, stays small. (The [M, N] formulation, read from its sm_90 TTGIR: with BLOCK_M = 32
+    the score and dP dots ran on mma.sync, and at 32 x 32 every dot did.)
     """
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
