@@ -47,14 +47,14 @@
 #   (4, 4096, 16, 128)        1.287 (427 TFLOP/s)  0.815 (675)  12.56           3.78
 #
 # The forward runs at 0.84x SDPA's (cuDNN's Hopper kernel: TMA, warp specialization) at
-# ViT shapes and 0.63x at N = 4096; ours runs its dots on wgmma (the compiled TTGIR) but loads with
-# cp.async and has no warp specialization. The backward of that run was 1.19x SDPA at ViT-B
-# but fell behind as d and N grew. Its dots, read from the compiled kernels afterwards: with
-# a 32-row Q block, both kernels' score dots and every dQ dot ran on mma.sync, and at d > 64
-# (32 x 32 tiles only) every backward dot did. The backward since then (transposed dK/dV
-# tile, separate dK/dV and dQ configs with 64- or 128-row M blocks, every dot of the
-# deterministic path on wgmma: tests/test_gpu_compile.py) is
-# NOT measured yet: the next device run times it (scripts/gpu_diag.py attention, per config).
+# ViT shapes and 0.63x at N = 4096; ours runs its dots on wgmma (the compiled TTGIR) but
+# loads with cp.async and has no warp specialization. The backward of that run was 1.19x
+# SDPA at ViT-B but fell behind as d and N grew. Its dots, read from the compiled kernels
+# afterwards: with a 32-row Q block, both kernels' score dots and every dQ dot ran on
+# mma.sync, and at d > 64 (32 x 32 tiles only) every backward dot did. The backward since
+# then (transposed dK/dV tile, separate dK/dV and dQ configs with 64- or 128-row M blocks,
+# every dot of the deterministic path on wgmma: tests/test_gpu_compile.py) is NOT measured
+# yet: the next device run times it (scripts/gpu_diag.py attention, per config).
 # Deterministic dQ is the default because it costs nothing: the atomic-dQ path measured
 # 1.4-2.3x slower for the whole fwd+bwd (1.93 vs 1.06 ms at ViT-B), its single fixed
 # config (an autotuner's reruns would accumulate dQ) and float32 atomics losing to a
