@@ -4,7 +4,7 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [STAGE ...]     ($OUT defaults to ./gpu_out)
 #
-# STAGE is one or more of tests, sanitize, bench, vit, main, diag, or all (the default,
+# STAGE is one or more of tests, sanitize, bench, vit, main, diag, profile, or all (the default,
 # every stage in that order). The stages split the work over several device calls when one
 # would run past the 10-minute limit (the first run compiles every kernel variant):
 #   tests     the test suite on CUDA (in parallel with pytest-xdist where it is installed:
@@ -16,6 +16,8 @@
 #   main      the main job (`python -m vit_kernels.bench`): bench-main.json, .md and .png
 #   diag      scripts/gpu_diag.py attention overhead: every attention config forced (rule
 #             and time each) and where each op's time goes (diag.txt)
+#   profile   scripts/profile_vit_step.py: a ViT-B/16 training step's kernels by kind, its wall
+#             time, and the host side (time to issue a step, synchronizing calls, cProfile)
 # Each stage may be capped in seconds by <STAGE>_TIMEOUT_S (e.g. TESTS_TIMEOUT_S=300); a
 # capped stage is interrupted, prints what it has, and the script goes on to the next.
 #
@@ -26,7 +28,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag)
+[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag profile)
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 status=0
@@ -104,8 +106,12 @@ for stage in "${STAGES[@]}"; do
         grep -E "BAD" "$OUT/diag.txt" | head -20
         tail -3 "$OUT/diag.txt"
         ;;
+    profile)
+        capped profile python scripts/profile_vit_step.py timm timm_swapped reference_fused > "$OUT/profile.txt" 2>&1 || status=1
+        grep -E "step|host:" "$OUT/profile.txt"
+        ;;
     *)
-        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, all)"
+        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, profile, all)"
         exit 2
         ;;
     esac

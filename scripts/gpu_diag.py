@@ -10,8 +10,11 @@
    event time tracks the host time rather than the kernel time, the op is launch-bound.
 
     python scripts/gpu_diag.py [attention] [overhead] [layer_norm]
+
+ATTN_KINDS="dkdv dq" limits the attention sweep to some kernel kinds.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -29,7 +32,8 @@ def attention_configs():
     original = attn.launch_configs
     cases = [(2, 50, 2), (2, 197, 2), (1, 4096, 4)]
     print("attention: forced config -> worst error / eager's (out, dq, dk, dv); fwd+bwd ms at (128, 197, 12, d)")
-    for kind in attn.KERNEL_KINDS:
+    kinds = os.environ.get("ATTN_KINDS", " ".join(attn.KERNEL_KINDS)).split()
+    for kind in kinds:
         for dtype in (torch.bfloat16, torch.float16):
             for head_dim in (64, 128):
                 for config in original(kind, head_dim, dtype, attn._attn_fwd_kernel):

@@ -1,11 +1,22 @@
-"""Where a ViT-B/16 training step's GPU time goes, per provider: torch.profiler's CUDA kernels
-grouped by kind (GEMM, attention, norm, GELU, optimizer, other), plus the host time per step.
+"""Where a ViT-B/16 training step's time goes, per provider: torch.profiler's CUDA kernels
+grouped by kind (GEMM, attention, norm, GELU, optimizer, other), the wall time per step, and
+the host side: how long Python takes to issue one step (perf_counter around a step started on
+an idle GPU, no synchronize inside), how many calls in a step synchronize with the GPU
+(torch.cuda's sync debug mode), and the functions the host spends that time in (cProfile).
+When the wall time tracks the host's issue time rather than the kernels, the step is
+host-bound, and the cProfile lines say whose Python it is (ours, Triton's launcher, torch's).
 
-    python scripts/profile_vit_step.py [provider ...]     (default: timm timm_swapped)
+    python scripts/profile_vit_step.py [--warmup N] [provider ...]     (default: timm timm_swapped)
 """
 
+import argparse
+import cProfile
+import io
+import pstats
+import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -24,10 +35,48 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def main(providers):
-    for provider in providers:
+def host_side(case) -> str:
+    issue = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        case.run()
+        issue.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            case.run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(3):
+        case.run()
+    torch.cuda.synchronize()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(15)
+    lines = [line for line in text.getvalue().splitlines() if line.strip()]
+    site = torch.__file__.rsplit("torch/", 1)[0]
+    table = lines[next(i for i, line in enumerate(lines) if "tottime" in line):]
+    return (f"  host: {statistics.median(issue):.1f} ms to issue a step (median of 5), "
+            f"{len(syncs)} synchronizing calls in a step" + "".join(f"\n    sync: {m[:110]}" for m in syncs[:5])
+            + "\n  cProfile, 3 steps, by own time (seconds; profiling slows what it profiles):\n    "
+            + "\n    ".join(line.replace(site, "")[:150] for line in table))
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=5, help="steps run before anything is timed")
+    parser.add_argument("providers", nargs="*", default=["timm", "timm_swapped"])
+    args = parser.parse_args(argv)
+    for provider in args.providers:
         case = vit_case(provider, "ViT-B/16", "train", torch.device("cuda"))
-        for _ in range(5):
+        for _ in range(args.warmup):
             case.run()
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -50,9 +99,10 @@ def main(providers):
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda x: -x[1])))
         for name, ms in sorted(names.items(), key=lambda x: -x[1])[:8]:
             print(f"    {ms:6.2f} ms  {name[:90]}")
+        print(host_side(case), flush=True)
         del case
         torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["timm", "timm_swapped"])
+    main(sys.argv[1:])

@@ -167,7 +167,10 @@ def test_bad_argument_from_the_command_line_has_no_traceback(tmp_path):
 
 
 def _torchrun(argv, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}  # CPU processes run the kernels interpreted
+    # The workers run the fused ops the way this process does: interpreted Triton kernels where
+    # conftest set TRITON_INTERPRET (no GPU), else the PyTorch reference that CPU tensors take on a
+    # GPU machine. Forcing the interpreter there compared interpreted kernels with the reference.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "vit_kernels.train", *argv, "--device", "cpu", "--output", str(tmp_path / "dist")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)

@@ -37,26 +37,28 @@
 #   ptxas for sm_80/sm_90 at its head dims, autotuned on the device keyed on an N bucket
 #   (a power of two), the head dim, dropout and the dtype (launch_configs, below).
 #
-# Measured (H100 80GB, torch 2.11, triton 3.6, bf16, 2026-11-22; packed qkv in, [B, N, H*d]
-# out; benchmarks/results/nvidia-h100-2026-11-22.md). ms, CUDA events / CUDA-graph replay:
+# Measured (H100 80GB, torch 2.11, triton 3.6, bf16, 2026-11-23; packed qkv in, [B, N, H*d]
+# out; benchmarks/results/nvidia-h100-2026-11-23.md). ms, CUDA events (/ CUDA-graph replay):
 #
-#   shape (B, N, H, d)        fwd ours       fwd SDPA (cuDNN)   fwd+bwd ours    fwd+bwd SDPA
-#   ViT-B (256, 197, 12, 64)  0.190 / 0.195  0.163 / 0.164      1.061 / 1.055   1.260 / 1.249
-#   ViT-L@384 (64, 577, 16, 64) 0.335        0.281              2.370           1.615
-#   ViT-H/14 (64, 257, 16, 80)  0.187        0.157              1.318           0.867
-#   (4, 4096, 16, 128)        1.287 (427 TFLOP/s)  0.815 (675)  12.56           3.78
+#   shape (B, N, H, d)          fwd ours        fwd SDPA (cuDNN)  fwd+bwd ours    fwd+bwd SDPA
+#   ViT-B (256, 197, 12, 64)    0.192 / 0.195   0.163             1.007 / 0.985   1.247
+#   ViT-L@384 (64, 577, 16, 64) 0.333           0.281             1.591           1.619
+#   ViT-H/14 (64, 257, 16, 80)  0.215 / 0.196   0.157             1.343 / 0.820   0.873
+#   (4, 4096, 16, 128)          1.279 (430 TFLOP/s)  0.812 (677)  5.730           3.785
 #
 # The forward runs at 0.84x SDPA's (cuDNN's Hopper kernel: TMA, warp specialization) at
 # ViT shapes and 0.63x at N = 4096; ours runs its dots on wgmma (the compiled TTGIR) but
-# loads with cp.async and has no warp specialization. The backward of that run was 1.19x
-# SDPA at ViT-B but fell behind as d and N grew. Its dots, read from the compiled kernels
-# afterwards: with a 32-row Q block, both kernels' score dots and every dQ dot ran on
-# mma.sync, and at d > 64 (32 x 32 tiles only) every backward dot did. The backward since
-# then (transposed dK/dV tile, separate dK/dV and dQ configs with 64- or 128-row M blocks,
-# every dot of the deterministic path on wgmma: tests/test_gpu_compile.py) is NOT measured
-# yet: the next device run times it (scripts/gpu_diag.py attention, per config).
+# loads with cp.async and has no warp specialization. The backward: on 2026-11-22, with a
+# 32-row Q block, both kernels' score dots and every dQ dot ran on mma.sync (read from the
+# compiled kernels), and fwd+bwd measured 1.19x SDPA at ViT-B, 0.68x at ViT-L@384 and 0.30x
+# at (4, 4096, 16, 128). With the dK/dV tile transposed and separate dK/dV and dQ configs
+# (every dot of the deterministic path on wgmma: tests/test_gpu_compile.py) the same run's
+# ratios became 1.24x, 1.02x and 0.66x; at ViT-H/14 the GPU's time beats SDPA's (0.820 vs
+# 0.873 ms) but the host's launch cost does not. Forced one at a time at (128, 197, 12, 64),
+# bf16, the dK/dV configs span 0.70-0.86 ms of fwd+bwd and the dQ configs 0.63-0.95 ms
+# (scripts/gpu_diag.py attention): the autotuner's choice matters.
 # Deterministic dQ is the default because it costs nothing: the atomic-dQ path measured
-# 1.4-2.3x slower for the whole fwd+bwd (1.93 vs 1.06 ms at ViT-B), its single fixed
+# 1.3-3.8x slower for the whole fwd+bwd (1.87 vs 1.01 ms at ViT-B), its single fixed
 # config (an autotuner's reruns would accumulate dQ) and float32 atomics losing to a
 # second, autotuned kernel.
 #

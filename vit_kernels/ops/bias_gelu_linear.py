@@ -7,7 +7,8 @@
 # op keeps z only. Its backward needs y once, for dW2 = dout^T @ y, and the pass that
 # computes dz = dY * gelu'(z + b1) reads z anyway: it writes y beside dz, so the price of
 # not keeping y is one [M, 4D] write in backward (about 0.05 ms at ViT-B, batch 128, at 3
-# TB/s), not a second pass. Not yet measured on a GPU.
+# TB/s), not a second pass. On an H100 (2026-11-23) the ViT-B/16 training step running it
+# peaked at 7.7 GiB against timm eager's 10.2 (10.1 before it); its time alone is not measured.
 #
 # Forward: the bias_gelu kernel (one read of z, one write of y), then fc2 in cuBLAS; y is
 # freed when the op returns. Backward: dY = dout @ W2 (cuBLAS); one bias_gelu backward pass
