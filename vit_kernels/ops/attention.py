@@ -25,12 +25,15 @@
 # - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
 #   of size N^2 is stored.
-# - Backward: a preprocess kernel for delta = rowsum(dO * O); one kernel per KV block
-#   for dK, dV, which computes its tile transposed (S^T = K Q^T) so that no register tile
-#   is transposed and every dot runs on wgmma (the kernel's docstring); and dQ either from
-#   a second kernel per Q block (default: every element written by one program, so
-#   gradients are bitwise reproducible) or, with deterministic=False, accumulated with
-#   float32 atomics inside the dK/dV kernel.
+# - Backward: one kernel per KV block for dK, dV, which computes its tile transposed
+#   (S^T = K Q^T) so that no register tile is transposed and every dot runs on wgmma (the
+#   kernel's docstring); dQ either from a kernel per Q block launched before it (default:
+#   every element written by one program, so gradients are bitwise reproducible; it also
+#   writes delta = rowsum(dO * O), which the dK/dV kernel needs) or, with
+#   deterministic=False, accumulated with float32 atomics inside the dK/dV kernel after a
+#   preprocess kernel for delta. Two launches per backward by default, not three (the
+#   ViT-B training step measured host-bound: README, "Measured results"); this came after
+#   the 2026-11-23 run below and is not measured yet.
 # - Grid (query or key blocks, heads, batch): blocks of one head run next to each other
 #   (they share K/V in L2) and B*H is not bound by CUDA's 65535 limit on grid.y.
 # - Block sizes: a few configs per kernel for Hopper and Ampere, each checked spill-free by
@@ -323,6 +326,7 @@ def _attn_bwd_dq_kernel(
     Q,
     K,
     V,
+    O,
     DO,
     LSE,
     DELTA,
@@ -336,6 +340,9 @@ def _attn_bwd_dq_kernel(
     stride_vb,
     stride_vn,
     stride_vh,
+    stride_ob,
+    stride_on,
+    stride_oh,
     stride_dob,
     stride_don,
     stride_doh,
@@ -358,7 +365,11 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
-    """dQ for one Q block, looping over all KV blocks: one writer per element, so deterministic."""
+    """dQ for one Q block, looping over all KV blocks: one writer per element, so deterministic.
+
+    It also writes delta = rowsum(dO * O) for its rows, which the dK/dV kernel launched after
+    it reads: the preprocess kernel's job, done where dO is loaded anyway (one launch and one
+    read of dO fewer; only O is read in addition, once per row)."""
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -372,8 +383,10 @@ def _attn_bwd_dq_kernel(
     rows64 = rows[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :], mask=q_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh * n_q + rows, delta, mask=row_mask)
     lse = tl.load(LSE + pid_bh * n_q + rows, mask=row_mask, other=0.0)
-    delta = tl.load(DELTA + pid_bh * n_q + rows, mask=row_mask, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
 
@@ -580,15 +593,25 @@ def _flash_attention_bwd_impl(
         dout = dout.contiguous()
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
-    pre_block = 32
-    _attn_bwd_preprocess_kernel[(cdiv(n_q, pre_block), n_heads, batch)](
-        out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
-    )
-    # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
-    dq_accum = None if deterministic else torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
                _n_bucket(n_q, n_kv))
+    if deterministic:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
+        _launch(
+            _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
+            lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
+            (q, k, v, out, dout, lse, delta, dq,
+             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq), *scalars),
+            dict(HAS_DROPOUT=dropout_p > 0, **constexprs),
+        )
+        dq_accum = None
+    else:
+        pre_block = 32
+        _attn_bwd_preprocess_kernel[(cdiv(n_q, pre_block), n_heads, batch)](
+            out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
+            HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
+        )
+        # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
+        dq_accum = torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     _launch(
         _attn_bwd_dkdv_kernel,
         launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic,
@@ -598,15 +621,7 @@ def _flash_attention_bwd_impl(
          *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
         dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs),
     )
-    if deterministic:
-        _launch(
-            _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
-            lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
-            (q, k, v, dout, lse, delta, dq,
-             *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq), *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **constexprs),
-        )
-    else:
+    if not deterministic:
         dq.copy_(dq_accum)
     return dq, dk, dv
 
