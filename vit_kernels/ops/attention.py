@@ -189,6 +189,16 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
+def _store_delta(o_base, stride_on, do, delta_base, rows, offs_d, mask, n_q):
+    """delta = rowsum(dO * O) in float32 for `rows` of one (batch, head), stored for the dK/dV
+    kernel and returned. `do` is the caller's loaded dO tile; O is read here, once per row."""
+    o = tl.load(o_base + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_base + rows, delta, mask=rows < n_q)
+    return delta
+
+
+@triton.jit
 def _attn_bwd_preprocess_kernel(
     O,
     DO,
@@ -213,10 +223,8 @@ def _attn_bwd_preprocess_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows < n_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
     rows64 = rows[:, None].to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh * n_q + rows, delta, mask=rows < n_q)
+    _store_delta(O + b * stride_ob + h * stride_oh, stride_on, do, DELTA + pid_bh * n_q, rows, offs_d, mask, n_q)
 
 
 @triton.jit
@@ -383,9 +391,8 @@ def _attn_bwd_dq_kernel(
     rows64 = rows[:, None].to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows64 * stride_on + offs_d[None, :], mask=q_mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh * n_q + rows, delta, mask=row_mask)
+    delta = _store_delta(O + b * stride_ob + h * stride_oh, stride_on, do, DELTA + pid_bh * n_q, rows, offs_d,
+                         q_mask, n_q)
     lse = tl.load(LSE + pid_bh * n_q + rows, mask=row_mask, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
