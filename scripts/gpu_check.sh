@@ -60,7 +60,8 @@ python -c "from vit_kernels import _extension; print('extension:', _extension.lo
 
 for stage in "${STAGES[@]}"; do
     start=$SECONDS
-    echo "== $stage"
+    # The load says whether leftovers of a capped stage still share the CPU (host-bound timings).
+    echo "== $stage (load average $(cut -d' ' -f1 /proc/loadavg))"
     case "$stage" in
     tests)
         workers=()

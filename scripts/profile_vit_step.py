@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from vit_kernels.bench import host_load
 from vit_kernels.bench_vit import vit_case
 
 KINDS = [("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")), ("attention", ("attn", "flash", "fmha", "sdpa")),
@@ -74,6 +75,9 @@ def main(argv):
     parser.add_argument("--warmup", type=int, default=5, help="steps run before anything is timed")
     parser.add_argument("providers", nargs="*", default=["timm", "timm_swapped"])
     args = parser.parse_args(argv)
+    # A host-bound step slows down when other processes share the CPU (a capped stage's
+    # leftovers, Triton compiles): say how busy it was before and after each provider.
+    print(f"host {host_load()}", flush=True)
     for provider in args.providers:
         case = vit_case(provider, "ViT-B/16", "train", torch.device("cuda"))
         for _ in range(args.warmup):
@@ -100,6 +104,7 @@ def main(argv):
         for name, ms in sorted(names.items(), key=lambda x: -x[1])[:8]:
             print(f"    {ms:6.2f} ms  {name[:90]}")
         print(host_side(case), flush=True)
+        print(f"  host {host_load()}", flush=True)
         del case
         torch.cuda.empty_cache()
 

@@ -609,7 +609,15 @@ class Report:
     python: str
     copy_bandwidth_gbps: float = float("nan")
     bf16_matmul_tflops: float = float("nan")
+    host_load: str = ""
     rows: list = field(default_factory=list)
+
+
+def host_load() -> str:
+    """The host's CPU load when the run starts. Host-bound timings (a launch-bound op, a ViT
+    step whose GPU waits for Python) slow down when other processes share the CPU, so a
+    report says how busy it was."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
 
 
 def _triton_version() -> str:
@@ -790,7 +798,8 @@ def markdown(report: Report) -> str:
             f"bf16 matmul {_fmt(report.bf16_matmul_tflops, '.0f')} TFLOP/s (% of peak is of these)"
         )
     lines = [
-        f"device: {report.device}; torch {report.torch}, triton {report.triton}, python {report.python}; {report.date}",
+        f"device: {report.device}; torch {report.torch}, triton {report.triton}, python {report.python}; {report.date}; "
+        f"host {report.host_load}",
         "",
         header,
         "",
@@ -879,6 +888,7 @@ def main(argv=None) -> int:
         torch=torch.__version__,
         triton=_triton_version(),
         python=platform.python_version(),
+        host_load=host_load(),
     )
     if has_cuda:
         report.copy_bandwidth_gbps = copy_bandwidth_gbps(device)
