@@ -1,8 +1,9 @@
 """Where a ViT-B/16 training step's time goes, per provider: torch.profiler's CUDA kernels
 grouped by kind (GEMM, attention, norm, GELU, optimizer, other), the wall time per step, and
-the host side: how long Python takes to issue one step (perf_counter around a step started on
-an idle GPU, no synchronize inside), how many calls in a step synchronize with the GPU
-(torch.cuda's sync debug mode), and the functions the host spends that time in (cProfile).
+the host side: garbage collections during the timed steps, how long Python takes to issue one
+step (perf_counter around a step started on an idle GPU, no synchronize inside), how many calls
+in a step synchronize with the GPU (torch.cuda's sync debug mode), and the functions the host
+spends that time in (cProfile).
 When the wall time tracks the host's issue time rather than the kernels, the step is
 host-bound, and the cProfile lines say whose Python it is (ours, Triton's launcher, torch's).
 
@@ -11,6 +12,7 @@ host-bound, and the cProfile lines say whose Python it is (ours, Triton's launch
 
 import argparse
 import cProfile
+import gc
 import io
 import pstats
 import statistics
@@ -34,6 +36,35 @@ def kind_of(name: str) -> str:
         if any(k in lower for k in keys):
             return kind
     return "other"
+
+
+def timed_steps(case, n: int) -> tuple:
+    """Wall ms of `n` steps, each from an idle GPU to a synchronize, and what Python's garbage
+    collector did meanwhile (count and ms per generation): a full collection walks every object
+    of a process that imported timm and torch, an outlier step that a mean would hide."""
+    gc_ms = {}
+    started = []
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            count, ms = gc_ms.get(info["generation"], (0, 0.0))
+            gc_ms[info["generation"]] = (count + 1, ms + (time.perf_counter() - started.pop()) * 1e3)
+
+    steps = []
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(n):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            case.run()
+            torch.cuda.synchronize()
+            steps.append((time.perf_counter() - start) * 1e3)
+    finally:
+        gc.callbacks.remove(on_gc)
+    collections = ", ".join(f"generation {g}: {c} ({ms:.1f} ms)" for g, (c, ms) in sorted(gc_ms.items()))
+    return steps, collections or "none"
 
 
 def host_side(case) -> str:
@@ -82,12 +113,7 @@ def main(argv):
         case = vit_case(provider, "ViT-B/16", "train", torch.device("cuda"))
         for _ in range(args.warmup):
             case.run()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(5):
-            case.run()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / 5 * 1e3
+        steps, collections = timed_steps(case, 10)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 case.run()
@@ -99,8 +125,10 @@ def main(argv):
                 totals[kind] = totals.get(kind, 0.0) + ms
                 names[e.name] = names.get(e.name, 0.0) + ms
         gpu = sum(totals.values())
-        print(f"{provider}: step {wall:.1f} ms wall, {gpu:.1f} ms of kernels; "
+        print(f"{provider}: step {statistics.median(steps):.1f} ms wall (median of {len(steps)}, "
+              f"min {min(steps):.1f}, max {max(steps):.1f}), {gpu:.1f} ms of kernels; "
               + ", ".join(f"{k} {v:.1f}" for k, v in sorted(totals.items(), key=lambda x: -x[1])))
+        print(f"  garbage collections in those steps: {collections}")
         for name, ms in sorted(names.items(), key=lambda x: -x[1])[:8]:
             print(f"    {ms:6.2f} ms  {name[:90]}")
         print(host_side(case), flush=True)
