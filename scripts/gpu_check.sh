@@ -17,7 +17,8 @@
 #   diag      scripts/gpu_diag.py attention overhead: every attention config forced (rule
 #             and time each) and where each op's time goes (diag.txt)
 #   profile   scripts/profile_vit_step.py: a ViT-B/16 training step's kernels by kind, its wall
-#             time, and the host side (time to issue a step, synchronizing calls, cProfile)
+#             time (median, min, max) and the host side (garbage collections, time to issue a
+#             step, synchronizing calls, cProfile)
 # Each stage may be capped in seconds by <STAGE>_TIMEOUT_S (e.g. TESTS_TIMEOUT_S=300); a
 # capped stage is interrupted, prints what it has, and the script goes on to the next.
 #

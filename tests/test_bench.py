@@ -27,6 +27,8 @@ def test_main_job_without_cuda(tmp_path):
     assert all(row["rule_ok"] and row["error_vs_eager"] is not None for row in report["rows"])
     table = (tmp_path / "r.md").read_text()
     assert "| add_layer_norm |" in table
+    # How busy the host was: host-bound timings depend on it.
+    assert report["host_load"].startswith("load average") and report["host_load"] in table.splitlines()[0]
     # End to end: a tiny timm ViT after swap_modules and the reference ViT fused, by the rule.
     assert {row["provider"] for row in report["rows"] if row["mode"] == "train step"} == {"timm_swapped",
                                                                                           "reference_fused"}
