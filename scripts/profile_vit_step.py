@@ -41,7 +41,7 @@ def kind_of(name: str) -> str:
 def timed_steps(case, n: int) -> tuple:
     """Wall ms of `n` steps, each from an idle GPU to a synchronize, and what Python's garbage
     collector did meanwhile (count and ms per generation): a full collection walks every object
-    of a process that imported timm and torch, an outlier step that a mean would hide."""
+    of a process that imported timm and torch: a slow step that a mean would hide."""
     gc_ms = {}
     started = []
 
