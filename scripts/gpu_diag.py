@@ -27,7 +27,7 @@ from vit_kernels.ops import attention as attn
 
 def attention_configs():
     from vit_kernels.bench import time_cuda_ms
-    from vit_kernels.testing import check_rule
+    from vit_kernels.testing import check_rule, forcing_one_config
 
     original = attn.launch_configs
     cases = [(2, 50, 2), (2, 197, 2), (1, 4096, 4)]
@@ -37,10 +37,7 @@ def attention_configs():
         for dtype in (torch.bfloat16, torch.float16):
             for head_dim in (64, 128):
                 for config in original(kind, head_dim, dtype, attn._attn_fwd_kernel):
-                    def launch_configs(k, *args, _config=config, **kwargs):
-                        return (_config,) if k == kind else original(k, *args, **kwargs)[:1]
-
-                    attn.launch_configs = launch_configs
+                    attn.launch_configs = forcing_one_config(original, kind, config)
                     results, all_ok = [], True
                     try:
                         for batch, n, heads in cases:

@@ -13,7 +13,7 @@ from vit_kernels import reference
 from vit_kernels.nn import FlashAttention
 from vit_kernels.ops import attention_probs, flash_attention, flash_attention_qkvpacked
 from vit_kernels.ops.attention import attention_dropout_mask
-from vit_kernels.testing import assert_rule, kernel_device, poisoned_allocations
+from vit_kernels.testing import assert_rule, forcing_one_config, kernel_device, poisoned_allocations
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -148,6 +148,18 @@ def _gpu_tile_shapes():
     return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
 
 
+def test_forcing_one_config_forces_one_kind_and_keeps_the_others_first():
+    """The GPU config sweep below (and scripts/gpu_diag.py) relies on this stand-in."""
+    from vit_kernels.ops import attention
+
+    def every_config(kind, head_dim, dtype, kernel, **kwargs):  # the GPU's lists, wherever this runs
+        return {"fwd": ("f1", "f2"), "dkdv": ("k1", "k2"), "dq": ("q1", "q2")}[kind]
+
+    forced = forcing_one_config(every_config, "dkdv", "k2")
+    args = (64, torch.float16, attention._attn_bwd_dkdv_kernel)
+    assert [forced(kind, *args, dropout=True) for kind in attention.KERNEL_KINDS] == [("f1",), ("k2",), ("q1",)]
+
+
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
@@ -162,10 +174,7 @@ def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_
     original = attention.launch_configs
     for kind in attention.KERNEL_KINDS:
         for config in original(kind, head_dim, dtype, attention._attn_fwd_kernel, dropout=dropout):
-            def forced(k, *args, _kind=kind, _config=config, **kwargs):
-                return (_config,) if k == _kind else original(k, *args, **kwargs)[:1]
-
-            monkeypatch.setattr(attention, "launch_configs", forced)
+            monkeypatch.setattr(attention, "launch_configs", forcing_one_config(original, kind, config))
             if dropout:
                 check_dropout_consistency(monkeypatch, 2, 197, 2, head_dim, dtype, 0.1)
             else:

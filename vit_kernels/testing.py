@@ -122,3 +122,12 @@ def output_and_grads(model, run, loss=None) -> dict:
     named = getattr(model, "_orig_mod", model).named_parameters()
     grads = {f"d{n}": p.grad.detach().clone() for n, p in named if p.grad is not None}
     return {"output": out.detach(), **grads}
+
+
+def forcing_one_config(launch_configs, kind: str, config):
+    """A stand-in for `vit_kernels.ops.attention.launch_configs` (pass the original) under which
+    launches of `kind` run `config` alone and every other kind its first config: how the GPU
+    tests and scripts/gpu_diag.py check and time each autotune config by itself."""
+    def forced(k, *args, **kwargs):
+        return (config,) if k == kind else launch_configs(k, *args, **kwargs)[:1]
+    return forced
