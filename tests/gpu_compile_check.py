@@ -9,7 +9,9 @@ what the interpreter cannot: code the GPU compiler rejects, shared memory over t
 limit, register spills.
 
 Prints one JSON line per compiled launch: kernel, target, constexprs, shared bytes,
-registers, spill bytes, and how many dots became wgmma or mma.sync.
+registers, spill bytes, how many dots became wgmma or mma.sync, and how many SASS
+instructions the kernel has (an elementwise kernel's cost per element, when it is issue-bound
+rather than memory-bound: ops/bias_gelu.py's header).
 """
 
 import json
@@ -81,6 +83,20 @@ def _ptxas_report(ptx: str, arch: str) -> dict:
     }
 
 
+def _sass_instructions(cubin: bytes):
+    """Instructions in the kernel's SASS, by the nvdisasm that Triton ships beside its ptxas;
+    None where there is none."""
+    nvdisasm = os.path.join(os.path.dirname(_ptxas(90)), "nvdisasm")
+    if not os.path.exists(nvdisasm):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True)
+    return len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", out.stdout, re.M)) if out.returncode == 0 else None
+
+
 def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound = dict(zip(self.arg_names, args))
@@ -98,7 +114,8 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
                 # by 16. Without it loads stay scalar and unpipelined, and ptxas reports spills that
                 # the launched kernel does not have.
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    key = (self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), repr(options))
+    key = (self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs)),
+           repr(options))
     if key in _seen:
         return None
     _seen.add(key)
@@ -108,6 +125,7 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             "kernel": self.fn.__name__,
             "target": arch,
             "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
+            "divisible_by_16": sorted(self.arg_names[i[0]] for i in attrs),
             "options": options,
             "shared_bytes": compiled.metadata.shared,
             # Which tensor-core instruction each tl.dot became: Hopper's wgmma needs 64 rows per
@@ -115,6 +133,7 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
             "wgmma_dots": len(re.findall(r"ttng\.warp_group_dot\b", compiled.asm["ttgir"])),
             "mma_sync_dots": len(re.findall(r"\btt\.dot\b", compiled.asm["ttgir"])),
             **_ptxas_report(compiled.asm["ptx"], arch),
+            "sass_instructions": _sass_instructions(compiled.asm["cubin"]),
         }
         print(json.dumps(record, default=str), flush=True)
     return None
@@ -171,6 +190,14 @@ def main(argv):
             _bias_gelu_fwd_op(x, bias, approximate)
             bias_gelu_bwd_op(x, x, bias, approximate)
             bias_gelu_backward_into(x, x, bias, approximate, x.clone(), torch.empty_like(x))  # with y recomputed
+    # The erf path for a bf16 output too, so that the test can hold POLY_CDF's instruction count against it.
+    bias_gelu_module = sys.modules["vit_kernels.ops.bias_gelu"]
+    poly_cdf = bias_gelu_module._poly_cdf
+    bias_gelu_module._poly_cdf = lambda dtype: False
+    try:
+        _bias_gelu_fwd_op(torch.randn(6, 3072, dtype=torch.bfloat16), torch.randn(3072), "none")
+    finally:
+        bias_gelu_module._poly_cdf = poly_cdf
     # The fc1 GEMM: every autotune config (after the shared-memory prune), saving z or not.
     gemm_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16, torch.float32)
     for dtype in gemm_dtypes:
