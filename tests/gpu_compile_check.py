@@ -31,6 +31,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGETS = {"sm_90": GPUTarget("cuda", 90, 32), "sm_80": GPUTarget("cuda", 80, 32)}
+_target = {}  # the one main() compiles for in its current pass
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.int64: "i64"}
 _seen = set()
 
@@ -114,28 +115,28 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
                 # by 16. Without it loads stay scalar and unpipelined, and ptxas reports spills that
                 # the launched kernel does not have.
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    key = (self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())), repr(sorted(attrs)),
-           repr(options))
+    (arch, target), = _target.items()
+    key = (arch, self.fn.__name__, tuple(sorted(signature.items())), repr(sorted(constexprs.items())),
+           repr(sorted(attrs)), repr(options))
     if key in _seen:
         return None
     _seen.add(key)
-    for arch, target in TARGETS.items():
-        compiled = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options)
-        record = {
-            "kernel": self.fn.__name__,
-            "target": arch,
-            "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
-            "divisible_by_16": sorted(self.arg_names[i[0]] for i in attrs),
-            "options": options,
-            "shared_bytes": compiled.metadata.shared,
-            # Which tensor-core instruction each tl.dot became: Hopper's wgmma needs 64 rows per
-            # warpgroup in the dot's M dimension, else Triton falls back to Ampere's mma.sync.
-            "wgmma_dots": len(re.findall(r"ttng\.warp_group_dot\b", compiled.asm["ttgir"])),
-            "mma_sync_dots": len(re.findall(r"\btt\.dot\b", compiled.asm["ttgir"])),
-            **_ptxas_report(compiled.asm["ptx"], arch),
-            "sass_instructions": _sass_instructions(compiled.asm["cubin"]),
-        }
-        print(json.dumps(record, default=str), flush=True)
+    compiled = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options)
+    record = {
+        "kernel": self.fn.__name__,
+        "target": arch,
+        "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
+        "divisible_by_16": sorted(self.arg_names[i[0]] for i in attrs),
+        "options": options,
+        "shared_bytes": compiled.metadata.shared,
+        # Which tensor-core instruction each tl.dot became: Hopper's wgmma needs 64 rows per
+        # warpgroup in the dot's M dimension, else Triton falls back to Ampere's mma.sync.
+        "wgmma_dots": len(re.findall(r"ttng\.warp_group_dot\b", compiled.asm["ttgir"])),
+        "mma_sync_dots": len(re.findall(r"\btt\.dot\b", compiled.asm["ttgir"])),
+        **_ptxas_report(compiled.asm["ptx"], arch),
+        "sass_instructions": _sass_instructions(compiled.asm["cubin"]),
+    }
+    print(json.dumps(record, default=str), flush=True)
     return None
 
 
@@ -148,10 +149,23 @@ def compile_every_config(self, *args, grid, warmup, **kwargs):
 
 def main(argv):
     """Default: the launches a bf16 ViT makes (every head dim, ViT hidden sizes). --full: every
-    dtype, D up to 16384 and fp32 attention too (minutes)."""
+    dtype, D up to 16384 and fp32 attention too (minutes).
+
+    One pass per target, with the launchers told that GPU's architecture, so that each target
+    compiles what the ops would launch there (attention's configs and switches differ)."""
     full = "--full" in argv
     JITFunction.run = compile_instead_of_launch
     Autotuner.run = compile_every_config
+    from vit_kernels.ops import attention
+
+    for arch, target in TARGETS.items():
+        _target.clear()
+        _target[arch] = target
+        attention._arch_major = lambda device, major=target.arch // 10: major
+        launch_everything(full)
+
+
+def launch_everything(full: bool) -> None:
     from vit_kernels.ops import attention, layer_norm
     from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_op, bias_gelu_backward_into, bias_gelu_bwd_op
     from vit_kernels.ops.linear_bias_gelu import _launch as launch_linear_bias_gelu

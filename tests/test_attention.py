@@ -70,6 +70,13 @@ def test_cross_attention_lengths(seed, n_q, n_kv):
     check_attention(2, n_q, n_kv, 3, 64, torch.float16, packed=False)
 
 
+@pytest.mark.parametrize("n_q,n_kv", [(64, 128), (128, 64), (129, 65)])
+def test_lengths_at_block_boundaries(seed, n_q, n_kv):
+    """Whole blocks only (every tile size is 32, 64 or 128) and one row or column past them: the
+    kernels run full blocks without masks and a partial last block with them."""
+    check_attention(1, n_q, n_kv, 2, 64, torch.float16, packed=False)
+
+
 def test_non_deterministic_dq_matches_rule(seed):
     check_attention(2, 197, 197, 2, 64, torch.float16, packed=True, deterministic=False)
 
@@ -134,8 +141,9 @@ def check_dropout_consistency(monkeypatch, batch, n, heads, head_dim, dtype, p):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_dropout_forward_and_backward_use_one_mask(seed, dtype, monkeypatch):
-    check_dropout_consistency(monkeypatch, 2, 50, 2, 64, dtype, 0.25)
+@pytest.mark.parametrize("n", [50, 128])
+def test_dropout_forward_and_backward_use_one_mask(seed, dtype, n, monkeypatch):
+    check_dropout_consistency(monkeypatch, 2, n, 2, 64, dtype, 0.25)
 
 
 def _gpu_tile_shapes():
