@@ -99,7 +99,7 @@ def _sass_instructions(cubin: bytes):
 
 
 def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     bound = dict(zip(self.arg_names, args))
     bound.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}

@@ -17,12 +17,24 @@ SHARED_MEMORY_LIMIT = {"sm_80": 166912, "sm_90": 232448}  # bytes a block may us
 
 
 @pytest.fixture(scope="module")
-def launches():
+def check_run():
     script = Path(__file__).with_name("gpu_compile_check.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-4000:]
-    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    return out
+
+
+@pytest.fixture(scope="module")
+def launches(check_run):
+    return [json.loads(line) for line in check_run.stdout.splitlines() if line.startswith("{")]
+
+
+def test_every_launch_says_whether_to_fuse_multiply_adds(check_run, launches):
+    """Every launch passes enable_fp_fusion (ops/_triton_helpers.LAUNCH_OPTIONS): Triton 3.9
+    warns at a compile that does not, and from 3.10 would compile it without FMA contraction."""
+    assert "TRITON_DEFAULT_FP_FUSION" not in check_run.stderr
+    assert all(r["options"].get("enable_fp_fusion") is True for r in launches)
 
 
 def test_every_kernel_compiles_for_both_targets(launches):

@@ -5,6 +5,13 @@ import triton.language as tl
 from torch import Tensor
 
 
+# Options passed to every launch. enable_fp_fusion: Triton contracts `a * b + c` into one FMA by
+# default through 3.9, which warns (UserWarning, at the first compile in a process) that the
+# default turns off in 3.10; the kernels were written and measured with it on, and fewer
+# roundings only help the numerics rule. Where an FMA is the point, the kernels say tl.fma.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host code. triton.cdiv and triton.next_power_of_2 are constexpr
     functions since triton 3.4: callable on the host, but each call unwraps its arguments

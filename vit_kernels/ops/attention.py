@@ -86,7 +86,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import FusedOp, cuda_properties, interpreted, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_number, check_same_device
-from ._triton_helpers import cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, cast_for_store, cdiv, next_power_of_2
 
 HEAD_DIMS = (32, 64, 80, 96, 128)
 LOG2E = 1.4426950408889634
@@ -538,7 +538,7 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
     if len(configs) == 1:
         config = configs[0]
         kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                        num_stages=config.num_stages)
+                                        num_stages=config.num_stages, **LAUNCH_OPTIONS)
         return
     # Keyed on the config list's identity (launch_configs returns cached tuples); the entry
     # holds the list, so its id cannot be reused by another while the entry exists.
@@ -547,7 +547,7 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
     if entry is None:
         entry = _AUTOTUNED[key] = (configs, triton.autotune(configs=list(configs),
                                                            key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel))
-    entry[1][grid_for](*args, **kwargs)
+    entry[1][grid_for](*args, **kwargs, **LAUNCH_OPTIONS)
 
 
 def _arch_major(device: torch.device) -> int:
@@ -667,7 +667,7 @@ def _flash_attention_bwd_impl(
         pre_block = 32
         _attn_bwd_preprocess_kernel[(cdiv(n_q, pre_block), n_heads, batch)](
             out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
-            HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block,
+            HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block, **LAUNCH_OPTIONS,
         )
         # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
         dq_accum = torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
@@ -734,7 +734,8 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
     grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
-    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, _seed_value(seed, dropout_p), BLOCK_M=32, BLOCK_N=32)
+    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, _seed_value(seed, dropout_p), BLOCK_M=32, BLOCK_N=32,
+                               **LAUNCH_OPTIONS)
     return mask.bool()
 
 

@@ -47,7 +47,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import FusedOp, interpreted, num_programs_for_reduction, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
-from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
 
 APPROXIMATIONS = ("none", "tanh")
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
@@ -219,6 +219,7 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
         x2, bias, y2, x2.stride(0), y2.stride(0), x2.shape[0], n_cols,
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", POLY_CDF=_poly_cdf(y.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_fwd_kernel), num_warps=num_warps,
+        **LAUNCH_OPTIONS,
     )
     return y
 
@@ -253,6 +254,7 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
             HAS_BIAS=bias is not None, STORE_Y=y2 is not None, TANH=approximate == "tanh",
             POLY_CDF=_poly_cdf(dx2.dtype), BLOCK_M=block_m,
             BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_bwd_kernel), num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )
     elif partial is not None:
         partial.zero_()

@@ -60,7 +60,7 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import FusedOp, interpreted, num_programs_for_reduction, op_or_impl, runs_kernel
-from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
     check_number,
@@ -333,6 +333,7 @@ def _add_layer_norm_fwd_impl(
         BLOCK_N=block_n,
         RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_fwd_kernel),
         num_warps=num_warps,
+        **LAUNCH_OPTIONS,
     )
     return y, residual_out, mean, rstd
 
@@ -434,6 +435,7 @@ def _add_layer_norm_bwd_impl(
             BLOCK_N=block_n,
             RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_bwd_kernel),
             num_warps=num_warps,
+            **LAUNCH_OPTIONS,
         )
     else:
         for p in (dw_partial, db_partial, dgamma_partial):

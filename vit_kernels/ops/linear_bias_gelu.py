@@ -61,7 +61,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import FusedOp, cuda_properties, interpreted, linear_compute_dtype, op_or_impl, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
-from ._triton_helpers import as_rows, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
 from .bias_gelu import APPROXIMATIONS, _gelu, bias_gelu, bias_gelu_bwd_impl, bias_gelu_bwd_op
 
 BACKENDS = ("auto", "triton", "cublas")
@@ -189,11 +189,11 @@ def _launch(x2: Tensor, weight: Tensor, bias: Optional[Tensor], y2: Tensor, z2: 
                   RNE_BF16_IN_SOFTWARE=interpreted(_linear_bias_gelu_fwd_kernel))
     if config is None:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _linear_bias_gelu_fwd_tuned[grid](*args, **kwargs)
+        _linear_bias_gelu_fwd_tuned[grid](*args, **kwargs, **LAUNCH_OPTIONS)
         return
     grid = (cdiv(m, config.kwargs["BLOCK_M"]) * cdiv(n, config.kwargs["BLOCK_N"]),)
     _linear_bias_gelu_fwd_kernel[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                       num_stages=config.num_stages)
+                                       num_stages=config.num_stages, **LAUNCH_OPTIONS)
 
 
 def autotune_configs(x: Tensor) -> list:
