@@ -14,8 +14,9 @@
 #   bench     `pytest benchmarks/ --benchmark-only` for the per-op benchmarks
 #   vit       the end-to-end benchmarks and the training job's fused/eager throughput ratio
 #   main      the main job (`python -m vit_kernels.bench`): bench-main.json, .md and .png
-#   diag      scripts/gpu_diag.py attention overhead: every attention config forced (rule
-#             and time each) and where each op's time goes (diag.txt)
+#   diag      scripts/gpu_diag.py switches attention overhead: switches not yet timed on a GPU
+#             on and off, every attention config forced (rule and time each) and where each
+#             op's time goes (diag.txt)
 #   profile   scripts/profile_vit_step.py: a ViT-B/16 training step's kernels by kind, its wall
 #             time (median, min, max) and the host side (garbage collections, time to issue a
 #             step, synchronizing calls, cProfile)
@@ -104,7 +105,7 @@ for stage in "${STAGES[@]}"; do
         tail -2 "$OUT/bench-main.log"
         ;;
     diag)
-        capped diag python scripts/gpu_diag.py attention overhead > "$OUT/diag.txt" 2>&1 || status=1
+        capped diag python scripts/gpu_diag.py switches attention overhead > "$OUT/diag.txt" 2>&1 || status=1
         grep -E "BAD" "$OUT/diag.txt" | head -20
         tail -3 "$OUT/diag.txt"
         ;;

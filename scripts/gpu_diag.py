@@ -4,12 +4,15 @@
    head dim and N, against float64 (error / eager's; the rule passes at <= 2). Finds a
    config that computes wrong on the device although the interpreter runs its tile shape right.
 3. The add_layer_norm backward's launch shape, swept at the ViT-B shape.
+4. Switches not yet timed on a GPU, each on and off in one process (CUDA-graph replay, the
+   GPU's time alone): bias_gelu's polynomial Phi for 16-bit outputs (POLY_CDF) against
+   libdevice's erf, and the attention forward's peeled last KV block (PEEL_TAIL).
 2. Where the time goes for each op's vit_kernels provider at the ViT-B shape: the median
    between CUDA events (what the benchmarks report), the GPU kernels' own time (torch.profiler),
    and the host time per call (no synchronization: the CPU cost of launching). When the
    event time tracks the host time rather than the kernel time, the op is launch-bound.
 
-    python scripts/gpu_diag.py [attention] [overhead] [layer_norm]
+    python scripts/gpu_diag.py [attention] [overhead] [layer_norm] [switches]
 
 ATTN_KINDS="dkdv dq" limits the attention sweep to some kernel kinds.
 """
@@ -134,8 +137,56 @@ def layer_norm_backward():
             ln._block_config, ln._BWD_PROGRAMS_PER_SM = original_config, original_per_sm
 
 
+SWITCH_GELU_SHAPE = (256 * 197, 3072)  # ViT-B's fc1 output at batch 256
+SWITCH_ATTENTION_SHAPES = [(256, 197, 12, 64), (64, 577, 16, 64), (64, 257, 16, 80), (4, 4096, 16, 128)]
+
+
+def switches(device=torch.device("cuda")):
+    import importlib
+
+    from vit_kernels import bench
+
+    gelu = importlib.import_module("vit_kernels.ops.bias_gelu")
+    copy = bench.copy_bandwidth_gbps(device)
+    rows, hidden = SWITCH_GELU_SHAPE
+    x, dy = (torch.randn(rows, hidden, device=device, dtype=torch.bfloat16) for _ in range(2))
+    bias = torch.randn(hidden, device=device)
+    dx, y = torch.empty_like(x), torch.empty_like(x)
+    print(f"\nswitches, bf16, CUDA-graph replay ms (copy bandwidth {copy:.0f} GB/s)")
+    original = gelu._poly_cdf
+    for label, poly in (("erf", False), ("polynomial", True)):
+        gelu._poly_cdf = lambda dtype, _poly=poly: _poly
+        try:
+            fwd = bench.time_cuda_graph_ms(lambda: gelu._bias_gelu_fwd_impl(x, bias, "none"))
+            bwd = bench.time_cuda_graph_ms(lambda: gelu.bias_gelu_backward_into(dy, x, bias, "none", dx, y))
+        finally:
+            gelu._poly_cdf = original
+        fwd_gbps, bwd_gbps = 2 * x.numel() * 2 / fwd / 1e6, 4 * x.numel() * 2 / bwd / 1e6
+        print(f"  bias_gelu {label:10s} ({rows}, {hidden}): fwd {fwd:.3f} ms {fwd_gbps:.0f} GB/s "
+              f"({100 * fwd_gbps / copy:.0f}% of copy) | bwd with y {bwd:.3f} ms {bwd_gbps:.0f} GB/s "
+              f"({100 * bwd_gbps / copy:.0f}%)", flush=True)
+    original = attn._peel_tail
+    for batch, n, heads, head_dim in SWITCH_ATTENTION_SHAPES:
+        qkv = torch.randn(batch, n, 3, heads, head_dim, device=device, dtype=torch.bfloat16)
+        q, k, v = qkv.unbind(2)
+        flops = 4 * batch * heads * n * n * head_dim
+        timings = []
+        for peel in (False, True):
+            attn._peel_tail = lambda arch_major, dropout_p, _peel=peel: _peel
+            try:
+                timings.append(bench.time_cuda_graph_ms(
+                    lambda: attn._flash_attention_fwd_impl(q, k, v, head_dim ** -0.5, 0.0, None, True)))
+            finally:
+                attn._peel_tail = original
+        print(f"  attention fwd ({batch}, {n}, {heads}, {head_dim}): masked loop {timings[0]:.3f} ms "
+              f"{flops / timings[0] / 1e9:.0f} TFLOP/s | peeled {timings[1]:.3f} ms "
+              f"{flops / timings[1] / 1e9:.0f} TFLOP/s", flush=True)
+
+
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["attention", "overhead", "layer_norm"]
+    parts = sys.argv[1:] or ["attention", "overhead", "layer_norm", "switches"]
+    if "switches" in parts:
+        switches()
     if "layer_norm" in parts:
         layer_norm_backward()
     if "overhead" in parts:

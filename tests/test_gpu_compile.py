@@ -32,9 +32,13 @@ def launches(check_run):
 
 def test_every_launch_says_whether_to_fuse_multiply_adds(check_run, launches):
     """Every launch passes enable_fp_fusion (ops/_triton_helpers.LAUNCH_OPTIONS): Triton 3.9
-    warns at a compile that does not, and from 3.10 would compile it without FMA contraction."""
+    warns at a compile that does not, and from 3.10 would compile it without FMA contraction.
+    The attention forward alone turns it off: contracted, the row max's exp2 argument becomes
+    the rounding error of its scaled score, which overflows for scores past 2^31
+    (_attn_fwd_kv_block's docstring; pytorch/pytorch#121558)."""
     assert "TRITON_DEFAULT_FP_FUSION" not in check_run.stderr
-    assert all(r["options"].get("enable_fp_fusion") is True for r in launches)
+    for r in launches:
+        assert r["options"].get("enable_fp_fusion") is (r["kernel"] != "_attn_fwd_kernel"), r
 
 
 def test_every_kernel_compiles_for_both_targets(launches):

@@ -22,13 +22,13 @@
 #   once, so the inner loop uses exp2. The log-sum-exp (base 2) is saved for backward.
 # - float32 inputs run their dots in full IEEE float32 precision, not tf32: tf32 would be
 #   10x less accurate than eager float32 attention and fail the numerics rule.
-# - Forward inner loop: the scale is applied as one FMA inside exp2's argument (the max is
-#   taken on the raw scores, softmax_scale > 0), and on Hopper without dropout the loop runs
-#   whole KV blocks unmasked and peels off the partial last one (PEEL_TAIL): no column select
-#   on the scores, unmasked K/V rows. Static SASS per loop iteration (sm_90, triton 3.9,
-#   BLOCK_M x BLOCK_N = 128 x 64 on 8 warps): d = 64 414 -> 316 instructions, d = 128
-#   481 -> 400, 34 of them MUFU either way. Not yet timed on a GPU. Peeling spills on sm_80 at
-#   d >= 80 (192-1136 bytes) and with dropout, so Ampere and dropout keep the masked loop.
+# - Forward inner loop: on Hopper without dropout the loop runs whole KV blocks unmasked and
+#   peels off the partial last one (PEEL_TAIL): no column select on the scores, unmasked K/V
+#   rows. Peeling spills on sm_80 at d >= 80 (192-1136 bytes) and with dropout, so Ampere and
+#   dropout keep the masked loop. The forward compiles without FMA contraction (why:
+#   _attn_fwd_kv_block). Static SASS per loop iteration (sm_90, triton 3.9, 128 x 64 tile on
+#   8 warps), before -> after: d = 64 414 -> 347 instructions, d = 128 481 -> 429. Not yet
+#   timed on a GPU (scripts/gpu_diag.py switches times the peeled and masked loops).
 # - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
 #   of size N^2 is stored.
@@ -126,21 +126,23 @@ def _attn_fwd_kv_block(
 ):
     """One KV block of the online softmax: returns the running max, sum and output updated.
 
-    The scale is applied inside the exp2's argument as one FMA on the raw dot product (the
-    max of the raw scores, scaled, is the max of the scaled ones, as softmax_scale > 0):
-    one multiply per score fewer than scaling the scores first, and one rounding."""
+    The scores are scaled before the max and the exponent subtracts from the rounded scores,
+    so the max element's exp2 argument is exactly 0. Computed as one FMA on the raw dot, as
+    FlashAttention-2 does (and LLVM contracts to, unless the launch turns fusion off), the max
+    element's exponent is the rounding error of its product, up to ulp / 2: exp2 overflows
+    once |s * c| passes 2^31, where eager's softmax of finite bf16 scores is still finite."""
     cols = start_n + offs_n
     kv_offsets = cols[:, None].to(tl.int64)
     kv_mask = d_mask[None, :]
     if MASK_KV:
         kv_mask = kv_mask & (cols < n_kv)[:, None]
     k = tl.load(k_base + kv_offsets * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     if MASK_KV:
         scores = tl.where((cols < n_kv)[None, :], scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1) * qk_scale_log2)
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(tl.fma(scores, qk_scale_log2, -m_new[:, None]))
+    p = tl.exp2(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if HAS_DROPOUT:
         p = tl.where(_dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], n_q, n_kv, dropout_p), p, 0.0)
@@ -532,13 +534,13 @@ def _as_configs(entries: tuple) -> tuple:
 _AUTOTUNED = {}
 
 
-def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
+def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict, options: dict = LAUNCH_OPTIONS) -> None:
     """Run `kernel` with the single config, or through an autotuner over several (built once
     per kernel and config list; keyed on the N bucket, head dim, dropout and the dtypes)."""
     if len(configs) == 1:
         config = configs[0]
         kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                        num_stages=config.num_stages, **LAUNCH_OPTIONS)
+                                        num_stages=config.num_stages, **options)
         return
     # Keyed on the config list's identity (launch_configs returns cached tuples); the entry
     # holds the list, so its id cannot be reused by another while the entry exists.
@@ -547,13 +549,20 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict) -> None:
     if entry is None:
         entry = _AUTOTUNED[key] = (configs, triton.autotune(configs=list(configs),
                                                            key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel))
-    entry[1][grid_for](*args, **kwargs, **LAUNCH_OPTIONS)
+    entry[1][grid_for](*args, **kwargs, **options)
 
 
 def _arch_major(device: torch.device) -> int:
     """The GPU's compute capability major (8 Ampere, 9 Hopper), which picks configs and
     switches; 9 under the interpreter (tests/gpu_compile_check.py sets each in turn)."""
     return cuda_properties(device).major if device.type == "cuda" else 9
+
+
+def _peel_tail(arch_major: int, dropout_p: float) -> bool:
+    """The forward's PEEL_TAIL: on Hopper without dropout. Peeling the partial last KV block
+    off the loop spills registers on sm_80 at d >= 80 (192-1136 bytes) and with dropout
+    (ptxas, tests/gpu_compile_check.py). scripts/gpu_diag.py switches times both ways."""
+    return arch_major >= 9 and dropout_p == 0
 
 
 def _n_bucket(n_q: int, n_kv: int) -> int:
@@ -610,10 +619,11 @@ def _flash_attention_fwd_impl(
         lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p), _n_bucket(n_q, n_kv)),
-        # Peeling the partial last KV block off the loop spills registers on sm_80 at d >= 80
-        # (192-1136 bytes) and with dropout (ptxas, tests/gpu_compile_check.py): Hopper only, no dropout.
-        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=arch_major >= 9 and dropout_p == 0,
+        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=_peel_tail(arch_major, dropout_p),
              **_common_constexprs(q, _attn_fwd_kernel)),
+        # No FMA contraction (PyTorch's UNFUSE_FMA for flash attention, pytorch/pytorch#121558):
+        # with it an unmasked block computes exp2(fma(s, c, -round(max(s) * c))) (_attn_fwd_kv_block).
+        options={**LAUNCH_OPTIONS, "enable_fp_fusion": False},
     )
     return out, lse
 
