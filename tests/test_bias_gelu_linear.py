@@ -17,7 +17,6 @@ from vit_kernels.ops import bias_gelu_linear
 from vit_kernels.testing import assert_rule, kernel_device, poisoned_allocations
 
 DEVICE = kernel_device()
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ["out", "dx", "dbias", "dweight", "dlinear_bias"]
 

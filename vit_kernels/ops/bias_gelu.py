@@ -25,8 +25,9 @@
 #   erf (2026-11-22); it has not run on a GPU with the polynomial.
 #   Accuracy: the rounded y and gelu' have eager's worst error over every finite input of
 #   both dtypes, and y keeps its relative precision in the tail, which eager's 1 + erf loses.
-# - tanh(u) is computed as 1 - 2 / (exp(2u) + 1): exact at both saturations and
-#   available on every backend, the interpreter included.
+# - The tanh form takes (1 + tanh u) / 2 and 1 - tanh^2 u from e = exp(-2|u|) and 1 / (1 + e)
+#   (_gelu_and_grad): exact at both saturations, no cancellation in the negative tail, and
+#   available on every backend, the interpreter included (tl.math.tanh is not).
 # - dbias: each backward program owns a group of rows of one column block, adds its
 #   tiles elementwise into a float32 [BLOCK_M, BLOCK_N] accumulator, sums its rows once
 #   at the end and writes one float32 partial row; torch.sum over the partials is the
@@ -56,11 +57,6 @@ APPROXIMATIONS = ("none", "tanh")
 # 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi), 0.044715 = the tanh
 # form's cubic coefficient, -0.7213475204444817 = -log2(e) / 2, 0.2474873661994934 =
 # 0.35 / sqrt(2).
-
-
-@triton.jit
-def _tanh(u):
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
 
 
 @triton.jit
@@ -98,9 +94,16 @@ def _gelu_and_grad(z, TANH: tl.constexpr, POLY_CDF: tl.constexpr):
     """(gelu(z), gelu'(z)) with their common work done once; what a caller does not use, the
     compiler removes."""
     if TANH:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        grad = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        return 0.5 * z * (1.0 + t), grad
+        # With e = exp(-2|u|) in (0, 1] and r = 1 / (1 + e): (1 + tanh u) / 2 is r for u >= 0 and
+        # e r below, and 1 - tanh^2 u = 4 e r^2. No exp overflows and nothing cancels, so the
+        # negative tail keeps its relative precision; 1 - tanh^2 computed from tanh is 0 in
+        # float32 at z = -5, where gelu' is -1.5e-6 (eager's gives -2.0e-6).
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        e = tl.exp(-2.0 * tl.abs(u))
+        r = 1.0 / (1.0 + e)
+        half_one_plus_tanh = tl.where(u >= 0, r, e * r)
+        du_dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        return z * half_one_plus_tanh, half_one_plus_tanh + 2.0 * z * e * r * r * du_dz
     cdf, pdf = _normal_cdf_and_pdf(z, POLY_CDF)
     return z * cdf, cdf + z * pdf
 
