@@ -6,7 +6,8 @@
 3. The add_layer_norm backward's launch shape, swept at the ViT-B shape.
 4. Switches not yet timed on a GPU, each on and off in one process (CUDA-graph replay, the
    GPU's time alone): bias_gelu's polynomial Phi for 16-bit outputs (POLY_CDF) against
-   libdevice's erf, and the attention forward's peeled last KV block (PEEL_TAIL).
+   libdevice's erf, and the attention kernels' peeled last block (PEEL_TAIL) and its narrow
+   tail tile (NARROW_TAIL), forward and backward.
 2. Where the time goes for each op's vit_kernels provider at the ViT-B shape: the median
    between CUDA events (what the benchmarks report), the GPU kernels' own time (torch.profiler),
    and the host time per call (no synchronization: the CPU cost of launching). When the
@@ -165,23 +166,30 @@ def switches(device=torch.device("cuda")):
         print(f"  bias_gelu {label:10s} ({rows}, {hidden}): fwd {fwd:.3f} ms {fwd_gbps:.0f} GB/s "
               f"({100 * fwd_gbps / copy:.0f}% of copy) | bwd with y {bwd:.3f} ms {bwd_gbps:.0f} GB/s "
               f"({100 * bwd_gbps / copy:.0f}%)", flush=True)
-    original = attn._peel_tail
+    original = attn._peel_tail, attn._narrow_tail
+    variants = {"masked loop": (False, 0), "peeled": (True, 0), "peeled, narrow tail": (True, 16)}
     for batch, n, heads, head_dim in SWITCH_ATTENTION_SHAPES:
         qkv = torch.randn(batch, n, 3, heads, head_dim, device=device, dtype=torch.bfloat16)
         q, k, v = qkv.unbind(2)
+        scale = head_dim ** -0.5
+        out, lse = attn._flash_attention_fwd_impl(q, k, v, scale, 0.0, None, True)
+        dout = torch.randn_like(out)
         flops = 4 * batch * heads * n * n * head_dim
-        timings = []
-        for peel in (False, True):
+        timings = {}
+        for label, (peel, narrow) in variants.items():
             attn._peel_tail = lambda arch_major, dropout_p, _peel=peel: _peel
+            attn._narrow_tail = lambda _narrow=narrow: _narrow
             try:
-                timings.append(bench.time_cuda_graph_ms(
-                    lambda: attn._flash_attention_fwd_impl(q, k, v, head_dim ** -0.5, 0.0, None, True)))
+                timings[label] = (
+                    bench.time_cuda_graph_ms(lambda: attn._flash_attention_fwd_impl(q, k, v, scale, 0.0, None, True)),
+                    bench.time_cuda_graph_ms(
+                        lambda: attn._flash_attention_bwd_impl(dout, q, k, v, out, lse, scale, 0.0, None, True)),
+                )
             finally:
-                attn._peel_tail = original
-        print(f"  attention fwd ({batch}, {n}, {heads}, {head_dim}): masked loop {timings[0]:.3f} ms "
-              f"{flops / timings[0] / 1e9:.0f} TFLOP/s | peeled {timings[1]:.3f} ms "
-              f"{flops / timings[1] / 1e9:.0f} TFLOP/s", flush=True)
-
+                attn._peel_tail, attn._narrow_tail = original
+        print(f"  attention ({batch}, {n}, {heads}, {head_dim}), fwd | bwd: " + " || ".join(
+            f"{label} {fwd:.3f} ms {flops / fwd / 1e9:.0f} TFLOP/s | {bwd:.3f} ms {2.5 * flops / bwd / 1e9:.0f} TFLOP/s"
+            for label, (fwd, bwd) in timings.items()), flush=True)
 
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["attention", "overhead", "layer_norm", "switches"]

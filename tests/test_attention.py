@@ -12,6 +12,7 @@ import torch
 from vit_kernels import reference
 from vit_kernels.nn import FlashAttention
 from vit_kernels.ops import attention_probs, flash_attention, flash_attention_qkvpacked
+import vit_kernels.ops.attention as attention_module
 from vit_kernels.ops.attention import attention_dropout_mask
 from vit_kernels.testing import assert_rule, forcing_one_config, kernel_device, poisoned_allocations
 
@@ -75,6 +76,59 @@ def test_lengths_at_block_boundaries(seed, n_q, n_kv):
     """Whole blocks only (every tile size is 32, 64 or 128) and one row or column past them: the
     kernels run full blocks without masks and a partial last block with them."""
     check_attention(1, n_q, n_kv, 2, 64, torch.float16, packed=False)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if ON_GPU else []), ids=str)
+def test_scores_past_2_to_the_31_stay_finite(seed, dtype, deterministic):
+    """Scaled scores of ~1e10, where eager's softmax is one-hot and finite. There, at a row max,
+    a contracted FMA's rounding error (forward) or the backward's recomputed score differing
+    from the forward's by its rounding (up to ~1e3 here) overflowed exp2 to inf and the
+    gradients to NaN before the backward clamped its exponent (_probs_and_dscores). The
+    forward meets the rule; the gradients only stay finite: recomputed from the scores at
+    this conditioning, P cannot match the one eager saves (that is the recomputation every
+    flash attention does). fp16 is left out: eager's fp16 scores overflow first."""
+    q, k, v = (30 * torch.randn(2, 50, 2, 64, device=DEVICE) for _ in range(3))
+    leaves = [t.to(dtype) for t in (q, k, v)]
+    dout = torch.randn(2, 50, 2, 64, device=DEVICE).to(dtype)
+    scale = 1e6
+    with poisoned_allocations():
+        out, grads = _grads(lambda q, k, v: flash_attention(q, k, v, softmax_scale=scale, deterministic=deterministic),
+                            leaves, dout)
+    out_eager = reference.attention(*leaves, scale)
+    out_ref = reference.attention(*(t.double() for t in leaves), scale)
+    assert_rule("out", out, out_ref, out_eager)
+    for name, g in zip("qkv", grads):
+        assert g.isfinite().all(), f"d{name} is not finite"
+
+
+@pytest.mark.parametrize("nan_in", ["q", "k", "v"])
+def test_nan_propagates_like_eager(seed, nan_in):
+    """One NaN in q, k or v: the output and every gradient are NaN exactly where eager's are
+    (the backward's clamped exponent propagates NaN instead of turning it into P = 1)."""
+    leaves = [torch.randn(1, 17, 2, 32, device=DEVICE) for _ in range(3)]
+    leaves["qkv".index(nan_in)][0, 3, 1, 5] = float("nan")
+    dout = torch.randn(1, 17, 2, 32, device=DEVICE)
+    with poisoned_allocations():
+        out, grads = _grads(flash_attention, leaves, dout)
+    out_eager, grads_eager = _grads(reference.attention, leaves, dout)
+    for name, ours, eager in zip(["out", "dq", "dk", "dv"], [out, *grads], [out_eager, *grads_eager]):
+        assert torch.equal(ours.isnan(), eager.isnan()), name
+        assert ours.isnan().any() or name == "dv", name
+
+
+@pytest.mark.parametrize("loop", ["masked", "peeled", "peeled_narrow_tail"])
+@pytest.mark.parametrize("n_q,n_kv", [(197, 197), (65, 129), (145, 17), (16, 80)])
+def test_every_kv_loop_form(seed, monkeypatch, loop, n_q, n_kv):
+    """The three loop forms the kernels compile, whichever the device picks (the interpreter
+    gets Hopper's): one masked loop (Ampere, dropout), whole blocks unmasked with a full-width
+    tail, and with a 16-wide tail where the partial block fits in it. The lengths put 5, 1,
+    17, 16 and 0 rows or columns past a 64-block, so each form runs its tail or skips it."""
+    peel, narrow = {"masked": (False, 0), "peeled": (True, 0), "peeled_narrow_tail": (True, 16)}[loop]
+    monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: peel)
+    monkeypatch.setattr(attention_module, "_narrow_tail", lambda: narrow)
+    check_attention(1, n_q, n_kv, 2, 80, torch.float16, packed=False)
+    check_attention(1, n_q, n_kv, 2, 64, torch.float16, packed=False, deterministic=False)
 
 
 def test_non_deterministic_dq_matches_rule(seed):

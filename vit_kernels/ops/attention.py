@@ -22,13 +22,19 @@
 #   once, so the inner loop uses exp2. The log-sum-exp (base 2) is saved for backward.
 # - float32 inputs run their dots in full IEEE float32 precision, not tf32: tf32 would be
 #   10x less accurate than eager float32 attention and fail the numerics rule.
-# - Forward inner loop: on Hopper without dropout the loop runs whole KV blocks unmasked and
-#   peels off the partial last one (PEEL_TAIL): no column select on the scores, unmasked K/V
-#   rows. Peeling spills on sm_80 at d >= 80 (192-1136 bytes) and with dropout, so Ampere and
-#   dropout keep the masked loop. The forward compiles without FMA contraction (why:
-#   _attn_fwd_kv_block). Static SASS per loop iteration (sm_90, triton 3.9, 128 x 64 tile on
-#   8 warps), before -> after: d = 64 414 -> 347 instructions, d = 128 481 -> 429. Not yet
-#   timed on a GPU (scripts/gpu_diag.py switches times the peeled and masked loops).
+# - Inner loops, all three kernels: on Hopper without dropout each runs its whole blocks (KV
+#   blocks in the forward and dQ kernels, Q blocks in dK/dV) unmasked and peels off the
+#   partial last one (PEEL_TAIL): no select on the scores, unmasked loads. When that partial
+#   block holds at most 16 rows or columns it runs as a 16-wide tile (NARROW_TAIL): ViT
+#   lengths are a multiple of 16 plus the class token (197 = 3 x 64 + 5, 257 = 4 x 64 + 1),
+#   so a full-width tail computes 59 or 63 masked columns for nothing, a fifth of the KV work
+#   at ViT-B with 64-wide blocks (256 -> 208 columns a row). Peeling spills on sm_80 at
+#   d >= 80 (192-1136 bytes) and with dropout, so Ampere and dropout keep one masked loop.
+#   Static SASS per loop iteration (sm_90, triton 3.9), masked -> whole block: forward
+#   (128 x 64 tile, 8 warps) d = 64 414 -> 347, d = 128 481 -> 429; dQ (128 x 32) d = 64
+#   257 -> 204, d = 128 294 -> 258; dK/dV (32 x 128) d = 64 293 -> 235, d = 128 333 -> 299.
+#   The forward compiles without FMA contraction (why: _NO_FP_FUSION). None of this is timed
+#   on a GPU yet: scripts/gpu_diag.py switches times the forward's three loop forms.
 # - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
 #   of size N^2 is stored.
@@ -103,12 +109,25 @@ def _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p):
 @triton.jit
 def _probs_and_dscores(
     scores, dp, lse, delta, rows, cols, valid, dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT: tl.constexpr,
+    MASK: tl.constexpr,
 ):
     """One tile of the backward, in whichever orientation the caller computed it: P recomputed
     from the base-2 scores and the saved log-sum-exp, the forward's dropout mask applied to P
     and to dP; returns (P after dropout, dS = P * (dP - delta)). `lse`, `delta`, `rows` and
-    `cols` come broadcastable to the tile."""
-    p = tl.where(valid, tl.exp2(scores - lse), 0.0)
+    `cols` come broadcastable to the tile. With MASK, P is zeroed outside `valid`; without, the
+    caller's tile has no column past the sequence (rows past it only reach unstored outputs).
+
+    The exponent is clamped at 0 (P <= 1 holds exactly for the forward's scores): the scores
+    recomputed here, by a dot in another orientation or order, differ from the forward's by
+    their rounding, and at a row max of scaled scores past ~2^24 that difference alone
+    overflows exp2 to inf, and dS to NaN. FMA contraction of `scores * c - lse` adds the
+    product's rounding error to that difference (_NO_FP_FUSION); the clamp covers both, and
+    propagates NaN. Static SASS cost (sm_90, triton 3.9): one FMNMX per score element, +16
+    instructions per loop iteration (5-7%) in the dQ and dK/dV kernels at d = 64 and 128."""
+    exponent = tl.minimum(scores - lse, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    p = tl.exp2(exponent)
+    if MASK:
+        p = tl.where(valid, p, 0.0)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, pid_bh, rows, cols, n_q, n_kv, dropout_p)
         p_dropped = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -128,9 +147,10 @@ def _attn_fwd_kv_block(
 
     The scores are scaled before the max and the exponent subtracts from the rounded scores,
     so the max element's exp2 argument is exactly 0. Computed as one FMA on the raw dot, as
-    FlashAttention-2 does (and LLVM contracts to, unless the launch turns fusion off), the max
-    element's exponent is the rounding error of its product, up to ulp / 2: exp2 overflows
-    once |s * c| passes 2^31, where eager's softmax of finite bf16 scores is still finite."""
+    FlashAttention-2 does (and LLVM contracts to, unless the launch turns fusion off:
+    _NO_FP_FUSION), the max element's exponent is the rounding error of its product, up to
+    ulp / 2: exp2 overflows once |s * c| passes 2^31, where eager's softmax of finite bf16
+    scores is still finite."""
     cols = start_n + offs_n
     kv_offsets = cols[:, None].to(tl.int64)
     kv_mask = d_mask[None, :]
@@ -183,6 +203,7 @@ def _attn_fwd_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     PEEL_TAIL: tl.constexpr,
+    NARROW_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
@@ -206,14 +227,23 @@ def _attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if PEEL_TAIL:
         # Every KV block but a partial last one without the column mask: no select on the scores
-        # and unmasked K/V rows (the tail is at most one block: 5 of 197 columns at ViT-B).
+        # and unmasked K/V rows. The partial block, when it holds at most NARROW_TAIL columns, runs
+        # as a tile that narrow: ViT lengths are a multiple of 16 plus the class token (197 =
+        # 3 x 64 + 5, 257 = 4 x 64 + 1, 577 = 9 x 64 + 1), and a full-width tail computes 59 or 63
+        # masked columns for nothing (a fifth of all KV work at ViT-B).
         n_full = (n_kv // BLOCK_N) * BLOCK_N
         for start_n in range(0, n_full, BLOCK_N):
             m_i, l_i, acc = _attn_fwd_kv_block(
                 q, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
                 qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, False,
             )
-        if n_full < n_kv:
+        # (A tile's shape is fixed at compile time: the narrow and the full-width tail are two calls.)
+        if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
+            m_i, l_i, acc = _attn_fwd_kv_block(
+                q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL), offs_d, d_mask,
+                m_i, l_i, acc, qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
+        elif n_full < n_kv:
             m_i, l_i, acc = _attn_fwd_kv_block(
                 q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
                 qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
@@ -273,6 +303,45 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _attn_bwd_dkdv_q_block(
+    k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m, offs_d, d_mask,
+    cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh, n_kv,
+    HEAD_DIM: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASK_Q: tl.constexpr,
+):
+    """One Q block of the dK/dV kernel (its docstring): returns dK, dV updated; with ATOMIC_DQ
+    adds this block's share of dQ. Without MASK_Q every row of the block is in the sequence."""
+    rows = start_m + offs_m
+    row_mask = rows < n_q
+    q_mask = d_mask[None, :]
+    if MASK_Q:
+        q_mask = q_mask & row_mask[:, None]
+    rows64 = rows[:, None].to(tl.int64)
+    q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    if MASK_Q:
+        lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
+    else:
+        lse = tl.load(lse_base + rows)
+        delta = tl.load(delta_base + rows)
+
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    p_dropped_t, ds_t = _probs_and_dscores(
+        scores_t, dp_t, lse[None, :], delta[None, :], rows[None, :], cols[:, None],
+        col_mask[:, None] & row_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT, MASK_Q,
+    )
+    dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+        dq_ptrs = DQ_ACCUM + ((b * n_q + rows64) * n_heads + h) * HEAD_DIM + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq, mask=q_mask)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -312,6 +381,8 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
+    NARROW_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
@@ -330,7 +401,6 @@ def _attn_bwd_dkdv_kernel(
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     col_mask = cols < n_kv
     d_mask = offs_d < HEAD_DIM
@@ -345,33 +415,61 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for start_m in range(0, n_q, BLOCK_M):
-        rows = start_m + offs_m
-        row_mask = rows < n_q
-        q_mask = row_mask[:, None] & d_mask[None, :]
-        rows64 = rows[:, None].to(tl.int64)
-        q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
-        delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
-
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        p_dropped_t, ds_t = _probs_and_dscores(
-            scores_t, dp_t, lse[None, :], delta[None, :], rows[None, :], cols[:, None],
-            col_mask[:, None] & row_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT,
+    offs_m = tl.arange(0, BLOCK_M)
+    # Peeled (see the forward): whole Q blocks without row masks, then the partial last block,
+    # NARROW_TAIL rows wide when it fits.
+    n_full = 0
+    if PEEL_TAIL:
+        n_full = (n_q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        dk, dv = _attn_bwd_dkdv_q_block(
+            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m, offs_d,
+            d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh,
+            n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, False,
         )
-        dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_t).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
-            dq_ptrs = DQ_ACCUM + ((b * n_q + rows64) * n_heads + h) * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=q_mask)
+    if NARROW_TAIL > 0 and n_full < n_q and n_q - n_full <= NARROW_TAIL:
+        dk, dv = _attn_bwd_dkdv_q_block(
+            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, n_full, n_q,
+            tl.arange(0, NARROW_TAIL), offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale,
+            qk_scale_log2, dropout_p, seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
+        )
+    else:
+        for start_m in range(n_full, n_q, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_q_block(
+                k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m,
+                offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p,
+                seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
+            )
 
     dk = dk * softmax_scale
     out_offsets = b * stride_dkb + h * stride_dkh + cols64 * stride_dkn + offs_d[None, :]
     tl.store(DK + out_offsets, cast_for_store(dk, DK.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
     tl.store(DV + out_offsets, cast_for_store(dv, DV.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kv_block(
+    q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, rows, row_mask,
+    qk_scale_log2, dropout_p, seed, pid_bh, n_q,
+    HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK_KV: tl.constexpr,
+):
+    """One KV block of the dQ kernel: returns dQ updated. Without MASK_KV every column of the
+    block is in the sequence."""
+    cols = start_n + offs_n
+    col_mask = cols < n_kv
+    kv_mask = d_mask[None, :]
+    if MASK_KV:
+        kv_mask = kv_mask & col_mask[:, None]
+    cols64 = cols[:, None].to(tl.int64)
+    k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    _, ds = _probs_and_dscores(
+        scores, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :],
+        row_mask[:, None] & col_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT, MASK_KV,
+    )
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -415,6 +513,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
+    NARROW_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
 ):
@@ -443,20 +543,28 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for start_n in range(0, n_kv, BLOCK_N):
-        cols = start_n + offs_n
-        col_mask = cols < n_kv
-        kv_mask = col_mask[:, None] & d_mask[None, :]
-        cols64 = cols[:, None].to(tl.int64)
-        k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        _, ds = _probs_and_dscores(
-            scores, dp, lse[:, None], delta[:, None], rows[:, None], cols[None, :],
-            row_mask[:, None] & col_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT,
+    # Peeled (see the forward): whole KV blocks without column masks, then the partial last
+    # block, NARROW_TAIL columns wide when it fits.
+    n_full = 0
+    if PEEL_TAIL:
+        n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _attn_bwd_dq_kv_block(
+            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, rows,
+            row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, False,
         )
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
+        dq = _attn_bwd_dq_kv_block(
+            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL),
+            offs_d, d_mask, rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION,
+            True,
+        )
+    else:
+        for start_n in range(n_full, n_kv, BLOCK_N):
+            dq = _attn_bwd_dq_kv_block(
+                q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask,
+                rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
 
     dq = dq * softmax_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :]
@@ -552,6 +660,15 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict, options:
     entry[1][grid_for](*args, **kwargs, **options)
 
 
+# The forward compiles without FMA contraction (PyTorch builds FlashAttention with UNFUSE_FMA
+# for the same reason, pytorch/pytorch#121558). Contracted, the exponent of an unmasked block
+# becomes fma(s, c, -round(max(s) * c)): at the row max that is the product's rounding error,
+# up to ulp / 2, and exp2 overflows to inf once |s * c| passes 2^31. The backward keeps
+# contraction: its exponent is clamped at 0 anyway (_probs_and_dscores), which costs one
+# instruction per score element either way.
+_NO_FP_FUSION = {**LAUNCH_OPTIONS, "enable_fp_fusion": False}
+
+
 def _arch_major(device: torch.device) -> int:
     """The GPU's compute capability major (8 Ampere, 9 Hopper), which picks configs and
     switches; 9 under the interpreter (tests/gpu_compile_check.py sets each in turn)."""
@@ -563,6 +680,12 @@ def _peel_tail(arch_major: int, dropout_p: float) -> bool:
     off the loop spills registers on sm_80 at d >= 80 (192-1136 bytes) and with dropout
     (ptxas, tests/gpu_compile_check.py). scripts/gpu_diag.py switches times both ways."""
     return arch_major >= 9 and dropout_p == 0
+
+
+def _narrow_tail() -> int:
+    """The width of the forward's last KV tile when the partial block fits in it (with PEEL_TAIL):
+    16, the narrowest dot operand. gpu_diag.py switches times it against 0 (no narrow tile)."""
+    return 16
 
 
 def _n_bucket(n_q: int, n_kv: int) -> int:
@@ -613,17 +736,16 @@ def _flash_attention_fwd_impl(
     if out.numel() == 0:
         return out, lse
     arch_major = _arch_major(q.device)
+    peel = _peel_tail(arch_major, dropout_p)
     _launch(
         _attn_fwd_kernel,
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
         lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p), _n_bucket(n_q, n_kv)),
-        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=_peel_tail(arch_major, dropout_p),
+        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0,
              **_common_constexprs(q, _attn_fwd_kernel)),
-        # No FMA contraction (PyTorch's UNFUSE_FMA for flash attention, pytorch/pytorch#121558):
-        # with it an unmasked block computes exp2(fma(s, c, -round(max(s) * c))) (_attn_fwd_kv_block).
-        options={**LAUNCH_OPTIONS, "enable_fp_fusion": False},
+        options=_NO_FP_FUSION,
     )
     return out, lse
 
@@ -664,13 +786,15 @@ def _flash_attention_bwd_impl(
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
                _n_bucket(n_q, n_kv))
+    peel = _peel_tail(_arch_major(q.device), dropout_p)
+    tails = dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
     if deterministic:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
         _launch(
             _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
             lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, out, dout, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq), *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **constexprs),
+            dict(HAS_DROPOUT=dropout_p > 0, **tails, **constexprs),
         )
         dq_accum = None
     else:
@@ -688,7 +812,7 @@ def _flash_attention_bwd_impl(
         lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
          *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
-        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **constexprs),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **tails, **constexprs),
     )
     if not deterministic:
         dq.copy_(dq_accum)
