@@ -28,13 +28,15 @@
 #   block holds at most 16 rows or columns it runs as a 16-wide tile (NARROW_TAIL): ViT
 #   lengths are a multiple of 16 plus the class token (197 = 3 x 64 + 5, 257 = 4 x 64 + 1),
 #   so a full-width tail computes 59 or 63 masked columns for nothing, a fifth of the KV work
-#   at ViT-B with 64-wide blocks (256 -> 208 columns a row). Peeling spills on sm_80 at
-#   d >= 80 (192-1136 bytes) and with dropout, so Ampere and dropout keep one masked loop.
-#   Static SASS per loop iteration (sm_90, triton 3.9), masked -> whole block: forward
+#   at ViT-B with 64-wide blocks (256 -> 208 columns a row). The forward does the same for
+#   its last Q block (a program of its own): at most 16 rows run as a 16-row copy of the body
+#   (mma.sync, below wgmma's 64 rows), so with 64-row blocks a ViT-B head computes 208 rows,
+#   not 256. Peeling spills on sm_80 at d >= 80 (192-1136 bytes) and with dropout, so
+#   Ampere and dropout keep one masked loop. Static SASS per loop iteration (sm_90, triton 3.9), masked -> whole block: forward
 #   (128 x 64 tile, 8 warps) d = 64 414 -> 347, d = 128 481 -> 429; dQ (128 x 32) d = 64
 #   257 -> 204, d = 128 294 -> 258; dK/dV (32 x 128) d = 64 293 -> 235, d = 128 333 -> 299.
 #   The forward compiles without FMA contraction (why: _NO_FP_FUSION). None of this is timed
-#   on a GPU yet: scripts/gpu_diag.py switches times the forward's three loop forms.
+#   on a GPU yet: scripts/gpu_diag.py switches times the three loop forms, fwd and bwd.
 # - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing
 #   of size N^2 is stored.
@@ -172,6 +174,67 @@ def _attn_fwd_kv_block(
 
 
 @triton.jit
+def _attn_fwd_rows(
+    q_base, k_base, v_base, o_base, lse_base, stride_qn, stride_kn, stride_vn, stride_on, row_start, n_q, n_kv,
+    qk_scale_log2, dropout_p, seed, pid_bh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PEEL_TAIL: tl.constexpr, NARROW_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """The forward for ROWS query rows from row_start of one (batch, head): out and the base-2
+    log-sum-exp stored. The *_base pointers are already offset to that batch and head."""
+    rows = row_start + tl.arange(0, ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_q
+    d_mask = offs_d < HEAD_DIM
+
+    q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    if PEEL_TAIL:
+        # Every KV block but a partial last one without the column mask: no select on the scores
+        # and unmasked K/V rows. The partial block, when it holds at most NARROW_TAIL columns, runs
+        # as a tile that narrow: ViT lengths are a multiple of 16 plus the class token (197 =
+        # 3 x 64 + 5, 257 = 4 x 64 + 1, 577 = 9 x 64 + 1), and a full-width tail computes 59 or 63
+        # masked columns for nothing (a fifth of all KV work at ViT-B).
+        n_full = (n_kv // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):
+            m_i, l_i, acc = _attn_fwd_kv_block(
+                q, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
+                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, False,
+            )
+        # (A tile's shape is fixed at compile time: the narrow and the full-width tail are two calls.)
+        if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
+            m_i, l_i, acc = _attn_fwd_kv_block(
+                q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL), offs_d, d_mask,
+                m_i, l_i, acc, qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
+        elif n_full < n_kv:
+            m_i, l_i, acc = _attn_fwd_kv_block(
+                q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
+                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
+    else:
+        for start_n in range(0, n_kv, BLOCK_N):
+            m_i, l_i, acc = _attn_fwd_kv_block(
+                q, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
+                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
+
+    acc = acc / l_i[:, None]
+    if HAS_DROPOUT:
+        acc = acc / (1.0 - dropout_p)
+    o_ptrs = o_base + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
+    tl.store(o_ptrs, cast_for_store(acc, o_base.dtype.element_ty, RNE_BF16_IN_SOFTWARE),
+             mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(lse_base + rows, m_i + tl.log2(l_i), mask=row_mask)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q,
     K,
@@ -211,56 +274,19 @@ def _attn_fwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = rows < n_q
-    d_mask = offs_d < HEAD_DIM
-
-    q_ptrs = Q + b * stride_qb + h * stride_qh + rows[:, None].to(tl.int64) * stride_qn + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    if PEEL_TAIL:
-        # Every KV block but a partial last one without the column mask: no select on the scores
-        # and unmasked K/V rows. The partial block, when it holds at most NARROW_TAIL columns, runs
-        # as a tile that narrow: ViT lengths are a multiple of 16 plus the class token (197 =
-        # 3 x 64 + 5, 257 = 4 x 64 + 1, 577 = 9 x 64 + 1), and a full-width tail computes 59 or 63
-        # masked columns for nothing (a fifth of all KV work at ViT-B).
-        n_full = (n_kv // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):
-            m_i, l_i, acc = _attn_fwd_kv_block(
-                q, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
-                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, False,
-            )
-        # (A tile's shape is fixed at compile time: the narrow and the full-width tail are two calls.)
-        if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
-            m_i, l_i, acc = _attn_fwd_kv_block(
-                q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL), offs_d, d_mask,
-                m_i, l_i, acc, qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
-            )
-        elif n_full < n_kv:
-            m_i, l_i, acc = _attn_fwd_kv_block(
-                q, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
-                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
-            )
+    row_start = pid_m * BLOCK_M
+    args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+            O + b * stride_ob + h * stride_oh, LSE + pid_bh * n_q, stride_qn, stride_kn, stride_vn, stride_on,
+            row_start, n_q, n_kv, qk_scale_log2, dropout_p, seed, pid_bh)
+    # The last Q block, when it holds at most NARROW_TAIL rows (5 of 197 with 64-row blocks), runs
+    # as a tile that narrow: its program otherwise costs as much as a full one. Shapes are fixed at
+    # compile time, so the narrow block is a second copy of the body.
+    if NARROW_TAIL > 0 and n_q - row_start <= NARROW_TAIL:
+        _attn_fwd_rows(*args, HEAD_DIM, BLOCK_D, NARROW_TAIL, BLOCK_N, HAS_DROPOUT, PEEL_TAIL, NARROW_TAIL,
+                       DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
     else:
-        for start_n in range(0, n_kv, BLOCK_N):
-            m_i, l_i, acc = _attn_fwd_kv_block(
-                q, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, m_i, l_i, acc,
-                qk_scale_log2, dropout_p, seed, pid_bh, rows, n_q, HAS_DROPOUT, DOT_PRECISION, True,
-            )
-
-    acc = acc / l_i[:, None]
-    if HAS_DROPOUT:
-        acc = acc / (1.0 - dropout_p)
-    o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None].to(tl.int64) * stride_on + offs_d[None, :]
-    tl.store(o_ptrs, cast_for_store(acc, O.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=row_mask[:, None] & d_mask[None, :])
-    tl.store(LSE + pid_bh * n_q + rows, m_i + tl.log2(l_i), mask=row_mask)
+        _attn_fwd_rows(*args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT, PEEL_TAIL, NARROW_TAIL,
+                       DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
 
 
 @triton.jit
