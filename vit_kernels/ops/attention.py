@@ -28,10 +28,10 @@
 #   block holds at most 16 rows or columns it runs as a 16-wide tile (NARROW_TAIL): ViT
 #   lengths are a multiple of 16 plus the class token (197 = 3 x 64 + 5, 257 = 4 x 64 + 1),
 #   so a full-width tail computes 59 or 63 masked columns for nothing, a fifth of the KV work
-#   at ViT-B with 64-wide blocks (256 -> 208 columns a row). The forward does the same for
-#   its last Q block (a program of its own): at most 16 rows run as a 16-row copy of the body
-#   (mma.sync, below wgmma's 64 rows), so with 64-row blocks a ViT-B head computes 208 rows,
-#   not 256. Peeling spills on sm_80 at d >= 80 (192-1136 bytes) and with dropout, so
+#   at ViT-B with 64-wide blocks (256 -> 208 columns a row). Each kernel does the same for
+#   the last block its grid splits (a program of its own: Q blocks in the forward and dQ
+#   kernels, KV blocks in dK/dV): at most 16 rows run as a 16-row copy of the body (mma.sync,
+#   below wgmma's 64 rows), so with 64-row blocks a ViT-B head computes 208 rows, not 256. Peeling spills on sm_80 at d >= 80 (192-1136 bytes) and with dropout, so
 #   Ampere and dropout keep one masked loop. Static SASS per loop iteration (sm_90, triton 3.9), masked -> whole block: forward
 #   (128 x 64 tile, 8 warps) d = 64 414 -> 347, d = 128 481 -> 429; dQ (128 x 32) d = 64
 #   257 -> 204, d = 128 294 -> 258; dK/dV (32 x 128) d = 64 293 -> 235, d = 128 333 -> 299.
@@ -368,6 +368,61 @@ def _attn_bwd_dkdv_q_block(
 
 
 @triton.jit
+def _attn_bwd_dkdv_cols(
+    q_base, k_base, v_base, do_base, lse_base, delta_base, DK, DV, DQ_ACCUM, stride_qn, stride_kn, stride_vn,
+    stride_don, stride_dkb, stride_dkh, stride_dkn, col_start, b, h, n_heads, n_q, n_kv, softmax_scale, qk_scale_log2,
+    dropout_p, seed, pid_bh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, COLS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr, PEEL_TAIL: tl.constexpr, NARROW_TAIL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """dK and dV for COLS key rows from col_start of one (batch, head); the *_base pointers are
+    already offset to that batch and head. DK, DV and DQ_ACCUM are not: offset pointers to
+    them would stay live in registers through the loop (on sm_80 at d = 80 that spilled)."""
+    cols = col_start + tl.arange(0, COLS)
+    offs_d = tl.arange(0, BLOCK_D)
+    col_mask = cols < n_kv
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = col_mask[:, None] & d_mask[None, :]
+    cols64 = cols[:, None].to(tl.int64)
+    k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    dk = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
+    offs_m = tl.arange(0, BLOCK_M)
+    # Peeled (see the forward): whole Q blocks without row masks, then the partial last block,
+    # NARROW_TAIL rows wide when it fits.
+    n_full = 0
+    if PEEL_TAIL:
+        n_full = (n_q // BLOCK_M) * BLOCK_M
+    for start_m in range(0, n_full, BLOCK_M):
+        dk, dv = _attn_bwd_dkdv_q_block(
+            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m, offs_d,
+            d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh,
+            n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, False,
+        )
+    if NARROW_TAIL > 0 and n_full < n_q and n_q - n_full <= NARROW_TAIL:
+        dk, dv = _attn_bwd_dkdv_q_block(
+            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, n_full, n_q,
+            tl.arange(0, NARROW_TAIL), offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale,
+            qk_scale_log2, dropout_p, seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
+        )
+    else:
+        for start_m in range(n_full, n_q, BLOCK_M):
+            dk, dv = _attn_bwd_dkdv_q_block(
+                k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m,
+                offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p,
+                seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
+            )
+
+    dk = dk * softmax_scale
+    out_offsets = b * stride_dkb + h * stride_dkh + cols64 * stride_dkn + offs_d[None, :]
+    tl.store(DK + out_offsets, cast_for_store(dk, DK.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+    tl.store(DV + out_offsets, cast_for_store(dv, DV.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -426,51 +481,19 @@ def _attn_bwd_dkdv_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    col_mask = cols < n_kv
-    d_mask = offs_d < HEAD_DIM
-    kv_mask = col_mask[:, None] & d_mask[None, :]
-    cols64 = cols[:, None].to(tl.int64)
-    k = tl.load(K + b * stride_kb + h * stride_kh + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    lse_base = LSE + pid_bh * n_q
-    delta_base = DELTA + pid_bh * n_q
-
-    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    offs_m = tl.arange(0, BLOCK_M)
-    # Peeled (see the forward): whole Q blocks without row masks, then the partial last block,
-    # NARROW_TAIL rows wide when it fits.
-    n_full = 0
-    if PEEL_TAIL:
-        n_full = (n_q // BLOCK_M) * BLOCK_M
-    for start_m in range(0, n_full, BLOCK_M):
-        dk, dv = _attn_bwd_dkdv_q_block(
-            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m, offs_d,
-            d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh,
-            n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, False,
-        )
-    if NARROW_TAIL > 0 and n_full < n_q and n_q - n_full <= NARROW_TAIL:
-        dk, dv = _attn_bwd_dkdv_q_block(
-            k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, n_full, n_q,
-            tl.arange(0, NARROW_TAIL), offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale,
-            qk_scale_log2, dropout_p, seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
-        )
+    col_start = pid_n * BLOCK_N
+    args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+            DO + b * stride_dob + h * stride_doh, LSE + pid_bh * n_q, DELTA + pid_bh * n_q,
+            DK, DV, DQ_ACCUM, stride_qn, stride_kn, stride_vn, stride_don, stride_dkb, stride_dkh, stride_dkn, col_start,
+            b, h, n_heads, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh)
+    # A last KV block of at most NARROW_TAIL columns runs as a copy of the body that narrow (the
+    # forward's kernel says why; its dots then run on mma.sync).
+    if NARROW_TAIL > 0 and n_kv - col_start <= NARROW_TAIL:
+        _attn_bwd_dkdv_cols(*args, HEAD_DIM, BLOCK_D, BLOCK_M, NARROW_TAIL, HAS_DROPOUT, ATOMIC_DQ, PEEL_TAIL,
+                            NARROW_TAIL, DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
     else:
-        for start_m in range(n_full, n_q, BLOCK_M):
-            dk, dv = _attn_bwd_dkdv_q_block(
-                k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m,
-                offs_d, d_mask, cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p,
-                seed, pid_bh, n_kv, HEAD_DIM, HAS_DROPOUT, ATOMIC_DQ, DOT_PRECISION, True,
-            )
-
-    dk = dk * softmax_scale
-    out_offsets = b * stride_dkb + h * stride_dkh + cols64 * stride_dkn + offs_d[None, :]
-    tl.store(DK + out_offsets, cast_for_store(dk, DK.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
-    tl.store(DV + out_offsets, cast_for_store(dv, DV.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=kv_mask)
+        _attn_bwd_dkdv_cols(*args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT, ATOMIC_DQ, PEEL_TAIL,
+                            NARROW_TAIL, DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
 
 
 @triton.jit
@@ -496,6 +519,57 @@ def _attn_bwd_dq_kv_block(
         row_mask[:, None] & col_mask[None, :], dropout_p, seed, pid_bh, n_q, n_kv, HAS_DROPOUT, MASK_KV,
     )
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attn_bwd_dq_rows(
+    q_base, k_base, v_base, o_base, do_base, lse_base, delta_base, dq_base, stride_qn, stride_kn, stride_vn, stride_on,
+    stride_don, stride_dqn, row_start, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PEEL_TAIL: tl.constexpr, NARROW_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """dQ and delta for ROWS query rows from row_start of one (batch, head); the *_base pointers
+    are already offset to that batch and head."""
+    rows = row_start + tl.arange(0, ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_q
+    d_mask = offs_d < HEAD_DIM
+    q_mask = row_mask[:, None] & d_mask[None, :]
+    rows64 = rows[:, None].to(tl.int64)
+    q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    delta = _store_delta(o_base, stride_on, do, delta_base, rows, offs_d, q_mask, n_q)
+    lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
+
+    dq = tl.zeros((ROWS, BLOCK_D), dtype=tl.float32)
+    # Peeled (see the forward): whole KV blocks without column masks, then the partial last
+    # block, NARROW_TAIL columns wide when it fits.
+    n_full = 0
+    if PEEL_TAIL:
+        n_full = (n_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _attn_bwd_dq_kv_block(
+            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, rows,
+            row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, False,
+        )
+    if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
+        dq = _attn_bwd_dq_kv_block(
+            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL),
+            offs_d, d_mask, rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION,
+            True,
+        )
+    else:
+        for start_n in range(n_full, n_kv, BLOCK_N):
+            dq = _attn_bwd_dq_kv_block(
+                q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask,
+                rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, True,
+            )
+
+    dq = dq * softmax_scale
+    dq_ptrs = dq_base + rows64 * stride_dqn + offs_d[None, :]
+    tl.store(dq_ptrs, cast_for_store(dq, dq_base.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=q_mask)
 
 
 @triton.jit
@@ -553,48 +627,19 @@ def _attn_bwd_dq_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_mask = rows < n_q
-    d_mask = offs_d < HEAD_DIM
-    q_mask = row_mask[:, None] & d_mask[None, :]
-    rows64 = rows[:, None].to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-    delta = _store_delta(O + b * stride_ob + h * stride_oh, stride_on, do, DELTA + pid_bh * n_q, rows, offs_d,
-                         q_mask, n_q)
-    lse = tl.load(LSE + pid_bh * n_q + rows, mask=row_mask, other=0.0)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-
-    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    # Peeled (see the forward): whole KV blocks without column masks, then the partial last
-    # block, NARROW_TAIL columns wide when it fits.
-    n_full = 0
-    if PEEL_TAIL:
-        n_full = (n_kv // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        dq = _attn_bwd_dq_kv_block(
-            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask, rows,
-            row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, False,
-        )
-    if NARROW_TAIL > 0 and n_full < n_kv and n_kv - n_full <= NARROW_TAIL:
-        dq = _attn_bwd_dq_kv_block(
-            q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, n_full, n_kv, tl.arange(0, NARROW_TAIL),
-            offs_d, d_mask, rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION,
-            True,
-        )
+    row_start = pid_m * BLOCK_M
+    args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+            O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, LSE + pid_bh * n_q,
+            DELTA + pid_bh * n_q, DQ + b * stride_dqb + h * stride_dqh, stride_qn, stride_kn, stride_vn, stride_on,
+            stride_don, stride_dqn, row_start, n_q, n_kv, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh)
+    # A last Q block of at most NARROW_TAIL rows runs as a copy of the body that narrow (the forward's
+    # kernel says why).
+    if NARROW_TAIL > 0 and n_q - row_start <= NARROW_TAIL:
+        _attn_bwd_dq_rows(*args, HEAD_DIM, BLOCK_D, NARROW_TAIL, BLOCK_N, HAS_DROPOUT, PEEL_TAIL, NARROW_TAIL,
+                          DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
     else:
-        for start_n in range(n_full, n_kv, BLOCK_N):
-            dq = _attn_bwd_dq_kv_block(
-                q, do, lse, delta, dq, k_base, v_base, stride_kn, stride_vn, start_n, n_kv, offs_n, offs_d, d_mask,
-                rows, row_mask, qk_scale_log2, dropout_p, seed, pid_bh, n_q, HAS_DROPOUT, DOT_PRECISION, True,
-            )
-
-    dq = dq * softmax_scale
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows64 * stride_dqn + offs_d[None, :]
-    tl.store(dq_ptrs, cast_for_store(dq, DQ.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=q_mask)
+        _attn_bwd_dq_rows(*args, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_DROPOUT, PEEL_TAIL, NARROW_TAIL,
+                          DOT_PRECISION, RNE_BF16_IN_SOFTWARE)
 
 
 # Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on Hopper and
