@@ -121,8 +121,8 @@ def _probs_and_dscores(
 
     The exponent is clamped at 0 (P <= 1 holds exactly for the forward's scores): the scores
     recomputed here, by a dot in another orientation or order, differ from the forward's by
-    their rounding, and at a row max of scaled scores past ~2^24 that difference alone
-    overflows exp2 to inf, and dS to NaN. FMA contraction of `scores * c - lse` adds the
+    their rounding, and at a row max of scaled scores past ~2^30 (measured under the
+    interpreter) that difference alone overflows exp2 to inf, and dS to NaN. FMA contraction of `scores * c - lse` adds the
     product's rounding error to that difference (_NO_FP_FUSION); the clamp covers both, and
     propagates NaN. Static SASS cost (sm_90, triton 3.9): one FMNMX per score element, +16
     instructions per loop iteration (5-7%) in the dQ and dK/dV kernels at d = 64 and 128."""
