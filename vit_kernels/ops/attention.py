@@ -329,6 +329,20 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_row_pair(a_base, stride_a, b_base, stride_b, rows, n_rows, offs_d, d_mask, MASK_ROWS: tl.constexpr):
+    """Two [rows, BLOCK_D] tiles at the same rows of one (batch, head), q and dO or K and V:
+    returns them, their load mask (rows past n_rows masked only with MASK_ROWS) and the rows
+    as an int64 column for the caller's own pointers."""
+    mask = d_mask[None, :]
+    if MASK_ROWS:
+        mask = mask & (rows < n_rows)[:, None]
+    rows64 = rows[:, None].to(tl.int64)
+    a = tl.load(a_base + rows64 * stride_a + offs_d[None, :], mask=mask, other=0.0)
+    b = tl.load(b_base + rows64 * stride_b + offs_d[None, :], mask=mask, other=0.0)
+    return a, b, mask, rows64
+
+
+@triton.jit
 def _attn_bwd_dkdv_q_block(
     k, v, dk, dv, q_base, do_base, lse_base, delta_base, stride_qn, stride_don, start_m, n_q, offs_m, offs_d, d_mask,
     cols, col_mask, DQ_ACCUM, b, h, n_heads, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh, n_kv,
@@ -339,12 +353,7 @@ def _attn_bwd_dkdv_q_block(
     adds this block's share of dQ. Without MASK_Q every row of the block is in the sequence."""
     rows = start_m + offs_m
     row_mask = rows < n_q
-    q_mask = d_mask[None, :]
-    if MASK_Q:
-        q_mask = q_mask & row_mask[:, None]
-    rows64 = rows[:, None].to(tl.int64)
-    q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    q, do, q_mask, rows64 = _load_row_pair(q_base, stride_qn, do_base, stride_don, rows, n_q, offs_d, d_mask, MASK_Q)
     if MASK_Q:
         lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
         delta = tl.load(delta_base + rows, mask=row_mask, other=0.0)
@@ -383,10 +392,7 @@ def _attn_bwd_dkdv_cols(
     offs_d = tl.arange(0, BLOCK_D)
     col_mask = cols < n_kv
     d_mask = offs_d < HEAD_DIM
-    kv_mask = col_mask[:, None] & d_mask[None, :]
-    cols64 = cols[:, None].to(tl.int64)
-    k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k, v, kv_mask, cols64 = _load_row_pair(k_base, stride_kn, v_base, stride_vn, cols, n_kv, offs_d, d_mask, True)
 
     dk = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((COLS, BLOCK_D), dtype=tl.float32)
@@ -506,12 +512,7 @@ def _attn_bwd_dq_kv_block(
     block is in the sequence."""
     cols = start_n + offs_n
     col_mask = cols < n_kv
-    kv_mask = d_mask[None, :]
-    if MASK_KV:
-        kv_mask = kv_mask & col_mask[:, None]
-    cols64 = cols[:, None].to(tl.int64)
-    k = tl.load(k_base + cols64 * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_base + cols64 * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    k, v, _, _ = _load_row_pair(k_base, stride_kn, v_base, stride_vn, cols, n_kv, offs_d, d_mask, MASK_KV)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     _, ds = _probs_and_dscores(
@@ -536,10 +537,7 @@ def _attn_bwd_dq_rows(
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = rows < n_q
     d_mask = offs_d < HEAD_DIM
-    q_mask = row_mask[:, None] & d_mask[None, :]
-    rows64 = rows[:, None].to(tl.int64)
-    q = tl.load(q_base + rows64 * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(do_base + rows64 * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
+    q, do, q_mask, rows64 = _load_row_pair(q_base, stride_qn, do_base, stride_don, rows, n_q, offs_d, d_mask, True)
     delta = _store_delta(o_base, stride_on, do, delta_base, rows, offs_d, q_mask, n_q)
     lse = tl.load(lse_base + rows, mask=row_mask, other=0.0)
 
