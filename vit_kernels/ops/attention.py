@@ -643,7 +643,9 @@ def _attn_bwd_dq_kernel(
 # Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages) for fp16/bf16 on Hopper and
 # Ampere, autotuned on the device at first use per (N bucket, head dim, dropout, dtype). Each
 # compiles without register spills for sm_90 (and sm_80, but where noted) at the head dims and
-# dropout setting it is listed for (ptxas, through tests/gpu_compile_check.py).
+# dropout setting it is listed for (ptxas, through tests/gpu_compile_check.py), with each of
+# triton 3.6 (the device image's), 3.8 (what torch 2.14 pins) and 3.9: their ptxas builds
+# allocate registers differently, and a config that fits one can spill under another.
 #
 # The block that is the M dimension of a kernel's dots (BLOCK_M in the forward and the dQ
 # kernel, BLOCK_N in the dK/dV kernel) is 16 rows per warp, 64 per warpgroup: Hopper's wgmma
@@ -652,23 +654,32 @@ def _attn_bwd_dq_kernel(
 # compile wrong on an H100 (dK at d = 128, triton 3.6) had 64 rows on 8 warps. The other
 # block is the loop's step: 64 only at d <= 64 without dropout, where it stays spill-free.
 #
-# Forward: seen spilling and so left out, 128 x 128 for d >= 64; Ampere skips the 64-wide
+# Forward: seen spilling and so left out, 128 x 128 for d >= 64, and at d = 32 with dropout
+# (triton 3.8: 160 bytes on sm_90, 104-112 on sm_80 with 3.6 and 3.8); Ampere skips the 64-wide
 # step at d >= 80 with dropout (36-52 bytes).
+# dK/dV at d > 64 (BLOCK_D = 128): the 4-warp tile runs unpipelined (num_stages 1). Two stages
+# spilled 24-88 bytes on sm_90 with triton 3.6 and 3.8 (d = 80/96: 88 and 56 bytes, with or
+# without dropout); one stage compiles spill-free with all three, on both targets. On an H100
+# (triton 3.6, 2026-11-23, d = 128) the two-stage tile ran fwd+bwd in 0.912 ms against the
+# 8-warp tile's 0.979; the one-stage tile is not timed yet (the autotuner picks per shape).
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 _FWD_CONFIGS_D32 = [(128, 128, 8, 2)]
 _DKDV_CONFIGS = [(32, 128, 8, 2), (32, 64, 4, 2)]
+_DKDV_CONFIGS_WIDE_HEAD = [(32, 128, 8, 2), (32, 64, 4, 1)]
 _DKDV_CONFIGS_WIDE_STEP = [(64, 128, 8, 2), (64, 64, 4, 2)]
 _DQ_CONFIGS = [(128, 32, 8, 2), (64, 32, 4, 2)]
 _DQ_CONFIGS_WIDE_STEP = [(128, 64, 8, 2), (64, 64, 4, 2)]
 # One config where timing is impossible or pointless: the interpreter (64 x 64 tiles, so
 # N = 197 and 257 still cross several tile boundaries), float32 (dots without tensor cores,
 # on small tiles), and the dK/dV kernel with atomic dQ (an autotuner's repeated runs would
-# accumulate dQ several times; a 16-row Q step at d > 64, where 32 rows spill with dropout).
+# accumulate dQ several times; at d > 64 a 16-row Q step on 128 KV rows, spill-free with triton
+# 3.6, 3.8 and 3.9, where 32 Q rows spilled with dropout and 64 KV rows on 4 warps spilled 96-160
+# bytes on sm_90 with 3.6 and 3.8).
 _INTERPRETER_CONFIG = (64, 64, 4, 1)
 _FLOAT32_FWD_CONFIG = (64, 32, 4, 1)
 _FLOAT32_BWD_CONFIG = (32, 32, 4, 1)
 _ATOMIC_BWD_CONFIG = (32, 128, 8, 2)
-_ATOMIC_BWD_CONFIG_WIDE_HEAD = (16, 64, 4, 2)
+_ATOMIC_BWD_CONFIG_WIDE_HEAD = (16, 128, 8, 2)
 KERNEL_KINDS = ("fwd", "dkdv", "dq")
 
 
@@ -688,14 +699,15 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
     elif dtype == torch.float32:
         entries = [_FLOAT32_FWD_CONFIG if kind == "fwd" else _FLOAT32_BWD_CONFIG]
     elif kind == "fwd":
-        entries = _FWD_CONFIGS + (_FWD_CONFIGS_D32 if head_dim <= 32 else [])
+        entries = _FWD_CONFIGS + (_FWD_CONFIGS_D32 if head_dim <= 32 and not dropout else [])
         if arch_major < 9 and head_dim >= 80 and dropout:
             entries = [entry for entry in entries if entry[1] <= 32]
     elif kind == "dkdv":
         if atomic_dq:
             entries = [_ATOMIC_BWD_CONFIG if head_dim <= 64 else _ATOMIC_BWD_CONFIG_WIDE_HEAD]
         else:
-            entries = _DKDV_CONFIGS + (_DKDV_CONFIGS_WIDE_STEP if wide_step else [])
+            entries = ((_DKDV_CONFIGS if head_dim <= 64 else _DKDV_CONFIGS_WIDE_HEAD)
+                       + (_DKDV_CONFIGS_WIDE_STEP if wide_step else []))
     elif kind == "dq":
         entries = _DQ_CONFIGS + (_DQ_CONFIGS_WIDE_STEP if wide_step else [])
     else:
