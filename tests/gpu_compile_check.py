@@ -8,7 +8,7 @@ chose, down to a cubin for each target, and reads ptxas's resource report. This 
 what the interpreter cannot: code the GPU compiler rejects, shared memory over the
 limit, register spills.
 
-Prints one JSON line per compiled launch: kernel, target, constexprs, shared bytes,
+Prints one JSON line per compiled launch: kernel, target, Triton version, constexprs, shared bytes,
 registers, spill bytes, how many dots became wgmma or mma.sync, and how many SASS
 instructions the kernel has (an elementwise kernel's cost per element, when it is issue-bound
 rather than memory-bound: ops/bias_gelu.py's header).
@@ -125,6 +125,9 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     record = {
         "kernel": self.fn.__name__,
         "target": arch,
+        # ptxas allocates registers differently from one Triton release to the next (a config
+        # spill-free with 3.9 spilled with 3.6 and 3.8): a failure says which one compiled it.
+        "triton": triton.__version__,
         "constexprs": {self.arg_names[i[0]]: v for i, v in constexprs.items() if v is not None},
         "divisible_by_16": sorted(self.arg_names[i[0]] for i in attrs),
         "options": options,
