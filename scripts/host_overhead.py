@@ -8,7 +8,15 @@ eager equivalents run their real CPU kernels on tiny tensors, so their numbers a
 upper bound on their host cost. Times are the minimum over 7 batches of calls, in us (ops)
 or ms (ViT steps).
 
-    python scripts/host_overhead.py [--reps N] [--no-vit] [--profile add_layer_norm|flash_attention|bias_gelu]
+--triton-launch keeps Triton's own Python launch path (JITFunction.run: argument binding and
+specialization, the kernel-cache key and lookup, the grid; the autotuner's config lookup)
+and fakes only what needs a GPU: the driver's device, stream and target (sm_90), the compile
+(a stand-in kernel is cached instead) and the C launcher's call (a no-op; on a GPU it costs a
+few us more). Its numbers minus the default mode's are Triton's Python cost per launch, for
+whichever Triton is first on the path (e.g. PYTHONPATH=<dir with triton 3.6> for the
+device image's).
+
+    python scripts/host_overhead.py [--reps N] [--no-vit] [--triton-launch] [--profile add_layer_norm|flash_attention|bias_gelu]
     python scripts/host_overhead.py --saved-activations
 
 --saved-activations instead counts what a ViT-B/16 training step keeps for backward per
@@ -33,17 +41,67 @@ from triton.runtime.jit import JITFunction
 OP_MODULES = ("attention", "bias_gelu", "bias_gelu_linear", "layer_norm", "linear_bias_gelu")
 
 
-def stub_out_kernels():
-    """Every Triton launch a no-op, every op's kernel path taken for CPU tensors, one config
-    per attention launch (the autotuner would time configs on a GPU)."""
+def stub_out_kernels(triton_launch: bool = False):
+    """Every op's kernel path taken for CPU tensors. By default every Triton launch is a no-op
+    and each attention launch gets one config (the autotuner would time configs on a GPU);
+    with `triton_launch`, Triton's launch path runs up to the C launcher (fake_gpu_launches)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels cannot be stubbed out")
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     for name in OP_MODULES:
         importlib.import_module(f"vit_kernels.ops.{name}").runs_kernel = lambda kernel, tensor: True
+    if triton_launch:
+        fake_gpu_launches()
+        return
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     attention = importlib.import_module("vit_kernels.ops.attention")
     all_configs = attention.launch_configs
     attention.launch_configs = lambda *args, **kwargs: all_configs(*args, **kwargs)[:1]
+
+
+class _DriverWithoutGpu:
+    """The three questions JITFunction.run and its binder ask the driver, answered for an sm_90 device."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+class _KernelStandIn:
+    """What JITFunction.run touches of a compiled kernel after its cache lookup."""
+
+    function = 0
+    packed_metadata = ()
+
+    def launch_metadata(self, grid, stream, *args):
+        return None  # what Triton's returns when no launch hook is installed
+
+    def run(self, *args):
+        pass  # the C launcher (argument packing and cuLaunchKernel): not counted
+
+
+def fake_gpu_launches():
+    """Triton's launch path up to the C launcher, without a GPU: the driver answers for an sm_90
+    device, a first launch caches a stand-in instead of compiling, and the autotuner times every
+    config as equal (so it keeps the first), then launches through the same path."""
+    from triton.runtime import driver
+    from triton.runtime.autotuner import Autotuner
+
+    driver.set_active(_DriverWithoutGpu())
+    stand_in = _KernelStandIn()
+
+    def cache_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
+        self.device_caches[device][0][key] = stand_in
+        return stand_in
+
+    JITFunction._do_compile = cache_stand_in
+    Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
 
 
 def per_call_seconds(fn, reps: int) -> float:
@@ -166,13 +224,19 @@ def main():
     parser.add_argument("--no-vit", action="store_true")
     parser.add_argument("--profile", choices=["add_layer_norm", "flash_attention", "bias_gelu"])
     parser.add_argument("--saved-activations", action="store_true")
+    parser.add_argument("--triton-launch", action="store_true",
+                        help="keep Triton's Python launch path; fake only the driver, the compile and the C launcher")
     args = parser.parse_args()
-    stub_out_kernels()
+    stub_out_kernels(triton_launch=args.triton_launch)
     torch.manual_seed(0)
     if args.saved_activations:
         report_saved_activations()
         return
-    print("host time per call, us (kernel launches stubbed out; eager runs tiny CPU kernels)")
+    import triton
+
+    launches = (f"Triton {triton.__version__}'s launch path kept, its C launcher a no-op" if args.triton_launch
+                else "kernel launches stubbed out")
+    print(f"host time per call, us ({launches}; eager runs tiny CPU kernels)")
     print(f"{'op':18s} {'mode':10s} {'ours':>8s} {'eager':>8s} {'ours/eager':>10s}")
     cases = op_cases()
     for name, ours, eager in cases:

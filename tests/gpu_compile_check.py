@@ -144,10 +144,13 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
 
 
 def compile_every_config(self, *args, grid, warmup, **kwargs):
-    """An autotuned launch: compile each of its configs (the device would time them all)."""
+    """An autotuned launch: compile each of its configs (the device would time them all). No
+    config is chosen (best_config None), so attention._launch, which launches an autotuner's
+    choice itself once made, keeps asking the autotuner: every target's pass compiles every config."""
     for config in self.configs:
         self.fn.run(*args, grid=grid, warmup=warmup, **kwargs, **config.kwargs, num_warps=config.num_warps,
                     num_stages=config.num_stages)
+    self.best_config = None
 
 
 def main(argv):

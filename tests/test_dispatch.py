@@ -3,6 +3,7 @@ the op's implementation under a plain autograd.Function (or alone without gradie
 whatever traces (torch.compile, export, make_fx, fake tensors) sees the registered custom
 op. Both must compute the same bits, and each must really be the path taken."""
 
+import json
 import os
 import subprocess
 import sys
@@ -168,13 +169,42 @@ def test_double_backward_fails_loudly(seed, op):
         grads[0].square().sum().backward()
 
 
-def test_host_overhead_script_runs():
-    """scripts/host_overhead.py (the host-time numbers in README) runs on a machine without a
-    GPU, outside the interpreter, and prints every op and both ViT modes."""
+@pytest.mark.parametrize("triton_launch", [False, True], ids=["stubbed", "triton_launch_path"])
+def test_host_overhead_script_runs_both_ways(triton_launch):
+    """--triton-launch keeps Triton's Python launch path (its driver, compile and C launcher
+    faked): it must run every op and ViT mode too, and say which Triton it measured."""
     script = Path(__file__).resolve().parent.parent / "scripts" / "host_overhead.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, str(script), "--reps", "70"], env=env, capture_output=True, text=True,
-                         timeout=600)
+    flags = ["--triton-launch"] if triton_launch else []
+    out = subprocess.run([sys.executable, str(script), "--reps", "70", *flags], env=env, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
+    assert ("launch path kept" in out.stdout) is triton_launch, out.stdout
     for row in ("add_layer_norm", "flash_attention", "bias_gelu", "train step", "inference"):
         assert row in out.stdout, out.stdout
+
+
+def test_attention_skips_its_autotuner_once_it_has_chosen():
+    """attention._launch asks the autotuner once per key (N bucket, head dim, dropout, dtypes) and
+    then launches the chosen config itself (Autotuner.run costs half a launch's host time). The
+    direct launch must hand JITFunction.run exactly what the autotuner did, keyword order
+    included (Triton's kernel-cache key is built from it), so no kernel compiles again; a new N
+    bucket or dtype must go through the autotuner. tests/launch_path_check.py records it all
+    with real JITFunctions, without a GPU."""
+    script = Path(__file__).resolve().parent / "launch_path_check.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tuning, *repeats, new_bucket, new_dtype = json.loads(out.stdout.splitlines()[-1])["rounds"]
+    kernels = ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"]
+    assert [call[0] for call in tuning["calls"]] == kernels
+    assert all(via_autotuner for _, via_autotuner, *_ in tuning["calls"])
+    for repeat in repeats:
+        assert [call[0] for call in repeat["calls"]] == kernels
+        assert not any(via_autotuner for _, via_autotuner, *_ in repeat["calls"])
+        for tuned, direct in zip(tuning["calls"], repeat["calls"]):
+            assert direct[2:] == tuned[2:]  # positional args, keyword args in order, grid
+        assert repeat["cache_sizes"] == tuning["cache_sizes"]
+    for new_key in (new_bucket, new_dtype):
+        assert [call[0] for call in new_key["calls"]] == kernels
+        assert all(via_autotuner for _, via_autotuner, *_ in new_key["calls"])

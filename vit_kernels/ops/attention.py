@@ -720,12 +720,22 @@ def _as_configs(entries: tuple) -> tuple:
     return tuple(_as_config(entry) for entry in entries)
 
 
-_AUTOTUNED = {}
+_AUTOTUNERS = {}  # (kernel, id(config list)) -> (the config list, its triton.autotune wrapper)
+_CHOSEN = {}  # (kernel, id(config list), the autotune key) -> the config its autotuner chose
 
 
 def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict, options: dict = LAUNCH_OPTIONS) -> None:
-    """Run `kernel` with the single config, or through an autotuner over several (built once
-    per kernel and config list; keyed on the N bucket, head dim, dropout and the dtypes)."""
+    """Run `kernel` with the single config, or with the one an autotuner chose among several.
+
+    The autotuner (built once per kernel and config list) runs only at the first launch of each
+    key: the N bucket (`args` ends with it), the head dim, dropout, and every tensor argument's
+    dtype, the key triton.autotune forms itself. Later launches with that key go straight to the
+    kernel with the chosen config's arguments, exactly as the autotuner passes them (so Triton
+    finds the same compiled kernel): Autotuner.run rebuilds its key from every argument on each
+    call, about half of what Triton's launch path costs the host (scripts/host_overhead.py
+    --triton-launch, 2-core CPU, triton 3.8: flash_attention's forward 31-32 -> 24 us, forward +
+    backward 141-144 -> 105 us), and a ViT training step is host-bound.
+    """
     if len(configs) == 1:
         config = configs[0]
         kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
@@ -733,12 +743,18 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict, options:
         return
     # Keyed on the config list's identity (launch_configs returns cached tuples); the entry
     # holds the list, so its id cannot be reused by another while the entry exists.
-    key = (kernel, id(configs))
-    entry = _AUTOTUNED.get(key)
+    tuned = (kernel, id(configs), args[-1], kwargs["HEAD_DIM"], kwargs["HAS_DROPOUT"],
+             *(arg.dtype for arg in args if isinstance(arg, Tensor)))
+    chosen = _CHOSEN.get(tuned)
+    if chosen is not None:
+        kernel[grid_for](*args, **kwargs, **options, **chosen.all_kwargs())
+        return
+    entry = _AUTOTUNERS.get(tuned[:2])
     if entry is None:
-        entry = _AUTOTUNED[key] = (configs, triton.autotune(configs=list(configs),
-                                                           key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel))
+        entry = _AUTOTUNERS[tuned[:2]] = (configs, triton.autotune(configs=list(configs),
+                                                                   key=["n_bucket", "HEAD_DIM", "HAS_DROPOUT"])(kernel))
     entry[1][grid_for](*args, **kwargs, **options)
+    _CHOSEN[tuned] = entry[1].best_config  # the config Autotuner.run launched (None: ask it again)
 
 
 # The forward compiles without FMA contraction (PyTorch builds FlashAttention with UNFUSE_FMA
