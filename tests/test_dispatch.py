@@ -186,7 +186,7 @@ def test_host_overhead_script_runs_both_ways(triton_launch):
 
 def test_attention_skips_its_autotuner_once_it_has_chosen():
     """attention._launch asks the autotuner once per key (N bucket, head dim, dropout, dtypes) and
-    then launches the chosen config itself (Autotuner.run costs half a launch's host time). The
+    then launches the chosen config itself (Autotuner.run costs ~40% of a launch's host time). The
     direct launch must hand JITFunction.run exactly what the autotuner did, keyword order
     included (Triton's kernel-cache key is built from it), so no kernel compiles again; a new N
     bucket or dtype must go through the autotuner. tests/launch_path_check.py records it all
