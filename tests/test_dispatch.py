@@ -3,6 +3,7 @@ the op's implementation under a plain autograd.Function (or alone without gradie
 whatever traces (torch.compile, export, make_fx, fake tensors) sees the registered custom
 op. Both must compute the same bits, and each must really be the path taken."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -208,3 +209,16 @@ def test_attention_skips_its_autotuner_once_it_has_chosen():
     for new_key in (new_bucket, new_dtype):
         assert [call[0] for call in new_key["calls"]] == kernels
         assert all(via_autotuner for _, via_autotuner, *_ in new_key["calls"])
+
+
+def test_every_autotuned_attention_kernel_takes_n_bucket_last():
+    """attention._launch reads the autotune key's N bucket as the last positional argument: in
+    each autotuned kernel, n_bucket must be the last parameter that is not a constexpr."""
+    import triton.language as tl
+
+    from vit_kernels.ops import attention
+
+    for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dq_kernel, attention._attn_bwd_dkdv_kernel):
+        params = inspect.signature(kernel.fn).parameters.values()
+        runtime = [p.name for p in params if p.annotation is not tl.constexpr]
+        assert runtime[-1] == "n_bucket", (kernel.fn.__name__, runtime[-3:])
