@@ -730,12 +730,12 @@ def _launch(kernel, configs: list, grid_for, args: tuple, kwargs: dict, options:
     The autotuner (built once per kernel and config list) runs only at the first launch of each
     key: the N bucket (`args` ends with it; tests/test_dispatch.py holds each kernel to that), the
     head dim, dropout, and every tensor argument's dtype, the key triton.autotune forms itself.
-    Later launches with that key go straight to the
-    kernel with the chosen config's arguments, exactly as the autotuner passes them (so Triton
-    finds the same compiled kernel): Autotuner.run rebuilds its key from every argument on each
-    call, about 40% of what Triton's launch path costs the host (scripts/host_overhead.py
-    --triton-launch, 2-core CPU, triton 3.8: flash_attention's forward 31-32 -> 24 us, forward +
-    backward 141-144 -> 105 us), and a ViT training step is host-bound.
+    Later launches with that key go straight to the kernel with the chosen config's arguments,
+    exactly as the autotuner passes them (so Triton finds the same compiled kernel):
+    Autotuner.run rebuilds its key from every argument on each call, about 40% of what Triton's
+    launch path costs the host (scripts/host_overhead.py --triton-launch, 2-core CPU, triton
+    3.8: flash_attention's forward 31-32 -> 24 us, forward + backward 141-144 -> 105 us), and a
+    ViT training step is host-bound.
     """
     if len(configs) == 1:
         config = configs[0]
