@@ -19,7 +19,9 @@
 #             op's time goes (diag.txt)
 #   profile   scripts/profile_vit_step.py: a ViT-B/16 training step's kernels by kind, its wall
 #             time (median, min, max) and the host side (garbage collections, time to issue a
-#             step, synchronizing calls, cProfile)
+#             step, synchronizing calls, cProfile); then scripts/host_overhead.py on this host's
+#             CPU, launches stubbed and with Triton's launch path kept (seconds; no GPU work), to
+#             set against the same numbers from the 2-core CI CPU in README
 # Each stage may be capped in seconds by <STAGE>_TIMEOUT_S (e.g. TESTS_TIMEOUT_S=300); a
 # capped stage is interrupted, prints what it has, and the script goes on to the next.
 #
@@ -112,6 +114,10 @@ for stage in "${STAGES[@]}"; do
     profile)
         capped profile python scripts/profile_vit_step.py timm timm_swapped reference_fused > "$OUT/profile.txt" 2>&1 || status=1
         grep -E "step|host:" "$OUT/profile.txt"
+        for mode in "" --triton-launch; do
+            python scripts/host_overhead.py $mode >> "$OUT/host_overhead.txt" 2>&1 || status=1
+        done
+        grep -E "launch|train step" "$OUT/host_overhead.txt"
         ;;
     *)
         echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, profile, all)"
