@@ -204,7 +204,8 @@ def _gpu_tile_shapes():
     from vit_kernels.ops import attention
 
     entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._DKDV_CONFIGS
-               + attention._DKDV_CONFIGS_WIDE_HEAD + attention._DKDV_CONFIGS_WIDE_STEP + attention._DQ_CONFIGS + attention._DQ_CONFIGS_WIDE_STEP
+               + attention._DKDV_CONFIGS_WIDE_HEAD + attention._DKDV_CONFIGS_WIDE_STEP
+               + attention._DQ_CONFIGS + attention._DQ_CONFIGS_WIDE_STEP
                + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG,
                   attention._ATOMIC_BWD_CONFIG_WIDE_HEAD])
     return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
