@@ -660,9 +660,9 @@ def _attn_bwd_dq_kernel(
 # dK/dV at d > 64 (BLOCK_D = 128): the 4-warp tile runs unpipelined (num_stages 1). Two stages
 # spilled on sm_90 with triton 3.6 / 3.8 (d = 80 and 96: 88 / 56 bytes, with dropout 80 / 40;
 # d = 128: 24 / 24, with dropout 64 / 40); one stage compiles spill-free with 3.6, 3.8 and 3.9
-# on both targets. On an H100
-# (triton 3.6, 2026-11-23, d = 128) the two-stage tile ran fwd+bwd in 0.912 ms against the
-# 8-warp tile's 0.979; the one-stage tile is not timed yet (the autotuner picks per shape).
+# on both targets. On an H100 (triton 3.6, 2026-11-23, d = 128) the two-stage tile ran
+# fwd+bwd in 0.912 ms against the 8-warp tile's 0.979; the one-stage tile is not timed yet
+# (the autotuner picks per shape).
 _FWD_CONFIGS = [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
 _FWD_CONFIGS_D32 = [(128, 128, 8, 2)]
 _DKDV_CONFIGS = [(32, 128, 8, 2), (32, 64, 4, 2)]
