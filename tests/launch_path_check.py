@@ -39,8 +39,8 @@ def main():
         bound = dict(zip(self.arg_names, args), **kwargs)
         grid_value = grid(bound) if callable(grid) else grid
         rounds[-1]["calls"].append([self.fn.__name__, bool(inside_autotuner),
-                          [str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args],
-                          [[k, v] for k, v in kwargs.items()], list(grid_value)])
+                                    [str(a.dtype) if isinstance(a, torch.Tensor) else a for a in args],
+                                    [[k, v] for k, v in kwargs.items()], list(grid_value)])
         return jit_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     def recording_autotuner_run(self, *args, **kwargs):
