@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -172,3 +173,82 @@ def test_end_to_end_timed_path_fills_the_report(monkeypatch):
         assert r.speedup_vs_eager > 0 and r.speedup_vs_baseline > 0
         assert r.rule_ok
     assert "End to end" in bench.markdown(report)
+
+
+GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_check.sh")
+
+
+def _run_gpu_check(out_dir, *stages, **env_vars):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out_dir), SKIP_BUILD="1", **env_vars)
+    return subprocess.run(["bash", GPU_CHECK, *stages], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gpu_check_leaves_what_a_device_call_returns(tmp_path):
+    """A device call returns at most 8 files from $OUT, named in letters, digits, '.', '_' and
+    '-': gpu_check.sh packs everything else into one archive, and a stage the budget has no
+    room for is skipped, not started."""
+    out_dir = tmp_path / "out"
+    (out_dir / "sub").mkdir(parents=True)
+    for i in range(12):
+        (out_dir / f"stage-{i}.log").write_text(f"log {i}\n")
+    (out_dir / "sub" / "inner.txt").write_text("inner\n")
+    (out_dir / "bench-main.json").write_text("{}\n")
+    result = _run_gpu_check(out_dir, "tests", "main", GPU_CHECK_BUDGET_S="45")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for stage in ("tests", "main"):
+        assert f"== {stage} skipped: the budget" in result.stdout, result.stdout
+    names = sorted(path.name for path in out_dir.iterdir())
+    assert names == ["bench-main.json", "gpu_check_logs.tar.gz", "summary.txt"], names
+    with tarfile.open(out_dir / "gpu_check_logs.tar.gz") as archive:
+        packed = set(archive.getnames())
+    assert {f"stage-{i}.log" for i in range(12)} | {"sub/inner.txt", "env.txt"} <= packed, packed
+    assert "skipped" in (out_dir / "summary.txt").read_text()
+
+
+def test_gpu_check_interrupts_a_stage_at_its_cap(tmp_path):
+    """<STAGE>_TIMEOUT_S stops the stage (pytest interrupted, so it reports) and the script goes on."""
+    sleeper = tmp_path / "test_sleeps.py"
+    sleeper.write_text("import time\n\n\ndef test_sleeps():\n    time.sleep(120)\n")
+    result = _run_gpu_check(tmp_path / "out", "tests", TEST_FILES=str(sleeper), TESTS_TIMEOUT_S="3",
+                            TEST_WORKERS="0")
+    assert "== tests (load average" in result.stdout and "capped at 3 s" in result.stdout, result.stdout
+    took = [line for line in result.stdout.splitlines() if line.startswith("-- tests took")]
+    assert took and int(took[0].split()[3]) < 30, result.stdout
+    assert result.returncode == 1, result.stdout  # the interrupted stage counts as a failure
+    with tarfile.open(tmp_path / "out" / "gpu_check_logs.tar.gz") as archive:
+        log = archive.extractfile("tests.log").read().decode()
+    assert "KeyboardInterrupt" in log, log
+
+
+def test_main_job_cut_short_keeps_its_tables_and_chart(tmp_path, monkeypatch):
+    """gpu_check.sh stops a capped main job with SIGINT (KeyboardInterrupt): the rows measured
+    so far still reach the JSON, the markdown and the chart, and the exit status is 1."""
+    from vit_kernels import bench
+
+    ran = []
+
+    def numerics_then_interrupt(report, op, device):
+        if ran:
+            raise KeyboardInterrupt
+        ran.append(op.name)
+        report.rows.append(bench.Row(op.name, "(2, 8)", "fwd", "vit_kernels", error_vs_eager=0.5))
+
+    monkeypatch.setattr(bench, "run_numerics", numerics_then_interrupt)
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    paths = {suffix: tmp_path / f"r.{suffix}" for suffix in ("json", "md", "png")}
+    status = bench.main(["--ops", "add_layer_norm", "bias_gelu", "--json", str(paths["json"]),
+                         "--markdown", str(paths["md"]), *(["--plot", str(paths["png"])] if _has_matplotlib() else [])])
+    assert status == 1 and ran == ["add_layer_norm"]
+    assert [row["op"] for row in json.loads(paths["json"].read_text())["rows"]] == ["add_layer_norm"]
+    assert "| add_layer_norm |" in paths["md"].read_text()
+    if _has_matplotlib():
+        assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
