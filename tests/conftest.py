@@ -1,5 +1,5 @@
-"""Test set-up: Triton's interpreter where there is no GPU, seeds, the requires_cuda marker
-(declared in pyproject.toml), and the numerics rule.
+"""Test set-up: Triton's interpreter where there is no GPU, seeds, the requires_cuda and
+inductor markers (declared in pyproject.toml), and the numerics rule.
 
 TRITON_INTERPRET must be set before any vit_kernels op module is imported (triton.jit
 chooses interpreted or compiled at decoration time); pytest loads this file before
@@ -16,7 +16,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from vit_kernels.testing import kernel_device  # noqa: E402
+from vit_kernels.testing import inductor_unusable_reason, kernel_device  # noqa: E402
 
 # The numerics rule lives in vit_kernels.testing (assert_rule, check_rule), one helper
 # for the tests, the benchmarks and `python -m vit_kernels.bench`; test modules import
@@ -27,6 +27,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("requires_cuda") and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none found)"))
+        if item.get_closest_marker("inductor") and inductor_unusable_reason():
+            item.add_marker(pytest.mark.skip(reason=inductor_unusable_reason()))
 
 
 @pytest.fixture

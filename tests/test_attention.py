@@ -339,6 +339,7 @@ def test_bad_packed_shape():
 # ---- custom ops, compile -------------------------------------------------------------------------
 
 
+@pytest.mark.inductor
 def test_opcheck(seed):
     qkv = torch.randn(2, 33, 3, 2, 64, device=DEVICE, requires_grad=True)
     q, k, v = qkv.unbind(2)
@@ -353,6 +354,7 @@ def test_opcheck(seed):
     )
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph(seed):
     def attend(qkv, dropout_p):
         b, n = qkv.shape[:2]
@@ -392,6 +394,7 @@ def test_long_matches_rule_gpu(seed, seq_len):
     check_attention(1, seq_len, seq_len, 4, 128 if seq_len == 4096 else 64, torch.bfloat16, packed=True)
 
 
+@pytest.mark.inductor
 @pytest.mark.requires_cuda
 def test_compile_inductor_cuda(seed):
     qkv = torch.randn(4, 197, 3, 12, 64, device="cuda", dtype=torch.bfloat16)

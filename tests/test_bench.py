@@ -71,6 +71,7 @@ def test_attention_providers_match_each_other():
     assert set(ATTENTION_PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
 
 
+@pytest.mark.inductor
 def test_timed_path_fills_the_report(monkeypatch):
     """The GPU job's bookkeeping (agreement, speedups, GB/s, TFLOP/s, % of peak), run on the CPU
     with a host timer standing in for CUDA events and the sdpa backends' absence reported."""

@@ -168,6 +168,7 @@ def test_bad_input_is_named(args, error, match):
         bias_gelu(*args)
 
 
+@pytest.mark.inductor
 def test_opcheck_and_compile(seed):
     x = torch.randn(9, 96, device=DEVICE, requires_grad=True)
     b = torch.randn(96, device=DEVICE, requires_grad=True)

@@ -146,6 +146,7 @@ def test_bad_input_is_named(change, error, match):
         bias_gelu_linear(**args)
 
 
+@pytest.mark.inductor
 def test_opcheck_and_compile(seed):
     x, b1, w2, b2 = (t.requires_grad_() for t in make_inputs(9, 96, 40, torch.float32))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_linear_fwd.default, (x, b1, w2, b2, "none"))

@@ -141,6 +141,7 @@ def test_tracing_sees_the_custom_ops(seed, op):
     assert f"vit_kernels.{bwd_name}.default" in called, called
 
 
+@pytest.mark.inductor
 @pytest.mark.parametrize("op", list(CASES))
 def test_torch_compile_graph_holds_the_custom_op(seed, op):
     """Dynamo must record the custom op, not trace into the eager autograd.Function and its

@@ -74,10 +74,34 @@ def test_jit_build_after_cpp_extension_was_imported(tmp_path):
         "import torch.utils.cpp_extension\n"
         "from vit_kernels import _extension\n"
         "_extension.load()\n"
+        "import os\n"
+        "print(os.environ.get('TORCH_CUDA_ARCH_LIST'))\n"
         "print(_extension.cuda_version())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_HOME"}
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
     env["VIT_KERNELS_CACHE"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (int(out.stdout.strip().splitlines()[-1]) > 0) == CUDA_BUILD
+    *_, arch_list, version = out.stdout.strip().splitlines()
+    assert arch_list == "None", "the JIT build must leave TORCH_CUDA_ARCH_LIST as it found it"
+    assert (int(version) > 0) == CUDA_BUILD
+
+
+@pytest.mark.parametrize("torch_cuda, nvcc, expected", [
+    ("13.0", (13, 0), True), ("13.0", (13, 2), True), ("12.4", (13, 0), False), ("13.0", (12, 8), False),
+    ("13.0", None, False), (None, (13, 0), False),
+])
+def test_cuda_sources_need_nvcc_of_torchs_cuda_major(monkeypatch, torch_cuda, nvcc, expected):
+    """torch refuses to compile CUDA sources with a toolkit of another major version (torch 2.6's
+    cu124 wheels beside CUDA 13): the extension is then built for the CPU instead of failing."""
+    monkeypatch.setattr(_build_config, "cuda_home", lambda: "/opt/cuda")
+    monkeypatch.setattr(_build_config, "nvcc_version", lambda root: nvcc)
+    assert _build_config.build_cuda_sources(torch_cuda) is expected
+
+
+def test_nvcc_version_reads_the_toolkit():
+    root = _build_config.cuda_home()
+    if root is None:
+        pytest.skip("no nvcc on this machine")
+    major, minor = _build_config.nvcc_version(root)
+    assert major >= 11 and minor >= 0

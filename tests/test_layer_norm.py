@@ -278,6 +278,7 @@ def test_row_scale_needs_a_batch_dim():
 # ---- custom ops, compile -----------------------------------------------------------------------
 
 
+@pytest.mark.inductor
 def test_opcheck(seed):
     inputs = make_inputs(2, 9, 96, torch.float32, residual=True, gamma=True, row_scale=True)
     for k in ("x", "residual", "weight", "bias", "gamma"):
@@ -295,6 +296,7 @@ def test_opcheck(seed):
     )
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_module(seed):
     norm = FusedLayerNorm(192, eps=1e-6).to(DEVICE)
     with torch.no_grad():
@@ -319,6 +321,7 @@ def test_compile_fullgraph_module(seed):
         torch.testing.assert_close(g, g_eager, rtol=0, atol=0)
 
 
+@pytest.mark.inductor
 @pytest.mark.requires_cuda
 def test_compile_inductor_cuda(seed):
     norm = FusedLayerNorm(768, eps=1e-6).to(DEVICE, torch.bfloat16)

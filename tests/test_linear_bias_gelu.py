@@ -131,6 +131,7 @@ def test_bad_input_is_named(args, kwargs, error, match):
         linear_bias_gelu(*args, **kwargs)
 
 
+@pytest.mark.inductor
 def test_opcheck_and_compile(seed):
     x, weight, bias = [t.requires_grad_() for t in _inputs(9, 96, 64, torch.float32)]
     op = torch.ops.vit_kernels.linear_bias_gelu_fwd.default

@@ -153,6 +153,7 @@ def test_bad_configs():
         VisionTransformer(img_size=100, patch_size=16, depth=1)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_fused_model(seed):
     model = _ours(True).eval()
     images = torch.randn(2, 3, 64, 64, device=DEVICE)

@@ -156,6 +156,7 @@ def test_bad_input_is_named(change, error, match):
         patch_embed(args.pop("images"), args.pop("weight"), args.pop("bias"), **args)
 
 
+@pytest.mark.inductor
 def test_opcheck_and_compile(seed):
     images, params = _inputs(2, (32, 32), 16, 64, torch.float32, cls=True, pos="with_cls")
     patch_embed(images, **params)  # loads the extension and registers the fake kernels

@@ -136,6 +136,7 @@ def test_unsupported_model_is_left_alone():
     assert "not a supported model" in str(summary)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_swapped(seed):
     model, _ = vit_kernels.swap_modules(_timm(init_values=0.1).eval())
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
@@ -184,6 +185,11 @@ def test_torchvision_flags_and_namespace(seed):
     assert Encoder.forward is encoder_forward and "forward" in vars(model.encoder)
     assert not isinstance(model.encoder.ln, FusedLayerNorm)
     torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.inductor
+def test_compile_fullgraph_swapped_torchvision(seed):
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
     compiled = torch.compile(vit_kernels.swap_modules(_torchvision().eval())[0], fullgraph=True, backend="aot_eager")
     assert compiled(images).shape == (2, 10)
 
@@ -298,6 +304,7 @@ def test_transformers_layout_of_the_installed_version(seed, layout):
     torch.testing.assert_close(model(pixel_values=images).logits, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.inductor
 def test_compile_fullgraph_swapped_vit_base(seed):
     """The contract's case: a swapped timm ViT-B compiles with fullgraph=True (64 px keeps it quick on CPU)."""
     model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=64, num_classes=10).to(DEVICE).eval()

@@ -183,6 +183,10 @@ def _torchrun(argv, tmp_path):
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path, mode, kind):
     """torchrun, 2 CPU processes on gloo, batch 8 each = one process with batch 16: the same
     losses (rank-averaged) and the same final weights, within float32 reduction order."""
+    from vit_kernels.train.job import fsdp_unsupported_reason
+
+    if mode == "fsdp" and fsdp_unsupported_reason(torch.device("cpu")):
+        pytest.skip(fsdp_unsupported_reason(torch.device("cpu")))
     argv = [kind, *TINY, "--stop-after", "3", "--drop-path", "0", "--seed", "3"]
     distributed = _torchrun([*argv, "--batch-size", "8", "--distributed", mode], tmp_path)
     single = _run([*argv, "--batch-size", "16"], tmp_path)
@@ -192,6 +196,17 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path, mode, k
     weights_single, _ = _state(tmp_path / "run")
     for key, value in weights_single.items():
         torch.testing.assert_close(weights_distributed[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_fsdp_where_this_torch_cannot_shard_is_refused_by_name(monkeypatch):
+    """torch 2.6's FSDP2 fails on the CPU deep inside its all-gather (an AttributeError); the job
+    says so up front instead, naming --distributed."""
+    from vit_kernels.train import job
+
+    monkeypatch.setattr(torch.cpu, "Stream", type("StreamWithoutEvents", (), {}))
+    with pytest.raises(ValueError, match="--distributed fsdp"):
+        job.wrap_distributed(torch.nn.Linear(2, 2), "fsdp", job.Distributed(world_size=2), torch.device("cpu"))
+    assert job.fsdp_unsupported_reason(torch.device("cuda")) is None
 
 
 def test_warmup_then_cosine_schedule():

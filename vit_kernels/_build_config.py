@@ -5,7 +5,9 @@ it must not import torch or anything from vit_kernels at module level.
 """
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 EXTENSION_NAME = "vit_kernels._C"
@@ -43,12 +45,36 @@ def use_cuda_home() -> None:
         os.environ.setdefault("CUDA_HOME", root)
 
 
+def nvcc_version(root: str):
+    """(major, minor) of the toolkit's nvcc, from `nvcc --version`; None when it cannot be read."""
+    try:
+        out = subprocess.run([str(Path(root) / "bin" / "nvcc"), "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
 def build_cuda_sources(torch_cuda_version) -> bool:
-    """CUDA sources are compiled whenever torch is a CUDA build and nvcc is found.
+    """CUDA sources are compiled whenever torch is a CUDA build and an nvcc of torch's CUDA
+    major version is found (torch refuses to build with another major: e.g. torch 2.6's cu124
+    wheels beside a CUDA 13 toolkit); otherwise the extension is built for the CPU alone.
 
     No GPU is needed: a wheel built on a GPU-less machine still runs on one.
     """
-    return torch_cuda_version is not None and cuda_home() is not None
+    root = cuda_home()
+    if torch_cuda_version is None or root is None:
+        return False
+    found = nvcc_version(root)
+    return found is not None and found[0] == int(str(torch_cuda_version).split(".")[0])
+
+
+def cuda_arch_list() -> str:
+    """The architectures of compile_args' nvcc flags in TORCH_CUDA_ARCH_LIST's notation. Older
+    torch (2.6) adds its own arch flags to a JIT build from that variable, or else from the GPUs
+    it sees, and fails on a machine without one (an IndexError in _get_cuda_arch_flags)."""
+    return "8.0;9.0+PTX"
 
 
 def sources(csrc: Path, with_cuda: bool):

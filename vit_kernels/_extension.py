@@ -44,6 +44,9 @@ def _jit_build() -> str:
     # cpp_extension reads CUDA_HOME once, at its import; if something imported it before
     # use_cuda_home() ran, its guess may be wrong, so name the toolkit's dirs explicitly.
     cuda_root = _build_config.cuda_home() if with_cuda else None
+    arch_list_before = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if with_cuda and arch_list_before is None:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _build_config.cuda_arch_list()
     try:
         cpp_extension.load(
             name="vit_kernels_C",
@@ -62,6 +65,9 @@ def _jit_build() -> str:
             f"compiler{' and nvcc' if with_cuda else ''} (set VIT_KERNELS_SKIP_EXT=1 to do without the "
             f"extension's ops). The build's last output:\n{str(err)[-3000:]}"
         ) from err
+    finally:
+        if arch_list_before is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
     return f"jit:{build_dir}"
 
 

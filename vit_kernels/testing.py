@@ -12,8 +12,11 @@ exact (float32 sums of a few terms, an output that is all zeros); any indexing o
 formula bug is orders of magnitude above it.
 """
 
+import functools
+import importlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -49,6 +52,22 @@ class RuleCheck:
             f"{self.name}: error {self.error:.3e} vs eager's {self.eager_error:.3e} "
             f"(bound {self.bound:.3e}): {verdict}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def inductor_unusable_reason() -> Optional[str]:
+    """Why torch.compile's Inductor (which opcheck's checks import too) cannot run beside the
+    installed Triton, or None when it can. Each torch release supports the Triton it pins: torch
+    2.6-2.9 pin Triton 3.2-3.5, and their Inductor fails to import Triton 3.6 (which these kernels
+    need), an incompatibility of torch's own that no model escapes. Our ops still run eagerly."""
+    try:
+        importlib.import_module("torch._inductor.runtime.hints")  # what Inductor needs of Triton
+    except ImportError as err:
+        import triton
+
+        return (f"torch {torch.__version__}'s Inductor cannot import triton {triton.__version__} "
+                f"({err}); torch.compile and opcheck need the Triton this torch supports")
+    return None
 
 
 def check_rule(

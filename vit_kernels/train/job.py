@@ -132,6 +132,15 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def fsdp_unsupported_reason(device: torch.device) -> Optional[str]:
+    """Why this torch's FSDP2 cannot shard on `device`, or None. torch 2.6's runs on GPUs only:
+    its all-gather records an event on a CPU stream, which that release's CPU streams lack."""
+    if device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+        return (f"--distributed fsdp: torch {torch.__version__}'s FSDP2 does not run on the CPU (its CPU "
+                "streams cannot record events); use --distributed ddp there, or a newer torch")
+    return None
+
+
 def wrap_distributed(model: nn.Module, mode: str, dist_info: Distributed, device: torch.device) -> nn.Module:
     """DDP, or FSDP2 (`fully_shard` per block, then the root)."""
     if dist_info.world_size <= 1 or mode == "none":
@@ -139,6 +148,9 @@ def wrap_distributed(model: nn.Module, mode: str, dist_info: Distributed, device
     if mode == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    reason = fsdp_unsupported_reason(device)
+    if reason:
+        raise ConfigError(reason)
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch 2.6-2.7 keep it under _composable
