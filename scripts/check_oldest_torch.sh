@@ -6,16 +6,16 @@
 #
 # torch 2.6 pins Triton 3.2, so Triton 3.6 is installed over it without dependencies: pip will
 # not resolve the pair by itself, and torch 2.6's Inductor cannot import Triton 3.6, so the
-# tests marked `inductor` (torch.compile, opcheck) skip with that reason. numpy stays below 2.4,
-# whose size-1-array conversion Triton 3.6's interpreter trips over. The extension builds for
-# the CPU alone when the local nvcc's CUDA major differs from the wheel's (12). Not part of CI:
-# it downloads about 3 GB and runs the suite once more.
+# tests marked `inductor` (torch.compile, opcheck) skip with that reason. NumPy is the newest:
+# Triton 3.6's interpreter needs vit_kernels._dispatch's mend to run beside NumPy 2.4. The
+# extension builds for the CPU alone when the local nvcc's CUDA major differs from the wheel's
+# (12). Not part of CI: it downloads about 3 GB and runs the suite once more.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-/tmp/vit_kernels_torch26}
 if [ ! -x "$VENV/bin/python" ]; then
     python -m venv "$VENV"
-    "$VENV/bin/pip" install -q torch==2.6.0 torchvision==0.21.0 "numpy<2.4" pytest pytest-benchmark ninja \
+    "$VENV/bin/pip" install -q torch==2.6.0 torchvision==0.21.0 numpy pytest pytest-benchmark ninja \
         pybind11 safetensors tqdm timm transformers scikit-learn Pillow matplotlib
     "$VENV/bin/pip" install -q --no-deps --force-reinstall triton==3.6.0
 fi

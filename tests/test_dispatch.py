@@ -223,3 +223,34 @@ def test_every_autotuned_attention_kernel_takes_n_bucket_last():
         params = inspect.signature(kernel.fn).parameters.values()
         runtime = [p.name for p in params if p.annotation is not tl.constexpr]
         assert runtime[-1] == "n_bucket", (kernel.fn.__name__, runtime[-3:])
+
+
+def _old_patch_lang_tensor(tensor, scope):
+    # The line as Triton 3.6's interpreter has it (runtime/interpreter.py, _patch_lang_tensor).
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+
+def test_interpreter_index_mended_where_its_int_of_a_1d_array_fails(monkeypatch):
+    """Triton 3.6's interpreter indexes with int() of a one-element 1-D array, which NumPy 2.4
+    refuses: _dispatch swaps in the squeezed form where (and only where) that line is found."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from vit_kernels import _dispatch
+
+    assert not _dispatch._mend_interpreter_index(), "the installed Triton's interpreter needed no mending"
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
+    assert _dispatch._mend_interpreter_index()
+    assert interpreter._patch_lang_tensor is not _old_patch_lang_tensor
+
+    class Scope:
+        def set_attr(self, obj, name, value):
+            setattr(obj, name, value)
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = type("Handle", (), {"data": data})()
+
+    interpreter._patch_lang_tensor(Tensor, Scope())
+    assert list(range(Tensor(np.array([3], dtype=np.int32)))) == [0, 1, 2]
+    assert not _dispatch._mend_interpreter_index(), "mended once: the line is gone"
