@@ -12,6 +12,8 @@ from pathlib import Path
 
 EXTENSION_NAME = "vit_kernels._C"
 SKIP_ENV = "VIT_KERNELS_SKIP_EXT"
+# Machine code for sm_80 (A100) and sm_90 (H100/H200), plus PTX of the last for newer parts.
+CUDA_ARCHES = ("8.0", "9.0")
 
 
 def skip_requested() -> bool:
@@ -71,10 +73,10 @@ def build_cuda_sources(torch_cuda_version) -> bool:
 
 
 def cuda_arch_list() -> str:
-    """The architectures of compile_args' nvcc flags in TORCH_CUDA_ARCH_LIST's notation. Older
-    torch (2.6) adds its own arch flags to a JIT build from that variable, or else from the GPUs
-    it sees, and fails on a machine without one (an IndexError in _get_cuda_arch_flags)."""
-    return "8.0;9.0+PTX"
+    """CUDA_ARCHES in TORCH_CUDA_ARCH_LIST's notation. Older torch (2.6) adds its own arch flags
+    to a JIT build from that variable, or else from the GPUs it sees, and fails on a machine
+    without one (an IndexError in _get_cuda_arch_flags)."""
+    return ";".join(CUDA_ARCHES) + "+PTX"
 
 
 def sources(csrc: Path, with_cuda: bool):
@@ -89,12 +91,8 @@ def compile_args(with_cuda: bool):
     cxx = ["-O3"]
     args = {"cxx": cxx + (["-DVIT_KERNELS_WITH_CUDA"] if with_cuda else [])}
     if with_cuda:
-        # sm_80 (A100) and sm_90 (H100/H200) machine code, plus PTX for newer parts.
-        args["nvcc"] = [
-            "-O3",
-            "-DVIT_KERNELS_WITH_CUDA",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
-            "-gencode=arch=compute_90,code=compute_90",
-        ]
+        sms = [arch.replace(".", "") for arch in CUDA_ARCHES]
+        args["nvcc"] = (["-O3", "-DVIT_KERNELS_WITH_CUDA"]
+                        + [f"-gencode=arch=compute_{sm},code=sm_{sm}" for sm in sms]
+                        + [f"-gencode=arch=compute_{sms[-1]},code=compute_{sms[-1]}"])
     return args
