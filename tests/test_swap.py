@@ -9,6 +9,7 @@ from torch import nn
 import vit_kernels
 from vit_kernels.nn import FlashAttention, FusedLayerNorm, FusedMlp
 from vit_kernels.swap import set_input_normalization
+from vit_kernels.swap.timm_vit import TimmVisionTransformer
 from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
 
 timm = pytest.importorskip("timm")
@@ -70,10 +71,12 @@ def test_swap_shares_parameters_and_touches_no_library_namespace(seed):
     assert isinstance(model.blocks[0].attn, FlashAttention) and isinstance(model.blocks[0].mlp, FusedMlp)
     assert isinstance(model.blocks[1].norm2, FusedLayerNorm) and isinstance(model.norm, FusedLayerNorm)
     assert VisionTransformer.forward_features is forward_features and nn.LayerNorm.forward is layer_norm_forward
-    assert "forward_features" in vars(model)  # per instance
+    # Per instance: the model's class became a subclass of timm's, with timm's name.
+    assert type(model) is not VisionTransformer and isinstance(model, VisionTransformer)
+    assert type(model).__name__ == "VisionTransformer" and isinstance(model.blocks[0].attn, Attention)
     other = _timm()  # a fresh timm model is untouched
-    assert isinstance(other.blocks[0].attn, Attention) and isinstance(other.blocks[0].mlp, Mlp)
-    assert "forward_features" not in vars(other)
+    assert type(other.blocks[0].attn) is Attention and type(other.blocks[0].mlp) is Mlp
+    assert type(other) is VisionTransformer
 
 
 def test_drop_path_training_matches_timm(seed):
@@ -92,7 +95,7 @@ def test_flags_and_what_is_left_alone(seed):
     model, summary = vit_kernels.swap_modules(_timm(), attention=False, layer_norm=False)
     assert not isinstance(model.blocks[0].attn, FlashAttention)
     assert isinstance(model.blocks[0].mlp, FusedMlp)
-    assert "forward_features" not in vars(model)
+    assert not isinstance(model, TimmVisionTransformer)
     text = str(summary)
     assert "residual adds not fused" in text and "patch_embed" in text
     # An activation the MLP kernel cannot fuse stays, with the reason.
@@ -125,7 +128,7 @@ def test_overridden_forward_features_is_kept(seed):
     images = torch.randn(1, 3, 64, 64, device=DEVICE)
     want = model(images)
     _, summary = vit_kernels.swap_modules(model)
-    assert "Custom overrides forward_features" in str(summary) and "forward_features" not in vars(model)
+    assert "Custom overrides forward_features" in str(summary) and not isinstance(model, TimmVisionTransformer)
     torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
 
 
@@ -167,7 +170,8 @@ def test_swapped_torchvision_vit_matches_by_rule(seed, train):
     oracle = output_and_grads(oracle_model, lambda m: m(images.double()))
     model, summary = vit_kernels.swap_modules(original)
     text = str(summary)
-    assert "encoder.forward" in text and "self_attention" in text and "FusedLayerNorm" in text
+    assert "residual adds fused into the LayerNorms across blocks" in text and "self_attention" in text
+    assert "FusedLayerNorm" in text
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
     assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)  # kept, keys and all
@@ -182,7 +186,14 @@ def test_torchvision_flags_and_namespace(seed):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     want = model(images)
     model, summary = vit_kernels.swap_modules(model, attention=False, layer_norm=False)
-    assert Encoder.forward is encoder_forward and "forward" in vars(model.encoder)
+    from vit_kernels.swap.torchvision_vit import TorchvisionMlp
+
+    # Unfused norms: nothing to carry across blocks, so the encoder keeps torchvision's class;
+    # the MLPs are swapped, the attention is not.
+    assert Encoder.forward is encoder_forward and type(model.encoder) is Encoder
+    assert isinstance(model.encoder.layers[0].mlp, TorchvisionMlp)
+    assert type(model.encoder.layers[0].self_attention) is nn.MultiheadAttention
+    assert "its final ln is not fused" in str(summary)
     assert not isinstance(model.encoder.ln, FusedLayerNorm)
     torch.testing.assert_close(model(images), want, rtol=1e-4, atol=1e-4)
 
@@ -223,26 +234,28 @@ def _hf_output(model, images):
 def test_swapped_transformers_matches_by_rule(seed, kind, train, monkeypatch):
     from vit_kernels.swap import transformers_vit
 
-    calls, carried = [], []
+    calls = []
     real = transformers_vit.flash_attention
     monkeypatch.setattr(transformers_vit, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    real_carry = transformers_vit._carry_layers
-    monkeypatch.setattr(transformers_vit, "_carry_layers", lambda *a: carried.append(1) or real_carry(*a))
     original = _hf(kind).train(train)
     oracle_model = copy.deepcopy(original).double()
     keys_before = {k: v.clone() for k, v in original.state_dict().items()}
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     eager = output_and_grads(original, lambda m: _hf_output(m, images))
     oracle = output_and_grads(oracle_model, lambda m: _hf_output(m, images.double()))
+    implementation = original.config._attn_implementation
     model, summary = vit_kernels.swap_modules(original)
-    assert model.config._attn_implementation == "vit_kernels"
+    assert model.config._attn_implementation == implementation  # the config is not touched
+    layers = [m for m in model.modules() if type(m).__name__ in ("ViTLayer", "DeiTLayer", "Dinov2Layer")]
+    assert len(layers) == 2
+    assert all(isinstance(layer, (transformers_vit.TransformersViTLayer, transformers_vit.TransformersDinov2Layer))
+               for layer in layers), str(summary)
     assert list(model.state_dict()) == list(keys_before)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in keys_before.items())
     eps = [m.eps for m in model.modules() if isinstance(m, FusedLayerNorm)]
     assert eps and all(e == (1e-6 if kind == "dinov2" else 1e-12) for e in eps)
     got = output_and_grads(model, lambda m: _hf_output(m, images))
     assert len(calls) == 2  # one forward, two layers: the kernel ran, not SDPA
-    assert len(carried) == 1  # the residual stream was carried across layers (no fallback)
     assert_rules(got, oracle, eager)
 
 
@@ -299,8 +312,7 @@ def test_transformers_layout_of_the_installed_version(seed, layout):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     want = model(pixel_values=images).logits
     _, summary = vit_kernels.swap_modules(model)
-    assert "forward: attention residual add fused" in str(summary)
-    assert ("intermediate" in str(summary)) == (layout == "<=5.8")
+    assert "attention residual add fused into layernorm_after" in str(summary)
     torch.testing.assert_close(model(pixel_values=images).logits, want, rtol=1e-4, atol=1e-4)
 
 
@@ -343,14 +355,16 @@ def test_patch_embeddings_swapped(seed, family):
     torch.testing.assert_close(run(model), want, rtol=1e-4, atol=1e-4)
 
 
-def test_swapped_timm_vit_checkpoints_its_fused_blocks(seed):
+def test_swapped_timm_vit_checkpoints_its_fused_blocks(seed, monkeypatch):
     """timm's set_grad_checkpointing keeps the fused residual stream (checkpointed per block),
     and every swapped block is called through its own module (hooks such as FSDP2's run)."""
+    from vit_kernels.swap import timm_vit
+
     model, _ = vit_kernels.swap_modules(_timm(drop_path_rate=0.5, init_values=0.5).train())
     images = torch.randn(3, 3, 64, 64, device=DEVICE)
     calls = []
-    for block in model.blocks:
-        block.register_forward_pre_hook(lambda module, args: calls.append(module))
+    real_call = type(model.blocks[0]).__call__
+    monkeypatch.setattr(type(model.blocks[0]), "__call__", lambda self, *a, **k: calls.append(k) or real_call(self, *a, **k))
     results = []
     for checkpointing in (False, True):
         model.set_grad_checkpointing(checkpointing)
@@ -358,8 +372,9 @@ def test_swapped_timm_vit_checkpoints_its_fused_blocks(seed):
         results.append(output_and_grads(model, lambda m: m(images)))
     for name in results[0]:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=0, atol=0, msg=name)
-    # forward without, forward with checkpointing, its recomputation in backward
-    assert len(calls) == 3 * len(model.blocks)
+    # forward without, forward with checkpointing, its recomputation in backward; each on the carried stream
+    assert len(calls) == 3 * len(model.blocks) and all(k.get("carry") for k in calls)
+    assert timm_vit.run_blocks_fused is vit_kernels.nn.run_blocks_fused
 
 
 @pytest.mark.parametrize("config", [dict(), dict(reg_tokens=4)], ids=["one-op-embedding", "timm-pos-embed"])

@@ -1,12 +1,18 @@
 from typing import Optional, Type
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.attention import HEAD_DIMS, flash_attention
+from ._scripting import NotScriptable
+
+# A leaf of torch.fx's symbolic trace (timm's and torchvision's feature extractors): the op
+# validates its inputs with Python control flow that a trace cannot follow.
+torch.fx.wrap("flash_attention")
 
 
-class FlashAttention(nn.Module):
+class FlashAttention(NotScriptable, nn.Module):
     """Multi-head self-attention with timm `Attention`'s parameters, on vit_kernels' flash attention.
 
     Submodule names match timm's `Attention` (``qkv``, ``q_norm``, ``k_norm``,

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
+from ._scripting import NotScriptable
 
 
 class LayerScale(nn.Module):
@@ -74,7 +75,7 @@ def drop_path_row_scale(module: nn.Module, batch: int, device, dtype) -> Optiona
     return keep
 
 
-class FusedBlock(nn.Module):
+class FusedBlock(NotScriptable, nn.Module):
     """A pre-LN ViT block with timm `Block`'s submodule names, on vit_kernels' modules.
 
     ``forward(x)`` is the standalone block (two fused add + LayerNorm steps inside it).
@@ -108,18 +109,8 @@ class FusedBlock(nn.Module):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
                 row_scale: Optional[Tensor] = None, *, carry: bool = False):
         if carry:
-            return _fused_block_step(self, x, residual, gamma, row_scale)
-        return finish_residual(*_fused_block_step(self, x, None, None, None))
-
-
-def carried_block_forward(self, x: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
-                          row_scale: Optional[Tensor] = None, *, carry: bool = False, **kwargs):
-    """A per-instance forward for another library's pre-LN block whose norms are FusedLayerNorm:
-    ``carry=True`` runs the carried-stream step `run_blocks_fused` needs, anything else the
-    block's own class forward."""
-    if carry:
-        return _fused_block_step(self, x, residual, gamma, row_scale)
-    return type(self).forward(self, x, **kwargs)
+            return carried_block_step(self, x, residual, gamma, row_scale)
+        return finish_residual(*carried_block_step(self, x, None, None, None))
 
 
 def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], row_scale: Optional[Tensor]) -> Tensor:
@@ -131,7 +122,7 @@ def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], r
     return residual + branch
 
 
-def _fused_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
+def carried_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
                       row_scale: Optional[Tensor]):
     """One block on the carried stream: finish the previous add inside norm1, leave this block's last add pending."""
     batch = branch.shape[0]
@@ -156,14 +147,14 @@ def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = N
     With a final norm, returns ``final_norm(x_out)``. Without one, returns the pending
     last add as ``(branch, residual, gamma, row_scale)``: ``x_out = residual +
     row_scale[b] * gamma * branch``, for the caller to finish (None means no factor).
-    Each block must take the carried stream: a `FusedBlock`, or a block with
-    `carried_block_forward` installed. ``checkpoint=True`` recomputes each block in backward (activation checkpointing):
+    Each block must take the carried stream (``block(branch, residual, gamma, row_scale, carry=True)``):
+    a `FusedBlock`, or a timm block after `swap_modules`. ``checkpoint=True`` recomputes each block in backward (activation checkpointing):
     only the carried (branch, residual) pair is kept per block. torch's checkpoint restores
     the RNG state, so drop path and attention dropout draw the same masks again.
     """
     stream = (x, None, None, None)
     for block in blocks:
-        # Through the block's __call__ (FusedBlock.forward or carried_block_forward with carry=True),
+        # Through the block's __call__ (FusedBlock.forward or a swapped block's, with carry=True),
         # so that its hooks run: FSDP2 gathers and frees each block's parameters in them.
         if checkpoint and torch.is_grad_enabled():
             stream = torch.utils.checkpoint.checkpoint(block, *stream, carry=True, use_reentrant=False)

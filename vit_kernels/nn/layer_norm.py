@@ -4,11 +4,14 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.layer_norm import add_layer_norm
+from ._scripting import NotScriptable
+
+torch.fx.wrap("add_layer_norm")  # a leaf of torch.fx's symbolic trace, as in nn/attention.py
 
 _NOT_GIVEN = object()
 
 
-class FusedLayerNorm(nn.LayerNorm):
+class FusedLayerNorm(NotScriptable, nn.LayerNorm):
     """`nn.LayerNorm` over the last dim that can also take the residual add before it.
 
     Same parameters, buffers and state_dict as `nn.LayerNorm`, so it drops into any

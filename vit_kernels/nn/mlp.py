@@ -1,13 +1,19 @@
 from typing import Optional, Type
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bias_gelu_linear import bias_gelu_linear
 from ..ops.linear_bias_gelu import linear_bias_gelu
+from ._scripting import NotScriptable
+
+# Leaves of torch.fx's symbolic trace, as in nn/attention.py.
+torch.fx.wrap("bias_gelu_linear")
+torch.fx.wrap("linear_bias_gelu")
 
 
-def _gelu_approximation(act: nn.Module) -> str:
+def gelu_approximation(act: nn.Module) -> str:
     """The `approximate` of a GELU module (torch's, or timm's GELU/GELUTanh), else a ValueError."""
     if isinstance(act, nn.GELU):
         return act.approximate
@@ -19,7 +25,7 @@ def _gelu_approximation(act: nn.Module) -> str:
     raise ValueError(f"FusedMlp fuses GELU only (exact or tanh); act_layer made a {name}")
 
 
-class FusedMlp(nn.Module):
+class FusedMlp(NotScriptable, nn.Module):
     """timm's `Mlp` (fc1 -> GELU -> fc2) with fc1's bias fused into the GELU, keeping one
     [tokens, hidden] activation for backward instead of two.
 
@@ -48,7 +54,7 @@ class FusedMlp(nn.Module):
         hidden_features = hidden_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
-        self.approximate = _gelu_approximation(self.act)
+        self.approximate = gelu_approximation(self.act)
         self.drop1 = nn.Dropout(drop)
         self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
@@ -60,7 +66,7 @@ class FusedMlp(nn.Module):
         the activation is not GELU or the layers are not Linear (timm's use_conv)."""
         if not isinstance(getattr(mlp, "fc1", None), nn.Linear) or not isinstance(getattr(mlp, "fc2", None), nn.Linear):
             raise ValueError("fc1 and fc2 must be nn.Linear")
-        approximate = _gelu_approximation(mlp.act)
+        approximate = gelu_approximation(mlp.act)
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):

@@ -1,15 +1,19 @@
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
-from ..ops.patch_embed import _register, patch_embed
+from ..ops.patch_embed import load, patch_embed
+from ._scripting import NotScriptable
+
+torch.fx.wrap("patch_embed")  # a leaf of torch.fx's symbolic trace, as in nn/attention.py
 
 
 def _pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-class FusedPatchEmbed(nn.Module):
+class FusedPatchEmbed(NotScriptable, nn.Module):
     """timm's `PatchEmbed` (same attributes, same ``proj`` Conv2d parameters) on the fused op.
 
     ``forward(images)`` returns the patch tokens ``[B, N, D]`` like timm's.
@@ -31,7 +35,7 @@ class FusedPatchEmbed(nn.Module):
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=self.patch_size, stride=self.patch_size, bias=bias)
-        _register()  # compile/load the extension now, not inside a torch.compile trace
+        load()  # compile/load the extension now, not inside a torch.compile trace
 
     def forward(
         self,

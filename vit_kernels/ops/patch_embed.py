@@ -30,7 +30,7 @@ IMAGE_DTYPES = (torch.uint8,) + PARAM_DTYPES
 _registered = False
 
 
-def _register() -> None:
+def load() -> None:
     """Load the extension and register fake kernels and autograd for its ops, once."""
     global _registered
     if _registered:
@@ -163,5 +163,5 @@ def patch_embed(
     # The CUDA kernels compute in float32: float64 on the GPU takes the reference.
     if _build_config.skip_requested() or (images.is_cuda and weight.dtype == torch.float64):
         return reference.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
-    _register()
+    load()
     return torch.ops.vit_kernels.patch_embed_fwd(images, weight, bias, cls_token, pos_embed, mean, std)

@@ -1,24 +1,27 @@
-"""Hugging Face transformers ViT, DeiT and Dinov2, in both layouts: from 5.9
-(``layers[i].attention.q_proj/k_proj/v_proj/o_proj``, ``mlp.fc1/fc2``) and up to 5.8
-(``encoder.layer[i].attention.attention.query/key/value``, ``intermediate``, ``output``).
+"""Hugging Face transformers ViT, DeiT, Dinov2, Dinov2WithRegisters, ViTMAE and ViTMSN (5.9+ layout:
+``layers[i].attention.q_proj/k_proj/v_proj/o_proj``, ``mlp.fc1/fc2``), inside any head or wrapper.
 
-- Attention goes through transformers' own extension point: the function below is
-  registered with ``AttentionInterface`` under ``"vit_kernels"`` and the model is switched
-  to it with ``set_attn_implementation``. It receives q, k, v as ``[B, H, N, d]`` views of
-  the projections' ``[B, N, H, d]`` outputs and hands those to flash_attention in place;
-  masks, unsupported head dims and dtypes go to transformers' SDPA path.
-- The MLP keeps its modules and keys; its instance forward runs fc1 bias-free and
-  bias_gelu (GELU models only).
-- LayerNorms become FusedLayerNorm (eps kept: 1e-12 in ViT and DeiT). The base model's
-  instance forward carries (branch, residual) across layers so that every residual add
-  (with Dinov2's layer scale and drop path) runs inside the LayerNorm after it, ending in
-  the final layernorm. Requests it does not reproduce (output_hidden_states and
-  output_attentions, which transformers collects with hooks on each layer's module call;
-  masks; return_dict=False) take the model's own forward, where each layer's instance
-  forward still fuses its attention residual add.
+Modules are swapped by class, from the tables below (their forwards are the same code in
+each family), and only the modules: the model's own forward, its config, transformers'
+attention and mask registries and its output capture stay as they are, so every head
+(classification, masked image modeling, MAE pre-training, backbones with feature maps)
+returns what it returned, and two models sharing a config never affect each other.
+
+- Attention: q, k, v are read as ``[B, N, H, d]`` views of the projections' outputs by
+  flash_attention. Any call it does not reproduce takes the class's own forward (the
+  attention implementation in the config, eager or SDPA): an attention mask (transformers
+  builds it for that implementation), attention maps being recorded (``output_attentions``),
+  a head dim or dtype the kernel lacks, FX tracing.
+- MLP (fc1 -> GELU -> fc2): bias + GELU + fc2 fused (bias_gelu_linear).
+- Layers: the attention residual add (with Dinov2's layer scale and drop path) runs inside
+  the LayerNorm after it. The layer stays a GradientCheckpointingLayer, so
+  ``gradient_checkpointing_enable()`` checkpoints it as before.
+- LayerNorms become FusedLayerNorm (eps kept: 1e-12 in ViT and DeiT); patch embeddings run
+  the fused patch-embedding op, casting pixels to the weights' dtype where the class does.
+
+The layout up to transformers 5.8 (``attention.attention.query``, ``intermediate``,
+``output``) is left alone with the reason: its forwards are not these.
 """
-
-import types
 
 import torch
 import torch.nn.functional as F
@@ -27,29 +30,33 @@ from torch import nn
 from ..nn.block import drop_path_row_scale
 from ..nn.layer_norm import FusedLayerNorm
 from ..ops.attention import HEAD_DIMS, flash_attention
-from ..ops.bias_gelu import bias_gelu
-from ..ops.patch_embed import _register as _load_patch_embed
+from ..ops.bias_gelu_linear import bias_gelu_linear
+from ..ops.patch_embed import load as load_patch_embed
 from ..ops.patch_embed import patch_embed
-from .timm_vit import _is_plain_layer_norm
+from ._class_swap import Plan, SwappedModule, fx_tracing, is_swapped
+from .timm_vit import plan_layer_norm
 
-ATTENTION_NAME = "vit_kernels"
+torch.fx.wrap("flash_attention")
+torch.fx.wrap("bias_gelu_linear")
+torch.fx.wrap("patch_embed")
+
+FAMILIES = ("ViT", "DeiT", "Dinov2", "Dinov2WithRegisters", "ViTMAE", "ViTMSN")
+ATTENTION = {f"{p}Attention" for p in FAMILIES}
+MLP = {f"{p}MLP" for p in FAMILIES}
+VIT_LAYER = {f"{p}Layer" for p in ("ViT", "DeiT", "ViTMAE", "ViTMSN")}
+DINOV2_LAYER = {f"{p}Layer" for p in ("Dinov2", "Dinov2WithRegisters")}
+PATCH_EMBEDDINGS = {f"{p}PatchEmbeddings" for p in FAMILIES}
+PATCH_EMBEDDINGS_CAST = {"Dinov2PatchEmbeddings", "Dinov2WithRegistersPatchEmbeddings"}  # cast pixels to the weights'
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def flash_attention_interface(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' attention-function signature on vit_kernels.ops.flash_attention; returns ([B, N, H, d], None)."""
-    if (attention_mask is not None or query.shape[-1] not in HEAD_DIMS
-            or query.dtype not in (torch.float16, torch.bfloat16, torch.float32)):
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    out = flash_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                          softmax_scale=scaling, dropout_p=dropout)
-    return out, None
+def _transformers_class(module, names) -> bool:
+    kind = type(module)
+    return kind.__name__ in names and kind.__module__.startswith("transformers.models.")
 
 
-def _gelu_form(act) -> str:
-    """'none' or 'tanh' for transformers' GELU activations; '' for anything else."""
+def gelu_form(act) -> str:
+    """'none' or 'tanh' for transformers' (and torch's) GELU activations; '' for anything else."""
     name = type(act).__name__
     if isinstance(act, nn.GELU):
         return act.approximate
@@ -60,200 +67,168 @@ def _gelu_form(act) -> str:
     return ""
 
 
-def _first(output):
-    return output[0] if isinstance(output, tuple) else output
+def _recording_attentions() -> bool:
+    """Whether transformers' output capture is collecting attention maps for the running forward."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return False
+    collected = _active_collector.get()
+    return collected is not None and "attentions" in collected
 
 
-def _mlp_forward(fc1: str, act: str, fc2: str):
-    """fc1 (bias-free) -> bias_gelu -> fc2 (if any), for an MLP-like module with these attribute names."""
+def _asks_for_more(kwargs) -> bool:
+    return any(value is not None and value is not False for value in kwargs.values())
 
+
+class TransformersAttention(nn.Module, SwappedModule):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if (attention_mask is not None or _asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
+                or hidden_states.dtype not in KERNEL_DTYPES or _recording_attentions()):
+            return self.base_forward(hidden_states, attention_mask, **kwargs)
+        batch, tokens, _ = hidden_states.shape
+        shape = (batch, tokens, -1, self.head_dim)
+        out = flash_attention(self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape),
+                              self.v_proj(hidden_states).view(shape), softmax_scale=self.scaling,
+                              dropout_p=self.attention_dropout if self.training else 0.0)
+        return self.o_proj(out.reshape(batch, tokens, -1)), None
+
+
+class TransformersMlp(nn.Module, SwappedModule):
     def forward(self, hidden_states):
-        first = getattr(self, fc1)
-        out = bias_gelu(F.linear(hidden_states, first.weight), first.bias, _gelu_form(getattr(self, act)))
-        return getattr(self, fc2)(out) if fc2 else out
-
-    return forward
-
-
-def _mlp_target(layer):
-    """(module, fc1, activation, fc2 or '') holding the layer's fc1 -> GELU, or None."""
-    if hasattr(layer, "intermediate"):  # <= 5.8 ViT/DeiT: intermediate (dense + act), output (dense + residual)
-        return layer.intermediate, "dense", "intermediate_act_fn", ""
-    mlp = getattr(layer, "mlp", None)
-    for act in ("activation_fn", "activation"):
-        if mlp is not None and hasattr(mlp, act) and isinstance(getattr(mlp, "fc1", None), nn.Linear):
-            return mlp, "fc1", act, "fc2"
-    return None
+        if fx_tracing() or any(m._forward_hooks or m._forward_pre_hooks for m in (self.fc1, self.fc2)):
+            return self.base_forward(hidden_states)
+        hidden = F.linear(hidden_states, self.fc1.weight)
+        return bias_gelu_linear(hidden, self.fc1.bias, self.fc2.weight, self.fc2.bias, self._vk_gelu)
 
 
-def _vit_layer_forward(self, hidden_states, *args, **kwargs):
-    """ViTLayer/DeiTLayer.forward with the attention residual add fused into layernorm_after."""
-    attn_out = _first(self.attention(self.layernorm_before(hidden_states), *args, **kwargs))
-    if hasattr(self, "intermediate"):  # <= 5.8: attention dropout is inside, output adds the residual
-        y, hidden_states = self.layernorm_after(attn_out, hidden_states)
-        return self.output(self.intermediate(y), hidden_states)
-    y, hidden_states = self.layernorm_after(self.dropout(attn_out), hidden_states)
-    return hidden_states + self.dropout(self.mlp(y))
+class TransformersViTLayer(nn.Module, SwappedModule):
+    """ViT/DeiT/ViTMAE/ViTMSN layer with the attention residual add fused into layernorm_after."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if fx_tracing():
+            return self.base_forward(hidden_states, attention_mask, **kwargs)
+        attn_out = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)[0]
+        y, hidden_states = self.layernorm_after(self.dropout(attn_out), hidden_states)
+        return hidden_states + self.dropout(self.mlp(y))
 
 
-def _dinov2_layer_forward(self, hidden_states, *args, **kwargs):
-    """Dinov2Layer.forward with the attention residual add, layer scale and drop path fused into norm2."""
-    attn_out = _first(self.attention(self.norm1(hidden_states), *args, **kwargs))
-    row_scale = drop_path_row_scale(self.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
-    y, hidden_states = self.norm2(attn_out, hidden_states, gamma=self.layer_scale1.lambda1, row_scale=row_scale)
-    return self.drop_path(self.layer_scale2(self.mlp(y))) + hidden_states
+class TransformersDinov2Layer(nn.Module, SwappedModule):
+    """Dinov2 layer with the attention residual add, layer scale and drop path fused into norm2."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if fx_tracing():
+            return self.base_forward(hidden_states, attention_mask, **kwargs)
+        attn_out = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)[0]
+        row_scale = drop_path_row_scale(self.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
+        y, hidden_states = self.norm2(attn_out, hidden_states, gamma=self.layer_scale1.lambda1, row_scale=row_scale)
+        return self.drop_path(self.layer_scale2(self.mlp(y))) + hidden_states
 
 
-def _patch_embeddings_forward(self, pixel_values, *args, **kwargs):
-    """The patch embeddings' forward (projection -> [B, N, D]) on the fused op; any other case
-    (channel mismatch, interpolation flags) takes transformers' own forward and its checks."""
-    if args or any(kwargs.values()) or pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-        return type(self).forward(self, pixel_values, *args, **kwargs)
-    return patch_embed(pixel_values, self.projection.weight, self.projection.bias)
+class TransformersPatchEmbeddings(nn.Module, SwappedModule):
+    def forward(self, pixel_values, *args, **kwargs):
+        weight = self.projection.weight
+        if type(self).__name__ in PATCH_EMBEDDINGS_CAST and isinstance(pixel_values, torch.Tensor):
+            pixel_values = pixel_values.to(weight.dtype)
+        if (args or _asks_for_more(kwargs) or fx_tracing() or pixel_values.dim() != 4
+                or pixel_values.shape[1] != self.num_channels or pixel_values.dtype != weight.dtype
+                or pixel_values.shape[2] % self.projection.stride[0] or pixel_values.shape[3] % self.projection.stride[1]):
+            return self.base_forward(pixel_values, *args, **kwargs)
+        return patch_embed(pixel_values, weight, self.projection.bias)
 
 
-def _carry_layers(layers, x):
-    """Run the layers with every residual add fused into the LayerNorm after it, across layers.
-
-    Returns the pending last add (branch, residual, gamma, row_scale) for the final norm.
-    """
-    branch, residual, gamma, row_scale = x, None, None, None
-    for layer in layers:
-        if hasattr(layer, "layernorm_before"):  # ViT, DeiT
-            y, residual = layer.layernorm_before(branch, residual, gamma=gamma, row_scale=row_scale)
-            attn_out = _first(layer.attention(y))
-            if hasattr(layer, "intermediate"):  # <= 5.8: attention dropout inside; output = dense + dropout (+ residual)
-                y, residual = layer.layernorm_after(attn_out, residual)
-                branch = layer.output.dropout(layer.output.dense(layer.intermediate(y)))
-            else:
-                y, residual = layer.layernorm_after(layer.dropout(attn_out), residual)
-                branch = layer.dropout(layer.mlp(y))
-            gamma, row_scale = None, None
-        else:  # Dinov2: layer scale and drop path on both branches
-            y, residual = layer.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
-            attn_out = _first(layer.attention(y))
-            drop = drop_path_row_scale(layer.drop_path, attn_out.shape[0], attn_out.device, attn_out.dtype)
-            y, residual = layer.norm2(attn_out, residual, gamma=layer.layer_scale1.lambda1, row_scale=drop)
-            branch = layer.mlp(y)
-            gamma = layer.layer_scale2.lambda1
-            row_scale = drop_path_row_scale(layer.drop_path, branch.shape[0], branch.device, branch.dtype)
-    return branch, residual, gamma, row_scale
+# ---- the plan ------------------------------------------------------------------------------------
 
 
-def _make_base_forward(layers):
-    """The base model's forward with the residual stream carried across layers into the final LayerNorm.
-
-    Anything it does not reproduce goes to the model's own forward: output_hidden_states /
-    output_attentions (collected by hooks on each layer's module call), masks, masked
-    patches, return_dict=False, any other keyword.
-    """
-
-    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None, attention_mask=None,
-                **kwargs):
-        config = self.config
-        if (kwargs or bool_masked_pos is not None or attention_mask is not None or pixel_values is None
-                or config.output_hidden_states or config.output_attentions
-                or not getattr(config, "use_return_dict", True)):
-            passed = dict(bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding,
-                          attention_mask=attention_mask)
-            return type(self).forward(self, pixel_values, **{k: v for k, v in passed.items() if v is not None},
-                                      **kwargs)
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        extra = {"interpolate_pos_encoding": interpolate_pos_encoding} if interpolate_pos_encoding is not None else {}
-        branch, residual, gamma, row_scale = _carry_layers(layers, self.embeddings(pixel_values, **extra))
-        sequence_output = self.layernorm(branch, residual, gamma=gamma, row_scale=row_scale)[0]
-        if getattr(self, "pooler", None) is not None:
-            pooled = self.pooler(sequence_output)
-        elif hasattr(self, "pooler"):
-            pooled = None
-        else:  # Dinov2: the class token
-            pooled = sequence_output[:, 0, :]
-        return BaseModelOutputWithPooling(last_hidden_state=sequence_output, pooler_output=pooled)
-
-    return forward
+def _attention_reason(attn) -> str:
+    if not all(isinstance(getattr(attn, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return "q_proj, k_proj, v_proj, o_proj are not all nn.Linear"
+    if getattr(attn, "is_causal", False):
+        return "causal attention is not fused"
+    if attn.head_dim not in HEAD_DIMS:
+        return f"head dim {attn.head_dim} is not one of {HEAD_DIMS}"
+    return ""
 
 
-def _find_layers(model):
-    """(base model, its path prefix, the layer list, the list's path) or Nones."""
-    for base_name in ("", "vit", "deit", "dinov2"):
-        base = getattr(model, base_name, None) if base_name else model
-        if base is None:
+def _layer_reason(layer, norms, fused_norms) -> str:
+    if not all(id(getattr(layer, name)) in fused_norms for name in norms):
+        return "its LayerNorms are not fused (layer_norm=False, or not nn.LayerNorm)"
+    if norms[0] == "norm1":
+        for name in ("layer_scale1", "layer_scale2"):
+            if not isinstance(getattr(getattr(layer, name, None), "lambda1", None), torch.Tensor):
+                return f"{name} is not a layer scale with lambda1"
+        drop_path = layer.drop_path
+        if not (isinstance(drop_path, nn.Identity) or type(drop_path).__name__.endswith("DropPath")):
+            return f"drop_path is a {type(drop_path).__name__}"
+    return ""
+
+
+def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, layer_norm: bool,
+                          patch_embed: bool) -> None:
+    fused_norms = set()
+    layers = []
+    for path, module in model.named_modules():
+        if isinstance(module, FusedLayerNorm):
+            fused_norms.add(id(module))
+        if is_swapped(module) or isinstance(module, FusedLayerNorm):
+            plan.already.append((path, _kind(module)))
             continue
-        prefix = f"{base_name}." if base_name else ""
-        if isinstance(getattr(base, "layers", None), nn.ModuleList):
-            return base, prefix, base.layers, f"{prefix}layers"
-        encoder = getattr(base, "encoder", None)
-        if isinstance(getattr(encoder, "layer", None), nn.ModuleList):
-            return base, prefix, encoder.layer, f"{prefix}encoder.layer"
-    return None, "", None, ""
-
-
-def swap_transformers_vit(model, summary, *, attention: bool, mlp: bool, layer_norm: bool, patch_embed: bool) -> None:
-    base, prefix, layers, layers_path = _find_layers(model)
-    if base is None:
-        summary.left_alone("", f"{type(model).__name__}: no transformer layers found")
-        return
-    attn = layers[0].attention
-    if not (hasattr(attn, "q_proj") or hasattr(getattr(attn, "attention", None), "query")):
-        summary.left_alone("", f"{type(layers[0]).__name__}: an attention layout this swap does not know")
-        return
-    targets = [_mlp_target(layer) for layer in layers]
-    if "forward" in vars(base) or model.config._attn_implementation == ATTENTION_NAME or any(
-        "forward" in vars(layer) or (t is not None and "forward" in vars(t[0])) for layer, t in zip(layers, targets)
-    ):
-        summary.left_alone("", "already swapped: a second call changes nothing")
-        return
-    if attention:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTENTION_NAME, flash_attention_interface)
-        model.set_attn_implementation(ATTENTION_NAME)
-        summary.swap("config._attn_implementation", f"'{ATTENTION_NAME}' (AttentionInterface): flash_attention")
-    for i, (layer, target) in enumerate(zip(layers, targets)):
-        path = f"{layers_path}.{i}"
-        if mlp:
-            if target is not None and _gelu_form(getattr(target[0], target[2])):
-                module, fc1, act, fc2 = target
-                module.forward = types.MethodType(_mlp_forward(fc1, act, fc2), module)
-                name = next(n for n, m in layer.named_children() if m is module)
-                summary.swap(f"{path}.{name}", f"bias-free {fc1} + bias_gelu (module kept)")
+        name = type(module).__name__
+        if name.endswith("SelfAttention") and hasattr(module, "query"):
+            plan.leave(path, "attention", f"{name}: the transformers <= 5.8 layout, which this swap does not know")
+        elif _transformers_class(module, ATTENTION):
+            if not attention:
+                continue
+            why = _attention_reason(module)
+            if why:
+                plan.leave(path, "attention", why)
             else:
-                summary.left_alone(f"{path}.mlp", "not an fc1 -> GELU -> fc2 MLP")
-        if not layer_norm:
-            continue
-        norms = ("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before") else ("norm1", "norm2")
-        for name in norms:
-            if _is_plain_layer_norm(getattr(layer, name)):
-                setattr(layer, name, FusedLayerNorm.from_layer_norm(getattr(layer, name)))
-                summary.swap(f"{path}.{name}", "FusedLayerNorm")
-        if isinstance(getattr(layer, norms[1]), FusedLayerNorm):
-            fused_forward = _vit_layer_forward if norms[0] == "layernorm_before" else _dinov2_layer_forward
-            layer.forward = types.MethodType(fused_forward, layer)
-            summary.swap(f"{path}.forward", "attention residual add fused into the next LayerNorm (per instance)")
-    if layer_norm and _is_plain_layer_norm(getattr(base, "layernorm", None)):
-        base.layernorm = FusedLayerNorm.from_layer_norm(base.layernorm)
-        summary.swap(f"{prefix}layernorm", "FusedLayerNorm")
-    fused_norms = all(isinstance(getattr(layer, name), FusedLayerNorm) for layer in layers
-                      for name in (("layernorm_before", "layernorm_after") if hasattr(layer, "layernorm_before")
-                                   else ("norm1", "norm2")))
-    if fused_norms and isinstance(getattr(base, "layernorm", None), FusedLayerNorm):
-        base.forward = types.MethodType(_make_base_forward(layers), base)
-        summary.swap(f"{prefix.rstrip('.') or '<model>'}.forward",
-                     "residual stream carried across layers into the final LayerNorm (per instance; output "
-                     "capture, masks and other options take the model's own forward)")
-    else:
-        summary.left_alone(f"{prefix.rstrip('.') or '<model>'}.forward",
-                           "residual adds across layers not fused: the LayerNorms are not all fused")
-    if patch_embed:
-        embeddings = base.embeddings.patch_embeddings
-        projection = getattr(embeddings, "projection", None)
-        if isinstance(projection, nn.Conv2d) and projection.stride == projection.kernel_size:
-            _load_patch_embed()  # build/load the extension now, not inside a torch.compile trace
-            embeddings.forward = types.MethodType(_patch_embeddings_forward, embeddings)
-            summary.swap(f"{prefix}embeddings.patch_embeddings",
-                         "vit_kernels.ops.patch_embed (module kept; cls, mask token and position embeddings stay in "
-                         "transformers' embeddings)")
+                plan.swap_class(module, TransformersAttention, path, "attention",
+                                "flash_attention (masks, recorded attention maps: the model's own attention)")
+        elif _transformers_class(module, MLP):
+            if not mlp:
+                continue
+            form = gelu_form(getattr(module, "activation_fn", None))
+            if form and isinstance(getattr(module, "fc1", None), nn.Linear) and isinstance(module.fc2, nn.Linear):
+                plan.swap_class(module, TransformersMlp, path, "mlp", "bias + GELU + fc2 fused (module kept)",
+                                _vk_gelu=form)
+            else:
+                plan.leave(path, "mlp", "its activation is not GELU (exact or tanh)")
+        elif name.endswith(("FFN", "MLP")) and name not in MLP and mlp:
+            plan.leave(path, "mlp", f"{name} is not an fc1 -> GELU -> fc2 MLP")
+        elif isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm", "RmsNorm")):
+            if layer_norm and plan_layer_norm(plan, module, path):
+                fused_norms.add(id(module))
+        elif _transformers_class(module, VIT_LAYER | DINOV2_LAYER):
+            layers.append((path, module))
+        elif _transformers_class(module, PATCH_EMBEDDINGS) and patch_embed:
+            projection = getattr(module, "projection", None)
+            if isinstance(projection, nn.Conv2d) and projection.stride == projection.kernel_size \
+                    and projection.padding == (0, 0) and projection.groups == 1 and projection.dilation == (1, 1):
+                load_patch_embed()  # build/load the extension now, not inside a torch.compile trace
+                plan.swap_class(module, TransformersPatchEmbeddings, path, "patch_embed",
+                                "vit_kernels.ops.patch_embed (module kept; cls, mask token and position embeddings "
+                                "stay in transformers' embeddings)")
+            else:
+                plan.leave(path, "patch_embed", "its projection is not a patchifying Conv2d")
+    for path, layer in layers:
+        dinov2 = type(layer).__name__ in DINOV2_LAYER
+        norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
+        why = _layer_reason(layer, norms, fused_norms)
+        if why:
+            plan.leave(path, "block", why)
         else:
-            summary.left_alone(f"{prefix}embeddings.patch_embeddings", "its projection is not a patchifying Conv2d")
+            plan.swap_class(layer, TransformersDinov2Layer if dinov2 else TransformersViTLayer, path, "block",
+                            f"attention residual add fused into {norms[1]}")
+
+
+def _kind(module) -> str:
+    if isinstance(module, TransformersAttention):
+        return "attention"
+    if isinstance(module, TransformersMlp):
+        return "mlp"
+    if isinstance(module, nn.LayerNorm):
+        return "layer_norm"
+    if isinstance(module, TransformersPatchEmbeddings):
+        return "patch_embed"
+    return "block"
