@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -29,14 +28,14 @@ def _run(argv, tmp_path, *, model_dtype=torch.float32, device="cpu"):
     return run(config, images, Distributed(), torch.device(device), model_dtype=model_dtype)
 
 
-def test_digits_reach_90_percent_on_cpu_within_two_minutes(tmp_path):
-    start = time.perf_counter()
+def test_digits_reach_90_percent_on_cpu_within_30_epochs(tmp_path):
+    """The work is bounded (30 epochs of a tiny ViT), not the wall clock: a loaded machine takes
+    longer to reach the same accuracy, and speed belongs to the benchmarks."""
     summary = _run(["--eager", "--img-size", "16", "--patch-size", "4", "--embed-dim", "64", "--depth", "4",
                     "--num-heads", "4", "--batch-size", "32", "--epochs", "30", "--lr", "3e-3", "--warmup-steps", "100",
                     "--no-progress", "--no-save"], tmp_path)
-    elapsed = time.perf_counter() - start
     assert summary["test_accuracy"] >= 0.90, summary["history"]["test_accuracy"]
-    assert elapsed < 120, f"took {elapsed:.0f} s"
+    assert len(summary["history"]["test_accuracy"]) == 30
 
 
 def test_fused_losses_match_eager_by_the_rule(tmp_path):
