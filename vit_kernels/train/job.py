@@ -104,8 +104,9 @@ def enable_uint8_input(model, mean, std) -> bool:
     if callable(getattr(model, "set_input_normalization", None)):
         model.set_input_normalization(mean, std)
         return True
-    patch_embed = getattr(model, "patch_embed", None)
-    if patch_embed is not None and "forward" in vars(patch_embed):
+    from ..swap.timm_vit import TimmPatchEmbed
+
+    if isinstance(getattr(model, "patch_embed", None), TimmPatchEmbed):
         from ..swap import set_input_normalization
 
         set_input_normalization(model, mean, std)
