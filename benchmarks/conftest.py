@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def copy_bandwidth_gbps():
-    from vit_kernels.bench import copy_bandwidth_gbps
+    from vit_kernels.benchmarking.timing import copy_bandwidth_gbps
 
     return copy_bandwidth_gbps(torch.device("cuda"))
 
@@ -44,9 +44,32 @@ def assert_agreement_once():
 
 @pytest.fixture(scope="session")
 def matmul_tflops():
-    from vit_kernels.bench import matmul_tflops
+    from vit_kernels.benchmarking.timing import matmul_tflops
 
     return matmul_tflops(torch.device("cuda"))
+
+
+@pytest.fixture
+def bench_op(measure, assert_agreement_once):
+    """bench_op(op_bench, shape, provider, mode): the numerics rule at the shape (once), then
+    the provider timed in bf16. A provider out of memory, or an SDPA backend that does not
+    take the shape, skips with the reason; any other failure fails."""
+
+    def run(op_bench, shape, provider, mode):
+        dims = op_bench.shapes[shape]
+        assert_agreement_once(op_bench.agreement, shape, dims)
+        case = op_bench.case(provider, shape, dims, mode, torch.bfloat16, torch.device("cuda"))
+        try:
+            measure(case)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            pytest.skip(f"{provider} runs out of memory at {shape} {mode}")
+        except RuntimeError as err:
+            if not provider.startswith("sdpa_"):
+                raise
+            pytest.skip(f"{provider} unavailable here: {str(err).splitlines()[0][:120]}")
+
+    return run
 
 
 @pytest.fixture
@@ -57,7 +80,7 @@ def measure(benchmark, copy_bandwidth_gbps, matmul_tflops):
 
 
 def _measure(benchmark, case, copy_bandwidth_gbps, matmul_tflops, rounds=20):
-    from vit_kernels.bench import time_cuda_ms
+    from vit_kernels.benchmarking.timing import time_cuda_ms
 
     def timed():
         case.run()

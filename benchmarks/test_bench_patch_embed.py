@@ -4,20 +4,13 @@ measured bf16 matmul rate in extra_info. Agreement asserted per op and shape bef
 """
 
 import pytest
-import torch
 
-from vit_kernels.bench import MLP_PROVIDERS, PATCH_EMBED_SHAPES, patch_embed_agreement, patch_embed_case
-
-OPS = ("patch_embed", "patch_embed_uint8")
-_AGREEMENT = {op: patch_embed_agreement(op) for op in OPS}
-_CASE = {op: patch_embed_case(op) for op in OPS}
+from vit_kernels.benchmarking.patch_embed import BENCH, BENCH_UINT8, SHAPES
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", MLP_PROVIDERS)
-@pytest.mark.parametrize("shape", list(PATCH_EMBED_SHAPES))
-@pytest.mark.parametrize("op", OPS)
-def test_patch_embed(measure, assert_agreement_once, op, shape, provider, mode):
-    dims = PATCH_EMBED_SHAPES[shape]
-    assert_agreement_once(_AGREEMENT[op], shape, dims)
-    measure(_CASE[op](provider, shape, dims, mode, torch.bfloat16, torch.device("cuda")))
+@pytest.mark.parametrize("provider", BENCH.providers)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("op_bench", [BENCH, BENCH_UINT8], ids=lambda b: b.name)
+def test_patch_embed(bench_op, op_bench, shape, provider, mode):
+    bench_op(op_bench, shape, provider, mode)

@@ -8,7 +8,7 @@ the measured bf16 matmul rate), peak memory.
 import pytest
 import torch
 
-from vit_kernels.bench_vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
+from vit_kernels.benchmarking.vit import MODES, VIT_MODELS, VIT_PROVIDERS, measure_vit, vit_agreement, vit_case
 
 _agreed = set()
 

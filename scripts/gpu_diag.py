@@ -30,7 +30,7 @@ from vit_kernels.ops import attention as attn
 
 
 def attention_configs():
-    from vit_kernels.bench import time_cuda_ms
+    from vit_kernels.benchmarking.timing import time_cuda_ms
     from vit_kernels.testing import check_rule, forcing_one_config
 
     original = attn.launch_configs
@@ -74,7 +74,8 @@ def attention_configs():
 
 
 def overhead():
-    from vit_kernels.bench import OPS, time_cuda_ms
+    from vit_kernels.benchmarking.runner import OPS
+    from vit_kernels.benchmarking.timing import time_cuda_ms
 
     print("\nwhere the time goes, ViT-B shapes, bf16: event median / GPU kernel time / host time per call (ms)")
     device = torch.device("cuda")
@@ -109,7 +110,7 @@ def layer_norm_backward():
     """The add_layer_norm backward kernel at the ViT-B shape, per (rows per iteration, warps,
     programs per SM): median ms between CUDA events, GB/s over dy, h_new, dresidual read and
     dx written, and the worst error of dx/dweight/dbias against the default config's."""
-    from vit_kernels.bench import time_cuda_ms
+    from vit_kernels.benchmarking.timing import time_cuda_ms
     from vit_kernels.ops import layer_norm as ln
 
     rows, hidden = 256 * 197, 768
@@ -145,10 +146,10 @@ SWITCH_ATTENTION_SHAPES = [(256, 197, 12, 64), (64, 577, 16, 64), (64, 257, 16, 
 def switches(device=torch.device("cuda")):
     import importlib
 
-    from vit_kernels import bench
+    from vit_kernels.benchmarking import timing
 
     gelu = importlib.import_module("vit_kernels.ops.bias_gelu")
-    copy = bench.copy_bandwidth_gbps(device)
+    copy = timing.copy_bandwidth_gbps(device)
     rows, hidden = SWITCH_GELU_SHAPE
     x, dy = (torch.randn(rows, hidden, device=device, dtype=torch.bfloat16) for _ in range(2))
     bias = torch.randn(hidden, device=device)
@@ -158,8 +159,8 @@ def switches(device=torch.device("cuda")):
     for label, poly in (("erf", False), ("polynomial", True)):
         gelu._poly_cdf = lambda dtype, _poly=poly: _poly
         try:
-            fwd = bench.time_cuda_graph_ms(lambda: gelu._bias_gelu_fwd_impl(x, bias, "none"))
-            bwd = bench.time_cuda_graph_ms(lambda: gelu.bias_gelu_backward_into(dy, x, bias, "none", dx, y))
+            fwd = timing.time_cuda_graph_ms(lambda: gelu._bias_gelu_fwd_impl(x, bias, "none"))
+            bwd = timing.time_cuda_graph_ms(lambda: gelu.bias_gelu_backward_into(dy, x, bias, "none", dx, y))
         finally:
             gelu._poly_cdf = original
         fwd_gbps, bwd_gbps = 2 * x.numel() * 2 / fwd / 1e6, 4 * x.numel() * 2 / bwd / 1e6
@@ -181,8 +182,8 @@ def switches(device=torch.device("cuda")):
             attn._narrow_tail = lambda _narrow=narrow: _narrow
             try:
                 timings[label] = (
-                    bench.time_cuda_graph_ms(lambda: attn._flash_attention_fwd_impl(q, k, v, scale, 0.0, None, True)),
-                    bench.time_cuda_graph_ms(
+                    timing.time_cuda_graph_ms(lambda: attn._flash_attention_fwd_impl(q, k, v, scale, 0.0, None, True)),
+                    timing.time_cuda_graph_ms(
                         lambda: attn._flash_attention_bwd_impl(dout, q, k, v, out, lse, scale, 0.0, None, True)),
                 )
             finally:

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from vit_kernels.bench import host_load
-from vit_kernels.bench_vit import vit_case
+from vit_kernels.benchmarking.timing import host_load
+from vit_kernels.benchmarking.vit import vit_case
 
 KINDS = [("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "matmul")), ("attention", ("attn", "flash", "fmha", "sdpa")),
          ("norm", ("layer_norm", "layernorm")), ("gelu", ("gelu",)), ("optimizer", ("adam", "foreach", "multi_tensor")),

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from vit_kernels.bench import ATTENTION_PROVIDERS, LAYER_NORM_PROVIDERS, attention_case, layer_norm_case
+from vit_kernels.benchmarking import attention, layer_norm
 from vit_kernels.testing import kernel_device
 
 
@@ -38,10 +38,10 @@ def test_main_job_without_cuda(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", [p for p in LAYER_NORM_PROVIDERS if p != "compile"])
+@pytest.mark.parametrize("provider", [p for p in layer_norm.PROVIDERS if p != "compile"])
 def test_layer_norm_cases_run(provider, mode):
     """The closures the benchmarks time compute what they claim (compile is exercised on the GPU)."""
-    case = layer_norm_case(provider, "tiny", (37, 96), mode, torch.float32, kernel_device())
+    case = layer_norm.case(provider, "tiny", (37, 96), mode, torch.float32, kernel_device())
     out = case.run()
     assert len(out) == (4 if mode == "fwd+bwd" else 2)
     assert all(torch.isfinite(t).all() for t in out)
@@ -53,7 +53,7 @@ def test_layer_norm_cases_run(provider, mode):
 def test_attention_cases_agree(provider, mode):
     """Every attention provider computes the same [B, N, H*d] output from the packed qkv."""
     device = kernel_device()
-    case = attention_case(provider, "tiny", (2, 17, 2, 32), mode, torch.float32, device)
+    case = attention.case(provider, "tiny", (2, 17, 2, 32), mode, torch.float32, device)
     torch.manual_seed(0)
     out = case.run()
     assert case.flops == int(4 * 2 * 2 * 17 * 17 * 32 * (3.5 if mode == "fwd+bwd" else 1))
@@ -63,12 +63,10 @@ def test_attention_cases_agree(provider, mode):
 
 def test_attention_providers_match_each_other():
     qkv = torch.randn(2, 33, 3, 2, 64, device=kernel_device())
-    from vit_kernels.bench import _attention_fn
-
-    want = _attention_fn("eager")(qkv)
+    want = attention.provider_fn("eager")(qkv)
     for provider in ("vit_kernels", "vit_kernels_atomic_dq", "sdpa"):
-        torch.testing.assert_close(_attention_fn(provider)(qkv), want, rtol=1e-4, atol=1e-4)
-    assert set(ATTENTION_PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
+        torch.testing.assert_close(attention.provider_fn(provider)(qkv), want, rtol=1e-4, atol=1e-4)
+    assert set(attention.PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
 
 
 @pytest.mark.inductor
@@ -77,33 +75,34 @@ def test_timed_path_fills_the_report(monkeypatch):
     with a host timer standing in for CUDA events and the sdpa backends' absence reported."""
     import time
 
-    from vit_kernels import bench
+    from vit_kernels.benchmarking import report as results
+    from vit_kernels.benchmarking import runner, timing
 
     def host_time_ms(fn, **_):
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    monkeypatch.setattr(bench, "time_cuda_ms", host_time_ms)
-    monkeypatch.setattr(bench, "time_cuda_graph_ms", host_time_ms)
-    report = bench.Report("test", "now", "t", "t", "p", copy_bandwidth_gbps=100.0, bf16_matmul_tflops=10.0)
-    monkeypatch.setattr(bench, "_randn", lambda *shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False: (
+    monkeypatch.setattr(timing, "time_cuda_ms", host_time_ms)
+    monkeypatch.setattr(timing, "time_cuda_graph_ms", host_time_ms)
+    report = results.Report("test", "now", "t", "t", "p", copy_bandwidth_gbps=100.0, bf16_matmul_tflops=10.0)
+    monkeypatch.setattr(timing, "randn", lambda *shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False: (
         (torch.randn(*shape, device=device) * scale + shift).float().requires_grad_(requires_grad)))
-    for op in bench.OPS:
-        bench.run_timed(report, op, kernel_device(), dict(list(op.small_shapes.items())[:1]), reps=2)
-    assert {r.op for r in report.rows} == {op.name for op in bench.OPS}
+    for op in runner.OPS:
+        runner.run_timed(report, op, kernel_device(), dict(list(op.small_shapes.items())[:1]), reps=2)
+    assert {r.op for r in report.rows} == {op.name for op in runner.OPS}
     for r in report.rows:
-        assert r.provider in (bench.LAYER_NORM_PROVIDERS + bench.ATTENTION_PROVIDERS + bench.FC1_PROVIDERS)
+        assert r.provider in {provider for op in runner.OPS for provider in op.providers}
         if r.provider in ("vit_kernels", "vit_kernels_atomic_dq", "triton_gemm"):
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
             assert r.graph_ms > 0 and r.graph_speedup_vs_baseline > 0
-    table = bench.markdown(report)
+    table = results.markdown(report)
     assert "| flash_attention |" in table and "End to end" not in table  # every provider in the per-op table
 
 
 def test_plot_draws_speedups_from_a_timed_report(tmp_path):
     pytest.importorskip("matplotlib")
-    from vit_kernels.bench import Report, Row, plot
+    from vit_kernels.benchmarking.report import Report, Row, plot
 
     report = Report("NVIDIA H100 80GB HBM3", "2026-11-22", "2.11", "3.6", "3.11")
     report.rows = [Row("add_layer_norm", "(50432, 768)", "fwd", "vit_kernels", ms=0.1, speedup_vs_eager=2.5),
@@ -116,7 +115,7 @@ def test_plot_draws_speedups_from_a_timed_report(tmp_path):
 def test_vit_flops_match_the_published_count():
     """ViT-B/16 at 224: 17.6 GMACs per image (timm / fvcore count) = 35.1 GFLOPs."""
     timm = pytest.importorskip("timm")
-    from vit_kernels.bench_vit import vit_flops_per_image
+    from vit_kernels.benchmarking.vit import vit_flops_per_image
 
     flops = vit_flops_per_image(timm.create_model("vit_base_patch16_224", pretrained=False))
     assert 35.0e9 < flops < 35.3e9
@@ -126,7 +125,7 @@ def test_vit_flops_match_the_published_count():
 def test_vit_cases_run(mode):
     """The end-to-end closures the benchmarks time run (tiny model; compile is exercised on the GPU)."""
     pytest.importorskip("timm")
-    from vit_kernels.bench_vit import VIT_SMALL_MODELS, vit_case
+    from vit_kernels.benchmarking.vit import VIT_SMALL_MODELS, vit_case
 
     label, spec = next(iter(VIT_SMALL_MODELS.items()))
     for provider in ("timm", "timm_swapped", "reference_fused"):
@@ -144,14 +143,16 @@ def test_end_to_end_timed_path_fills_the_report(monkeypatch):
     pytest.importorskip("timm")
     import time
 
-    from vit_kernels import bench, bench_vit
+    from vit_kernels.benchmarking import report as results
+    from vit_kernels.benchmarking import runner, timing
+    from vit_kernels.benchmarking import vit as bench_vit
 
     def host_time_ms(fn, **_):
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
 
-    monkeypatch.setattr(bench, "time_cuda_ms", host_time_ms)
+    monkeypatch.setattr(timing, "time_cuda_ms", host_time_ms)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 2**30)
@@ -161,19 +162,19 @@ def test_end_to_end_timed_path_fills_the_report(monkeypatch):
     for spec in tiny.values():
         spec["batch"] = {"inference": 2, "train": 2}
     monkeypatch.setattr(bench_vit, "VIT_MODELS", tiny)
-    report = bench.Report("test", "now", "t", "t", "p", bf16_matmul_tflops=10.0)
+    report = results.Report("test", "now", "t", "t", "p", bf16_matmul_tflops=10.0)
     measure = bench_vit.measure_vit
     monkeypatch.setattr(bench_vit, "measure_vit", lambda case, reps: measure(case, reps=reps, warmup=0))
     agreement = bench_vit.vit_agreement  # float32 on the CPU: the interpreter's bf16 dot is wrong
     monkeypatch.setattr(bench_vit, "vit_agreement", lambda spec, device, dtype: agreement(spec, device, None))
-    bench.run_vit_timed(report, kernel_device(), reps=1)
+    runner.run_vit_timed(report, kernel_device(), reps=1)
     assert {(r.mode, r.provider) for r in report.rows} == {
         (mode, provider) for mode in bench_vit.MODES for provider in bench_vit.VIT_PROVIDERS}
     for r in report.rows:
         assert r.ms > 0 and r.images_per_s > 0 and r.pct_of_peak > 0 and r.peak_memory_gib == 1.0
         assert r.speedup_vs_eager > 0 and r.speedup_vs_baseline > 0
         assert r.rule_ok
-    assert "End to end" in bench.markdown(report)
+    assert "End to end" in results.markdown(report)
 
 
 GPU_CHECK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "gpu_check.sh")
@@ -226,6 +227,8 @@ def test_main_job_cut_short_keeps_its_tables_and_chart(tmp_path, monkeypatch):
     """gpu_check.sh stops a capped main job with SIGINT (KeyboardInterrupt): the rows measured
     so far still reach the JSON, the markdown and the chart, and the exit status is 1."""
     from vit_kernels import bench
+    from vit_kernels.benchmarking import runner
+    from vit_kernels.benchmarking.report import Row
 
     ran = []
 
@@ -233,9 +236,9 @@ def test_main_job_cut_short_keeps_its_tables_and_chart(tmp_path, monkeypatch):
         if ran:
             raise KeyboardInterrupt
         ran.append(op.name)
-        report.rows.append(bench.Row(op.name, "(2, 8)", "fwd", "vit_kernels", error_vs_eager=0.5))
+        report.rows.append(Row(op.name, "(2, 8)", "fwd", "vit_kernels", error_vs_eager=0.5))
 
-    monkeypatch.setattr(bench, "run_numerics", numerics_then_interrupt)
+    monkeypatch.setattr(runner, "run_numerics", numerics_then_interrupt)
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     paths = {suffix: tmp_path / f"r.{suffix}" for suffix in ("json", "md", "png")}
     status = bench.main(["--ops", "add_layer_norm", "bias_gelu", "--json", str(paths["json"]),

@@ -36,8 +36,8 @@ def add_layer_norm(
 
     The branch is scaled and added in the operands' own dtypes, as timm's block does
     (`x + drop_path(ls(branch))`); the LayerNorm statistics and affine run in at least
-    float32 (what PyTorch's layer_norm kernels do internally) and y is rounded once to
-    x's dtype.
+    float32 (what PyTorch's layer_norm kernels do internally for 16-bit inputs, so where all
+    dtypes agree it is F.layer_norm itself) and y is rounded once to x's dtype.
     """
     branch = x
     if gamma is not None:
@@ -46,6 +46,10 @@ def add_layer_norm(
         branch = branch * row_scale.reshape((-1,) + (1,) * (x.dim() - 1))
     h_dtype = residual_dtype(x, residual, residual_in_fp32)
     h_new = branch.to(h_dtype) if residual is None else (residual + branch).to(h_dtype)
+    if x.dtype == h_dtype and all(t is None or t.dtype == h_dtype for t in (weight, bias)):
+        # Eager's own call: PyTorch's layer_norm kernels compute 16-bit inputs in float32 and
+        # round y once, without the float32 copies of h_new, weight and bias below.
+        return F.layer_norm(h_new, (x.shape[-1],), weight, bias, eps), h_new
     compute = torch.promote_types(h_dtype, torch.float32)
     y = F.layer_norm(
         h_new.to(compute),

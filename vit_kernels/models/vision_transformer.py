@@ -30,11 +30,8 @@ from .._validate import channel_normalization
 from ..nn.block import DropPath, FusedBlock, LayerScale, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.patch_embed import FusedPatchEmbed
+from ..nn.pos_embed import pair, resample_pos_embed
 from ..ops.attention import attention_probs
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 class PatchEmbed(nn.Module):
@@ -42,8 +39,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = pair(img_size)
+        self.patch_size = pair(patch_size)
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
             raise ValueError(f"img_size {self.img_size} must be divisible by patch_size {self.patch_size}")
         self.grid_size = (self.img_size[0] // self.patch_size[0], self.img_size[1] // self.patch_size[1])
@@ -119,29 +116,6 @@ class Block(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def resample_pos_embed(pos_embed: Tensor, new_grid: tuple, old_grid: tuple, num_prefix_tokens: int = 1,
-                       mode: str = "bicubic") -> Tensor:
-    """Resample learned position embeddings ``[1, prefix + old_h*old_w, D]`` to a new patch grid.
-
-    The paper's higher-resolution fine-tuning: the patch size is kept, so N grows, and the
-    pre-trained embeddings are interpolated in 2-D over the grid (bicubic by default);
-    the class-token (prefix) entries are kept as they are.
-    """
-    new_grid, old_grid = tuple(new_grid), tuple(old_grid)
-    if new_grid == old_grid:
-        return pos_embed
-    if pos_embed.shape[1] != num_prefix_tokens + old_grid[0] * old_grid[1]:
-        raise ValueError(
-            f"pos_embed has {pos_embed.shape[1]} tokens, expected {num_prefix_tokens} + {old_grid[0]}x{old_grid[1]}"
-        )
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    dim = pos_embed.shape[-1]
-    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False, antialias=mode in ("bicubic", "bilinear"))
-    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
-
-
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al., 2021) with timm-compatible state_dict keys.
 
@@ -192,7 +166,7 @@ class VisionTransformer(nn.Module):
             with torch.no_grad():
                 was_training = backbone.training
                 probe_device = next(backbone.parameters(), torch.empty(0)).device
-                feature = backbone.eval()(torch.zeros(1, in_chans, *_pair(img_size), device=probe_device))
+                feature = backbone.eval()(torch.zeros(1, in_chans, *pair(img_size), device=probe_device))
                 backbone.train(was_training)
             make_embed = FusedPatchEmbed if fused else PatchEmbed
             self.patch_embed = make_embed(tuple(feature.shape[-2:]), 1, feature.shape[1], embed_dim)

@@ -5,6 +5,7 @@ from .block import DropPath, FusedBlock, LayerScale, run_blocks_fused
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
 from .patch_embed import FusedPatchEmbed
+from .pos_embed import resample_pos_embed
 
 __all__ = [
     "DropPath",
@@ -14,5 +15,6 @@ __all__ = [
     "FusedMlp",
     "FusedPatchEmbed",
     "LayerScale",
+    "resample_pos_embed",
     "run_blocks_fused",
 ]

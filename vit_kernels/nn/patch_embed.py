@@ -5,12 +5,9 @@ from torch import Tensor, nn
 
 from ..ops.patch_embed import load, patch_embed
 from ._scripting import NotScriptable
+from .pos_embed import pair, resample_pos_embed
 
 torch.fx.wrap("patch_embed")  # a leaf of torch.fx's symbolic trace, as in nn/attention.py
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 class FusedPatchEmbed(NotScriptable, nn.Module):
@@ -26,8 +23,8 @@ class FusedPatchEmbed(NotScriptable, nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans: int = 3, embed_dim: int = 768, bias: bool = True):
         super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = pair(img_size)
+        self.patch_size = pair(patch_size)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"patch_size must be square, got {self.patch_size}")
         if self.img_size[0] % self.patch_size[0] or self.img_size[1] % self.patch_size[1]:
@@ -48,8 +45,6 @@ class FusedPatchEmbed(NotScriptable, nn.Module):
         if pos_embed is not None and images.dim() == 4:
             grid = (images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1])
             if grid != self.grid_size:
-                from ..models.vision_transformer import resample_pos_embed
-
                 prefix = pos_embed.shape[1] - self.num_patches
                 pos_embed = resample_pos_embed(pos_embed, grid, self.grid_size, num_prefix_tokens=prefix)
         return patch_embed(images, self.proj.weight, self.proj.bias, cls_token=cls_token, pos_embed=pos_embed,

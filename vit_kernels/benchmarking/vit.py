@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .testing import RuleCheck, check_rule, output_and_grads
+from ..testing import RuleCheck, check_rule, output_and_grads
+from . import timing
 
 VIT_PROVIDERS = ("timm", "timm_swapped", "timm_compile", "timm_swapped_compile", "reference_fused")
 # Batches that keep an 80 GB H100 busy without running the eager baseline out of memory.
@@ -66,7 +67,7 @@ def _timm_model(spec: dict, device: torch.device) -> nn.Module:
 def build(provider: str, spec: dict, device: torch.device, base: nn.Module = None) -> nn.Module:
     """The provider's model, with `base`'s (timm's) weights."""
     import vit_kernels
-    from .models import create_model
+    from ..models import create_model
 
     base = base if base is not None else _timm_model(spec, device)
     if provider in ("timm", "timm_compile"):
@@ -79,9 +80,7 @@ def build(provider: str, spec: dict, device: torch.device, base: nn.Module = Non
     else:
         raise ValueError(f"provider must be one of {', '.join(VIT_PROVIDERS)}; got {provider!r}")
     if provider.endswith("_compile"):
-        from .bench import compile_fresh
-
-        return compile_fresh(model)
+        return timing.compile_fresh(model)
     return model
 
 
@@ -173,12 +172,10 @@ def vit_case(provider: str, model_label: str, mode: str, device: torch.device, s
 
 def measure_vit(case: VitCase, *, reps: int = 10, warmup: int = 3) -> dict:
     """Median ms per call (CUDA events), images/s, TFLOP/s and peak memory of the timed calls."""
-    from .bench import time_cuda_ms
-
     for _ in range(warmup):  # compile, autotune, allocator
         case.run()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ms = time_cuda_ms(case.run, warmup=1, reps=reps)
+    ms = timing.time_cuda_ms(case.run, warmup=1, reps=reps)
     return dict(ms=ms, images_per_s=case.batch / (ms * 1e-3), tflops=case.flops / (ms * 1e-3) / 1e12,
                 peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
