@@ -29,79 +29,13 @@ Run it without TRITON_INTERPRET (interpreted kernels cannot be stubbed out).
 
 import argparse
 import cProfile
-import importlib
-import os
 import pstats
 import time
 
 import torch
 import torch.nn.functional as F
-from triton.runtime.jit import JITFunction
 
-OP_MODULES = ("attention", "bias_gelu", "bias_gelu_linear", "layer_norm", "linear_bias_gelu")
-
-
-def stub_out_kernels(triton_launch: bool = False):
-    """Every op's kernel path taken for CPU tensors. By default every Triton launch is a no-op
-    and each attention launch gets one config (the autotuner would time configs on a GPU);
-    with `triton_launch`, Triton's launch path runs up to the C launcher (fake_gpu_launches)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels cannot be stubbed out")
-    for name in OP_MODULES:
-        importlib.import_module(f"vit_kernels.ops.{name}").runs_kernel = lambda kernel, tensor: True
-    if triton_launch:
-        fake_gpu_launches()
-        return
-    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
-    attention = importlib.import_module("vit_kernels.ops.attention")
-    all_configs = attention.launch_configs
-    attention.launch_configs = lambda *args, **kwargs: all_configs(*args, **kwargs)[:1]
-
-
-class _DriverWithoutGpu:
-    """The three questions JITFunction.run and its binder ask the driver, answered for an sm_90 device."""
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_current_target(self):
-        from triton.backends.compiler import GPUTarget
-
-        return GPUTarget("cuda", 90, 32)
-
-
-class _KernelStandIn:
-    """What JITFunction.run touches of a compiled kernel after its cache lookup."""
-
-    function = 0
-    packed_metadata = ()
-
-    def launch_metadata(self, grid, stream, *args):
-        return None  # what Triton's returns when no launch hook is installed
-
-    def run(self, *args):
-        pass  # the C launcher (argument packing and cuLaunchKernel): not counted
-
-
-def fake_gpu_launches():
-    """Triton's launch path up to the C launcher, without a GPU: the driver answers for an sm_90
-    device, a first launch caches a stand-in instead of compiling, and the autotuner times every
-    config as equal (so it keeps the first), then launches through the same path."""
-    from triton.runtime import driver
-    from triton.runtime.autotuner import Autotuner
-
-    driver.set_active(_DriverWithoutGpu())
-    stand_in = _KernelStandIn()
-
-    def cache_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
-        self.device_caches[device][0][key] = stand_in
-        return stand_in
-
-    JITFunction._do_compile = cache_stand_in
-    Autotuner._bench = lambda self, *args, config, **meta: [1.0, 1.0, 1.0]
+from vit_kernels._fake_launch import stub_out_kernels
 
 
 def per_call_seconds(fn, reps: int) -> float:
@@ -207,7 +141,7 @@ def report_saved_activations():
         model = timm.create_model("vit_base_patch16_224", pretrained=False).train()
         if name != "timm":
             vit_kernels.swap_modules(model)
-        if name.endswith("output"):  # FusedMlp's unfused path: linear_bias_gelu, then fc2 as a module
+        if name.endswith("output"):  # FusedMlp's unfused path: timm's Mlp forward
             for module in model.modules():
                 if isinstance(module, FusedMlp):
                     module._fc2_follows_gelu_directly = lambda: False

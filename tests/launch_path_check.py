@@ -1,7 +1,7 @@
 """What reaches Triton's JITFunction.run from attention's launches, without a GPU.
 
 Run by tests/test_dispatch.py in a subprocess (TRITON_INTERPRET must be off, so the kernels are
-real JITFunctions and the GPU configs and autotuners are used). scripts/host_overhead.py's
+real JITFunctions and the GPU configs and autotuners are used). vit_kernels/_fake_launch.py's
 fake_gpu_launches keeps Triton's launch path and fakes the driver, the compile and the C
 launcher. Every JITFunction.run call is recorded (kernel, positional arguments, keyword
 arguments in order, the grid it computes), with whether an Autotuner called it, and how many
@@ -14,8 +14,6 @@ forward + backward: three at one shape (the first tunes), then a new N bucket, t
 
 import json
 import os
-import sys
-from pathlib import Path
 
 assert os.environ.get("TRITON_INTERPRET", "0") == "0", "run without TRITON_INTERPRET"
 
@@ -23,12 +21,11 @@ import torch  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import host_overhead  # noqa: E402
+from vit_kernels._fake_launch import stub_out_kernels  # noqa: E402
 
 
 def main():
-    host_overhead.stub_out_kernels(triton_launch=True)
+    stub_out_kernels(triton_launch=True)
     from vit_kernels.ops import attention
 
     rounds, inside_autotuner, kernels = [], [], {}

@@ -201,14 +201,9 @@ def test_dropout_forward_and_backward_use_one_mask(seed, dtype, n, monkeypatch):
 
 
 def _gpu_tile_shapes():
-    from vit_kernels.ops import attention
+    from vit_kernels.ops.attention_configs import every_tile
 
-    entries = (attention._FWD_CONFIGS + attention._FWD_CONFIGS_D32 + attention._DKDV_CONFIGS
-               + attention._DKDV_CONFIGS_WIDE_HEAD + attention._DKDV_CONFIGS_WIDE_STEP
-               + attention._DQ_CONFIGS + attention._DQ_CONFIGS_WIDE_STEP
-               + [attention._FLOAT32_FWD_CONFIG, attention._FLOAT32_BWD_CONFIG, attention._ATOMIC_BWD_CONFIG,
-                  attention._ATOMIC_BWD_CONFIG_WIDE_HEAD])
-    return sorted({(block_m, block_n) for block_m, block_n, _, _ in entries})
+    return sorted({(tile.block_m, tile.block_n) for tile in every_tile()})
 
 
 def test_forcing_one_config_forces_one_kind_and_keeps_the_others_first():
@@ -250,7 +245,9 @@ def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, block_m, block_n):
     """The interpreter run with each tile shape the GPU configs use (non-square ones
     included): forward, both backward paths and dropout by the rule, at N = 197 and d = 80,
     where neither sequence nor head dim fits the tiles."""
-    monkeypatch.setattr("vit_kernels.ops.attention._INTERPRETER_CONFIG", (block_m, block_n, 4, 1))
+    from vit_kernels.ops.attention_configs import Tile
+
+    monkeypatch.setattr("vit_kernels.ops.attention_configs.INTERPRETER_TILE", Tile(block_m, block_n, 4, 1))
     check_attention(1, 197, 197, 2, 80, torch.float32, packed=True)
     check_attention(1, 197, 130, 1, 80, torch.float16, packed=False, deterministic=False)
     monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: torch.tensor(77))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from vit_kernels.ops import add_layer_norm, bias_gelu, bias_gelu_linear, flash_attention, linear_bias_gelu
+from vit_kernels.ops import add_layer_norm, bias_gelu, bias_gelu_linear, flash_attention
 from vit_kernels.testing import kernel_device
 
 
@@ -57,20 +57,6 @@ def _bias_gelu_case(device):
     return (x, bias), public, custom_op, ("bias_gelu_fwd", "bias_gelu_bwd")
 
 
-def _linear_bias_gelu_case(device):
-    x = torch.randn(9, 64, device=device, requires_grad=True)
-    weight = torch.randn(80, 64, device=device, requires_grad=True)
-    bias = torch.randn(80, device=device, requires_grad=True)
-
-    def public(*inputs):
-        return (linear_bias_gelu(*inputs, backend="triton"),)
-
-    def custom_op(*inputs):
-        return (torch.ops.vit_kernels.linear_bias_gelu_fwd(*inputs, "none", True)[0],)
-
-    return (x, weight, bias), public, custom_op, ("linear_bias_gelu_fwd", "bias_gelu_bwd")
-
-
 def _bias_gelu_linear_case(device):
     x = torch.randn(9, 128, device=device, requires_grad=True)
     bias = torch.randn(128, device=device, requires_grad=True)
@@ -90,7 +76,6 @@ CASES = {
     "add_layer_norm": _layer_norm_case,
     "flash_attention": _attention_case,
     "bias_gelu": _bias_gelu_case,
-    "linear_bias_gelu": _linear_bias_gelu_case,
     "bias_gelu_linear": _bias_gelu_linear_case,
 }
 
@@ -187,7 +172,7 @@ def test_host_overhead_script_runs_both_ways(triton_launch):
 
 
 def test_attention_skips_its_autotuner_once_it_has_chosen():
-    """attention._launch asks the autotuner once per key (N bucket, head dim, dropout, dtypes) and
+    """ops/_tuning.launch asks the autotuner once per key (N bucket, head dim, dropout, dtypes) and
     then launches the chosen config itself (Autotuner.run costs ~40% of a launch's host time). The
     direct launch must hand JITFunction.run exactly what the autotuner did, keyword order
     included (Triton's kernel-cache key is built from it), so no kernel compiles again; a new N
@@ -212,17 +197,14 @@ def test_attention_skips_its_autotuner_once_it_has_chosen():
         assert all(via_autotuner for _, via_autotuner, *_ in new_key["calls"])
 
 
-def test_every_autotuned_attention_kernel_takes_n_bucket_last():
-    """attention._launch reads the autotune key's N bucket as the last positional argument: in
-    each autotuned kernel, n_bucket must be the last parameter that is not a constexpr."""
-    import triton.language as tl
-
+def test_every_autotuned_attention_kernel_takes_its_tuning_key():
+    """ops/_tuning.launch reads the autotune key's values by parameter name: each tuned kernel
+    must have every name of attention.TUNING_KEY as a parameter."""
     from vit_kernels.ops import attention
 
     for kernel in (attention._attn_fwd_kernel, attention._attn_bwd_dq_kernel, attention._attn_bwd_dkdv_kernel):
-        params = inspect.signature(kernel.fn).parameters.values()
-        runtime = [p.name for p in params if p.annotation is not tl.constexpr]
-        assert runtime[-1] == "n_bucket", (kernel.fn.__name__, runtime[-3:])
+        params = inspect.signature(kernel.fn).parameters
+        assert set(attention.TUNING_KEY) <= set(params), (kernel.fn.__name__, attention.TUNING_KEY)
 
 
 def _old_patch_lang_tensor(tensor, scope):
@@ -232,15 +214,15 @@ def _old_patch_lang_tensor(tensor, scope):
 
 def test_interpreter_index_mended_where_its_int_of_a_1d_array_fails(monkeypatch):
     """Triton 3.6's interpreter indexes with int() of a one-element 1-D array, which NumPy 2.4
-    refuses: _dispatch swaps in the squeezed form where (and only where) that line is found."""
+    refuses: _compat swaps in the squeezed form where (and only where) that line is found."""
     import numpy as np
     from triton.runtime import interpreter
 
-    from vit_kernels import _dispatch
+    from vit_kernels import _compat
 
-    assert not _dispatch._mend_interpreter_index(), "the installed Triton's interpreter needed no mending"
+    assert not _compat.mend_interpreter_index(), "the installed Triton's interpreter needed no mending"
     monkeypatch.setattr(interpreter, "_patch_lang_tensor", _old_patch_lang_tensor)
-    assert _dispatch._mend_interpreter_index()
+    assert _compat.mend_interpreter_index()
     assert interpreter._patch_lang_tensor is not _old_patch_lang_tensor
 
     class Scope:
@@ -253,4 +235,4 @@ def test_interpreter_index_mended_where_its_int_of_a_1d_array_fails(monkeypatch)
 
     interpreter._patch_lang_tensor(Tensor, Scope())
     assert list(range(Tensor(np.array([3], dtype=np.int32)))) == [0, 1, 2]
-    assert not _dispatch._mend_interpreter_index(), "mended once: the line is gone"
+    assert not _compat.mend_interpreter_index(), "mended once: the line is gone"

@@ -207,7 +207,7 @@ def test_float64_runs_the_reference(seed):
 
 
 def test_cpu_without_interpreter_runs_the_reference():
-    """DESIGN.md's dispatch rule: a CPU tensor with TRITON_INTERPRET unset takes the reference path."""
+    """docs/design.md's dispatch rule: a CPU tensor with TRITON_INTERPRET unset takes the reference path."""
     code = (
         "import torch, vit_kernels.ops.layer_norm as m\n"
         "from vit_kernels import reference\n"

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vit_kernels"
 
 # Which top-level parts of vit_kernels each part may import. A part is a subpackage or a
 # module of the package root; the root's private helpers and the references form the base.
-BASE = {"_build_config", "_compat", "_dispatch", "_extension", "_validate", "reference", "testing"}
+BASE = {"_build_config", "_compat", "_dispatch", "_extension", "_fake_launch", "_validate", "reference", "testing"}
 MAY_IMPORT = {
     "ops": BASE,
     "nn": BASE | {"ops"},

@@ -356,7 +356,7 @@ def test_transformers_gradient_checkpointing_is_honoured(seed):
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-# Triton's interpreter computes bf16 dots wrongly (DESIGN: interpreter facts): fp16 stands in on the CPU.
+# Triton's interpreter computes bf16 dots wrongly (docs/design.md, "Testing without a GPU"): fp16 stands in on the CPU.
 HALF = torch.bfloat16 if torch.cuda.is_available() else torch.float16
 
 

@@ -1,13 +1,13 @@
-"""Where an op runs (DESIGN.md, "Where each op runs").
+"""Where an op runs (docs/design.md, "Where each op runs").
 
 - CUDA tensors: the Triton kernel or the CUDA extension.
 - CPU tensors, when the kernels were decorated under TRITON_INTERPRET=1: the same
   Triton kernel through Triton's interpreter (how CI tests kernels without a GPU).
 - CPU tensors otherwise: the pure-PyTorch reference in vit_kernels/reference.py.
 
-And how a kernel path is called: through its registered custom op while something traces
-(torch.compile, torch.export, a Python dispatch mode such as FakeTensorMode), and
-directly otherwise (FusedOp below).
+And how an op is defined (define_op below, the one way) and called: through its registered
+op while something traces (torch.compile, torch.export, a Python dispatch mode such as
+FakeTensorMode), and directly otherwise (FusedOp).
 
 The interpreter decision is read off the kernel object itself, not the
 environment, because triton.jit picks interpreted or compiled once, when the
@@ -15,38 +15,14 @@ kernel's module is imported; the environment may have changed since.
 """
 
 import functools
-import inspect
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
-from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 
-
-def _mend_interpreter_index() -> bool:
-    """Triton 3.6's interpreter turns a scalar tensor into a Python int (a loop bound, a range
-    step) with `int(data)` of a one-element 1-D array, which NumPy 2.4 refuses ("only
-    0-dimensional arrays can be converted to Python scalars"), so every kernel with a runtime
-    loop bound failed under TRITON_INTERPRET beside the newest NumPy. Triton 3.8 squeezes the
-    array first; this does the same where the interpreter has the old line (found in its
-    source), and only there. Returns whether it mended."""
-    patch_lang_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    try:
-        buggy = "lambda self: int(self.handle.data))" in inspect.getsource(patch_lang_tensor)
-    except (OSError, TypeError):
-        return False
-    if not buggy:
-        return False
-
-    def patch_lang_tensor_with_squeezed_index(tensor, scope):
-        patch_lang_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patch_lang_tensor_with_squeezed_index
-    return True
+from . import _compat  # noqa: F401  (mends the interpreter before any kernel runs)
 
 
-_mend_interpreter_index()
 
 
 def runs_kernel(kernel, tensor: torch.Tensor) -> bool:
@@ -101,56 +77,76 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
-def op_or_impl(op, impl: Callable) -> Callable:
-    """For a backward: `op` (a custom op) while tracing, else `impl`, the function it was made from.
-
-    Also `op` when gradients are on, which inside a backward means create_graph=True: the
-    custom op, which has no autograd of its own, then makes a double backward fail loudly
-    instead of silently treating the gradient as a constant.
-    """
-    return op if tracing() or torch.is_grad_enabled() else impl
-
-
 class FusedOp:
-    """A custom op's forward, called the cheapest way that is still correct.
+    """One registered op of vit_kernels, called the cheapest way that is still correct (made
+    by `define_op`).
 
-    The custom op (torch.library.custom_op, with `backward` registered on it) is what
-    torch.compile, export and opcheck see. In eager mode the same `impl`, `setup_context`
-    and `backward` run under a plain autograd.Function, or `impl` alone when no input needs
-    a gradient. The custom op's dispatch and generated autograd cost about as much host time
-    as everything else in a call: `scripts/host_overhead.py` (kernel launches stubbed out, a
-    2-core CPU, 2026-11-22) measured add_layer_norm forward + backward at 153-161 us through
-    the custom op and 86-89 us this way (eager's add + LayerNorm: 40 us), flash_attention
-    133-138 -> 63-64 us, bias_gelu 84-86 -> 44-46 us. A ViT step at a small batch is
-    host-bound (README, "Measured results"), so this is step time.
+    The registered op (`op`) is what torch.compile, torch.export, FakeTensorMode and opcheck
+    see. In eager mode the dispatcher and the registered autograd cost about as much host time
+    as everything else in a call (scripts/host_overhead.py measures both ways;
+    benchmarks/results/ holds the numbers), and a ViT step at a small batch is host-bound. So
+    an eager call runs `impl`, the function the op was made from, directly: under a plain
+    autograd.Function with the same `setup_context` and `backward` when an input needs a
+    gradient, alone otherwise.
 
-    Outputs at the positions in `non_differentiable` get no gradient. Gradients of unused
-    outputs reach `backward` as None (not materialized zeros), so backward must accept None.
-    `backward` calls its backward op through `op_or_impl`; a double backward fails there as it
-    does through the custom op.
+    An op without a backward (the backward ops themselves) goes through `op` while gradients
+    are on, which inside a backward means create_graph=True: the op, which has no autograd,
+    then makes a double backward fail loudly instead of silently treating the gradient as a
+    constant.
     """
 
-    def __init__(self, op, impl: Callable, *, setup_context: Callable, backward: Callable,
-                 non_differentiable: Sequence[int] = ()):
-        op.register_autograd(backward, setup_context=setup_context)
-        self.op, self.impl = op, impl
-
-        def forward(ctx, *inputs):
-            output = impl(*inputs)
-            setup_context(ctx, inputs, output)
-            ctx.set_materialize_grads(False)
-            if non_differentiable:
-                ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
-            return output
-
-        self.function = type("Eager" + impl.__name__, (torch.autograd.Function,), {
-            "forward": staticmethod(forward),
-            "backward": staticmethod(backward),
-        })
+    def __init__(self, op, impl: Callable, function=None):
+        self.op, self.impl, self.function = op, impl, function
 
     def __call__(self, *inputs):
         if tracing():
             return self.op(*inputs)
+        if self.function is None:
+            return self.op(*inputs) if torch.is_grad_enabled() else self.impl(*inputs)
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
             return self.function.apply(*inputs)
         return self.impl(*inputs)
+
+
+def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, backward: Optional[Callable] = None,
+              setup_context: Optional[Callable] = None, non_differentiable: Sequence[int] = ()) -> FusedOp:
+    """Register `vit_kernels::<name>` and return it as a FusedOp: the one way every op is defined.
+
+    - `impl` given: a Python custom op made from it (torch.library.custom_op, no mutated inputs).
+      `impl` None: the op the csrc/ extension defines with TORCH_LIBRARY (load it first); its
+      eager bypass calls the op below the autograd dispatch key.
+    - `fake(*inputs)`: the outputs' shapes and dtypes, for tracing.
+    - `backward(ctx, *grad_outputs)` with `setup_context(ctx, inputs, output)`: its autograd,
+      registered on the op and run by the eager bypass alike. Outputs at the positions in
+      `non_differentiable` get no gradient; gradients of unused outputs reach `backward` as None
+      (not materialized zeros). An op without `backward` is a backward op: see FusedOp.
+    """
+    qualname = f"vit_kernels::{name}"
+    if impl is None:
+        op = getattr(torch.ops.vit_kernels, name)
+
+        def impl(*inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                return op(*inputs)
+
+        impl.__name__ = name
+    else:
+        op = torch.library.custom_op(qualname, impl, mutates_args=())
+    torch.library.register_fake(qualname, fake)
+    if backward is None:
+        return FusedOp(op, impl)
+    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
+
+    def forward(ctx, *inputs):
+        output = impl(*inputs)
+        setup_context(ctx, inputs, output)
+        ctx.set_materialize_grads(False)
+        if non_differentiable:
+            ctx.mark_non_differentiable(*(output[i] for i in non_differentiable))
+        return output
+
+    function = type("Eager_" + name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    })
+    return FusedOp(op, impl, function)

@@ -104,11 +104,6 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> T
     return F.gelu(pre, approximate=approximate)
 
 
-def linear_bias_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
-    """``gelu(x @ weight^T + bias)`` as eager computes an nn.Linear followed by nn.GELU."""
-    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
-
-
 def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor],
                      approximate: str = "none") -> Tensor:
     """``F.linear(gelu(x + bias), weight, linear_bias)``: eager's GELU and fc2 after a bias-free fc1."""

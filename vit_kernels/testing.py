@@ -1,4 +1,4 @@
-"""The numerics rule (DESIGN.md), shared by the tests, the benchmarks and `vit_kernels.bench`.
+"""The numerics rule (docs/design.md), shared by the tests, the benchmarks and `vit_kernels.bench`.
 
 An op is correct when, against a float64 reference computed from the same
 (already rounded) inputs, its error is at most twice the error of eager PyTorch in

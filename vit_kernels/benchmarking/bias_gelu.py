@@ -1,7 +1,7 @@
 """bias_gelu: `gelu(x + bias)` on fc1's bias-free output [M, 4D], the largest activation of a
 block, against eager (`reference.bias_gelu`) and torch.compile of it. Memory-bound: GB/s and
 % of the measured copy bandwidth. Its SHAPES, (M, D, 4D) of each ViT's MLP, are shared with
-linear_bias_gelu and bias_gelu_linear."""
+bias_gelu_linear."""
 
 import torch
 

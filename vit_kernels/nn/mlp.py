@@ -5,23 +5,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bias_gelu_linear import bias_gelu_linear
-from ..ops.linear_bias_gelu import linear_bias_gelu
 from ._scripting import NotScriptable
 
 # Leaves of torch.fx's symbolic trace, as in nn/attention.py.
 torch.fx.wrap("bias_gelu_linear")
-torch.fx.wrap("linear_bias_gelu")
 
 
 def gelu_approximation(act: nn.Module) -> str:
-    """The `approximate` of a GELU module (torch's, or timm's GELU/GELUTanh), else a ValueError."""
+    """The `approximate` of a GELU module: torch's, timm's GELU/GELUTanh, or transformers'
+    GELUActivation (on F.gelu), GELUTanh and PytorchGELUTanh; a ValueError for anything else."""
     if isinstance(act, nn.GELU):
         return act.approximate
-    name = type(act).__name__
-    if name == "GELU" and type(act).__module__.startswith("timm."):
-        return "none"
-    if name == "GELUTanh" and type(act).__module__.startswith("timm."):
-        return "tanh"
+    name, module = type(act).__name__, type(act).__module__
+    if module.startswith("timm.") and name in ("GELU", "GELUTanh"):
+        return "none" if name == "GELU" else "tanh"
+    if module.startswith("transformers."):
+        if name == "GELUActivation" and getattr(act, "act", None) is F.gelu:
+            return "none"
+        if name in ("GELUTanh", "PytorchGELUTanh"):
+            return "tanh"
     raise ValueError(f"FusedMlp fuses GELU only (exact or tanh); act_layer made a {name}")
 
 
@@ -34,8 +36,9 @@ class FusedMlp(NotScriptable, nn.Module):
     its bias (cuBLAS), then `vit_kernels.ops.bias_gelu_linear`: fc1's bias + GELU in one
     pass and fc2, saving only the pre-activation; the backward recomputes the GELU output
     in the pass that computes its gradient. With a dropout after the GELU (training,
-    drop1.p > 0), a norm there, or hooks on fc2, it runs fc1 + bias + GELU as
-    `vit_kernels.ops.linear_bias_gelu` and fc2 as its own module instead. The activation
+    drop1.p > 0), a norm there, or hooks on fc2, it runs timm's forward (fc1, act, drop1,
+    norm, fc2, drop2 as modules): a fused fc1 + bias + GELU was measured slower than eager's
+    there (docs/design.md, "Ops that did not earn their place"). The activation
     must be GELU (exact or tanh); anything else is refused at construction.
     """
 
@@ -78,8 +81,7 @@ class FusedMlp(NotScriptable, nn.Module):
         if self._fc2_follows_gelu_directly():
             hidden = F.linear(x, self.fc1.weight)
             return self.drop2(bias_gelu_linear(hidden, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.approximate))
-        x = linear_bias_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)
-        x = self.norm(self.drop1(x))
+        x = self.norm(self.drop1(self.act(self.fc1(x))))
         return self.drop2(self.fc2(x))
 
     def _fc2_follows_gelu_directly(self) -> bool:

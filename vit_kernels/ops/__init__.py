@@ -4,7 +4,6 @@ from .attention import attention_probs, flash_attention, flash_attention_qkvpack
 from .bias_gelu import bias_gelu
 from .bias_gelu_linear import bias_gelu_linear
 from .layer_norm import add_layer_norm
-from .linear_bias_gelu import linear_bias_gelu
 from .patch_embed import patch_embed
 
 __all__ = [
@@ -14,6 +13,5 @@ __all__ = [
     "bias_gelu_linear",
     "flash_attention",
     "flash_attention_qkvpacked",
-    "linear_bias_gelu",
     "patch_embed",
 ]

@@ -14,23 +14,19 @@
 # - For bfloat16 and float16 outputs Phi(z) comes from a branch-free polynomial in
 #   1 / (1 + 0.35 |z| / sqrt(2)) times exp(-z^2 / 2), not from libdevice's erf
 #   (_normal_cdf_and_pdf): the kernels are elementwise, so on a GPU they are bound by memory
-#   or by instruction issue, whichever is nearer, and with erf the forward was the second.
-#   Static SASS for sm_90 (triton 3.9, tests/gpu_compile_check.py; ViT-B's 3072 columns, a
-#   4 x 1024 tile on 8 warps, 16 elements a thread): forward 656 -> 520 instructions, 41 ->
-#   32.5 per element; backward with y recomputed 1032 -> 776, its loop 55 -> 39 per element
-#   (tests/test_gpu_compile.py holds the forward to <= 85% of erf's). An H100 SXM issues at most
-#   132 SMs x 128 lanes x 1.98 GHz = 33 T lane-instructions/s, and the measured copy
-#   bandwidth (3.0 TB/s) at 4 bytes per element is 0.75 T elements/s: 41 per element needs
-#   93% of the issue rate, 32.5 needs 74%. The forward measured 83% of copy bandwidth with
-#   erf (2026-11-22); it has not run on a GPU with the polynomial.
+#   or by instruction issue, whichever is nearer, and with erf the forward was the second
+#   (at 4 bytes an element, an H100's copy bandwidth leaves about 44 lane-instructions per
+#   element of its issue rate). The polynomial takes about a fifth of the forward's and the
+#   backward's SASS away; tests/test_gpu_compile.py holds the forward to <= 85% of erf's (the
+#   counts: benchmarks/results/moved-from-source-2026-11.md).
 #   Accuracy: the rounded y and gelu' have eager's worst error over every finite input of
 #   both dtypes, and y keeps its relative precision in the tail, which eager's 1 + erf loses.
 # - The tanh form takes (1 + tanh u) / 2 and 1 - tanh^2 u from e = exp(-2|u|) and 1 / (1 + e)
 #   (_gelu_and_grad): exact at both saturations, no cancellation in the negative tail, and
 #   available on every backend, the interpreter included (tl.math.tanh is not). The product
-#   e r is formed once and used by both: written out twice, triton 3.6's ptxas held the
-#   backward (ViT-B's 3072 columns, no y) to 64 registers with 4 bytes of spill on sm_90; once,
-#   it compiles spill-free with 3.6, 3.8 and 3.9, 768 -> 752 SASS instructions (3.8, 3.9).
+#   e r is formed once and used by both: written out twice, one ptxas build spilled the
+#   backward (ViT-B's 3072 columns) on sm_90; formed once, it compiles spill-free with every
+#   Triton release tests/gpu_compile_check.py is run against.
 # - dbias: each backward program owns a group of rows of one column block, adds its
 #   tiles elementwise into a float32 [BLOCK_M, BLOCK_N] accumulator, sums its rows once
 #   at the end and writes one float32 partial row; torch.sum over the partials is the
@@ -49,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, interpreted, num_programs_for_reduction, op_or_impl, runs_kernel
+from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
 
@@ -231,14 +227,6 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
     return y
 
 
-_bias_gelu_fwd_op = torch.library.custom_op("vit_kernels::bias_gelu_fwd", _bias_gelu_fwd_impl, mutates_args=())
-
-
-@_bias_gelu_fwd_op.register_fake
-def _(x, bias, approximate):
-    return x.new_empty(x.shape)
-
-
 def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], approximate: str, dx2: Tensor,
                             y2: Optional[Tensor] = None) -> Optional[Tensor]:
     """One backward pass over rows: dx2 = dy2 * gelu'(x2 + bias), y2 = gelu(x2 + bias) when
@@ -276,11 +264,11 @@ def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximat
     return dx, (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
 
 
-bias_gelu_bwd_op = torch.library.custom_op("vit_kernels::bias_gelu_bwd", bias_gelu_bwd_impl, mutates_args=())
+def _bias_gelu_fwd_fake(x, bias, approximate):
+    return x.new_empty(x.shape)
 
 
-@bias_gelu_bwd_op.register_fake
-def _(dy, x, bias, approximate):
+def _bias_gelu_bwd_fake(dy, x, bias, approximate):
     return x.new_empty(x.shape), (bias.new_empty(bias.shape) if bias is not None else x.new_empty(0))
 
 
@@ -292,11 +280,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, bias = ctx.saved_tensors
-    dx, dbias = op_or_impl(bias_gelu_bwd_op, bias_gelu_bwd_impl)(dy, x, bias, ctx.approximate)
+    dx, dbias = bias_gelu_bwd(dy, x, bias, ctx.approximate)
     return dx, (dbias if bias is not None else None), None
 
 
-_bias_gelu_fwd = FusedOp(_bias_gelu_fwd_op, _bias_gelu_fwd_impl, setup_context=_setup_context, backward=_backward)
+_bias_gelu_fwd = define_op("bias_gelu_fwd", _bias_gelu_fwd_impl, fake=_bias_gelu_fwd_fake,
+                           setup_context=_setup_context, backward=_backward)
+bias_gelu_bwd = define_op("bias_gelu_bwd", bias_gelu_bwd_impl, fake=_bias_gelu_bwd_fake)
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:

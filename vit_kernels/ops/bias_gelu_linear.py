@@ -7,8 +7,8 @@
 # op keeps z only. Its backward needs y once, for dW2 = dout^T @ y, and the pass that
 # computes dz = dY * gelu'(z + b1) reads z anyway: it writes y beside dz, so the price of
 # not keeping y is one [M, 4D] write in backward (about 0.05 ms at ViT-B, batch 128, at 3
-# TB/s), not a second pass. On an H100 (2026-11-23) the ViT-B/16 training step running it
-# peaked at 7.7 GiB against timm eager's 10.2 (10.1 before it); its time alone is not measured.
+# TB/s), not a second pass. It lowers the peak memory of a ViT training step by about that
+# fifth (benchmarks/results/, the ViT-B/16 train rows' peak GiB).
 #
 # Forward: the bias_gelu kernel (one read of z, one write of y), then fc2 in cuBLAS; y is
 # freed when the op returns. Backward: dY = dout @ W2 (cuBLAS); one bias_gelu backward pass
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, linear_compute_dtype, op_or_impl, runs_kernel
+from .._dispatch import define_op, linear_compute_dtype, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 from ._triton_helpers import as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
@@ -39,12 +39,7 @@ def _bias_gelu_linear_fwd_impl(x: Tensor, bias: Optional[Tensor], weight: Tensor
     return F.linear(_bias_gelu_fwd_impl(x, bias, approximate), weight, linear_bias)
 
 
-_bias_gelu_linear_fwd_op = torch.library.custom_op(
-    "vit_kernels::bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, mutates_args=())
-
-
-@_bias_gelu_linear_fwd_op.register_fake
-def _(x, bias, weight, linear_bias, approximate):
+def _bias_gelu_linear_fwd_fake(x, bias, weight, linear_bias, approximate):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -76,12 +71,7 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
     return dx, dbias, dweight, dlinear_bias
 
 
-_bias_gelu_linear_bwd_op = torch.library.custom_op(
-    "vit_kernels::bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, mutates_args=())
-
-
-@_bias_gelu_linear_bwd_op.register_fake
-def _(dout, x, bias, weight, has_linear_bias, approximate, needs_dx, needs_dweight):
+def _bias_gelu_linear_bwd_fake(dout, x, bias, weight, has_linear_bias, approximate, needs_dx, needs_dweight):
     return (
         x.new_empty(x.shape if needs_dx else (0,)),
         bias.new_empty(bias.shape) if needs_dx and bias is not None else x.new_empty(0),
@@ -100,7 +90,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout):
     x, bias, weight = ctx.saved_tensors
     needs_x, needs_bias, needs_weight, needs_linear_bias, _ = ctx.needs_input_grad
-    dx, dbias, dweight, dlinear_bias = op_or_impl(_bias_gelu_linear_bwd_op, _bias_gelu_linear_bwd_impl)(
+    dx, dbias, dweight, dlinear_bias = _bias_gelu_linear_bwd(
         dout, x, bias, weight, needs_linear_bias, ctx.approximate, needs_x or needs_bias, needs_weight)
     return (
         dx if needs_x else None,
@@ -111,8 +101,9 @@ def _backward(ctx, dout):
     )
 
 
-_bias_gelu_linear_fwd = FusedOp(_bias_gelu_linear_fwd_op, _bias_gelu_linear_fwd_impl, setup_context=_setup_context,
-                                backward=_backward)
+_bias_gelu_linear_fwd = define_op("bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, fake=_bias_gelu_linear_fwd_fake,
+                                  setup_context=_setup_context, backward=_backward)
+_bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake)
 
 
 def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor] = None,

@@ -31,20 +31,10 @@
 #   bitwise reproducible.
 # - Row offsets are computed in int64: B*N*D passes 2^31 at ViT-H sizes.
 #
-# Measured (H100 80GB, torch 2.11, triton 3.6, bf16, 2026-11-22; ms, CUDA-graph replay, the
-# GPU's time alone; benchmarks/results/nvidia-h100-2026-11-22.md):
-#
-#   rows x D               fwd: ours / eager / compile     fwd+bwd: ours / eager / compile
-#   ViT-B 50432 x 768      0.124 / 0.183 / 0.108           0.260 / 0.568 / 0.261
-#   ViT-L 25216 x 1024     0.085 / 0.115 / 0.073           0.177 / 0.323 / 0.181
-#   ViT-H 16448 x 1280     0.070 / 0.093 / 0.079           0.168 / 0.251 / 0.182
-#
-# Between CUDA events around each call the fused op was slower than eager in fwd+bwd (0.755
-# vs 0.574 ms at ViT-B): the host took longer to launch it (custom-op autograd, two Triton
-# launches) than the GPU takes to run it. Inside a ViT block the GEMMs give the host that
-# time; alone, nothing does. Eager calls have since skipped the custom-op dispatch
-# (_dispatch.FusedOp): host time per fwd+bwd 153-161 -> 86-89 us on a CPU with the
-# launches stubbed out (scripts/host_overhead.py); not yet re-measured on a GPU.
+# Alone, between CUDA events, the op can be slower than eager although the GPU's time is half
+# of eager's: the host takes longer to launch it than the GPU takes to run it. Inside a ViT
+# block the GEMMs give the host that time; alone, nothing does. (Measurements:
+# benchmarks/results/, the add_layer_norm rows.)
 #
 # Layout: the last dimension must be contiguous (stride 1); any leading shape and any
 # row stride are read in place. Not supported: normalizing over more than the last
@@ -60,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import FusedOp, interpreted, num_programs_for_reduction, op_or_impl, runs_kernel
+from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
 from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
@@ -253,9 +243,9 @@ def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, 
     longer fits a program's registers comfortably.
     GPU backward: one row per loop iteration, BLOCK_N / 256 warps (1 to 8). With several
     rows per iteration, the column sums for dweight/dbias cross warps through shared memory
-    every iteration: 4 rows x 1024 columns on 16 warps ran the ViT-B backward in 0.98 ms on
-    an H100 (316 GB/s, 2026-11-22; the forward moves the same bytes in 0.106 ms). With one
-    row those sums are elementwise adds into registers; the cross-warp work is two row sums.
+    every iteration: 4 rows x 1024 columns on 16 warps ran the ViT-B backward at a ninth of
+    the forward's bandwidth on an H100 (benchmarks/results/moved-from-source-2026-11.md). With
+    one row those sums are elementwise adds into registers; the cross-warp work is two row sums.
     Interpreter: its cost is per operation, not per element, so tiles of up to 64K
     elements; the kernel code and its masking are the same.
     """
@@ -339,12 +329,7 @@ def _add_layer_norm_fwd_impl(
     return y, residual_out, mean, rstd
 
 
-_add_layer_norm_fwd_op = torch.library.custom_op(
-    "vit_kernels::add_layer_norm_fwd", _add_layer_norm_fwd_impl, mutates_args=())
-
-
-@_add_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual):
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual):
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     residual_out = x.new_empty(x.shape if store_residual else (0,), dtype=residual_dtype)
     return (
@@ -445,12 +430,7 @@ def _add_layer_norm_bwd_impl(
     return dx, dresidual, partials.sum(1)
 
 
-_add_layer_norm_bwd_op = torch.library.custom_op(
-    "vit_kernels::add_layer_norm_bwd", _add_layer_norm_bwd_impl, mutates_args=())
-
-
-@_add_layer_norm_bwd_op.register_fake
-def _(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, mean, rstd, residual_dtype):
+def _add_layer_norm_bwd_fake(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, mean, rstd, residual_dtype):
     dresidual = dy.new_empty(dy.shape if residual_dtype is not None else (0,), dtype=residual_dtype or dy.dtype)
     n_params = sum(param is not None for param in (weight, bias, gamma))
     return dy.new_empty(dy.shape), dresidual, dy.new_empty((n_params, dy.shape[-1]), dtype=torch.float32)
@@ -485,7 +465,7 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     separate_dresidual = ctx.has_residual and (
         gamma is not None or row_scale is not None or ctx.residual_dtype != dy.dtype
     )
-    dx, dresidual, param_grads = op_or_impl(_add_layer_norm_bwd_op, _add_layer_norm_bwd_impl)(
+    dx, dresidual, param_grads = _add_layer_norm_bwd(
         dy,
         dresidual_out,
         x,
@@ -515,8 +495,9 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     )
 
 
-_add_layer_norm_fwd = FusedOp(_add_layer_norm_fwd_op, _add_layer_norm_fwd_impl, setup_context=_setup_context,
-                              backward=_backward, non_differentiable=(2, 3))
+_add_layer_norm_fwd = define_op("add_layer_norm_fwd", _add_layer_norm_fwd_impl, fake=_add_layer_norm_fwd_fake,
+                                setup_context=_setup_context, backward=_backward, non_differentiable=(2, 3))
+_add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake)
 
 
 def _validate(x, residual, weight, bias, eps, gamma, row_scale):

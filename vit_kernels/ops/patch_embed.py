@@ -10,9 +10,10 @@
 #
 # The kernels live in the csrc/ extension (C++ CPU implementation in csrc/patch_embed.cpp,
 # CUDA in csrc/cuda/patch_embed.cu, shared math in csrc/patch_embed.h); this file holds
-# the validation, the fake (meta) kernels and the autograd glue. The backward recomputes
-# the patches from the images instead of saving them, and computes the image gradient
-# only when the images require it (hybrid stems, input-gradient methods).
+# the validation, the fake (meta) kernels, the autograd glue and the eager bypass
+# (define_op). The backward recomputes the patches from the images instead of saving them,
+# and computes the image gradient only when the images require it (hybrid stems,
+# input-gradient methods).
 #
 # Not supported: non-square patches, overlapping patches (stride != kernel).
 
@@ -22,68 +23,72 @@ import torch
 from torch import Tensor
 
 from .. import _build_config, _extension, reference
+from .._dispatch import define_op
 from .._validate import FLOAT_DTYPES, check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
 
 # float64 runs too (both backends are generic over floating types): gradcheck needs it.
 PARAM_DTYPES = FLOAT_DTYPES + (torch.float64,)
 IMAGE_DTYPES = (torch.uint8,) + PARAM_DTYPES
-_registered = False
+_ops = {}  # "fwd", "bwd" -> FusedOp, once the extension is loaded
+
+
+def _fwd_fake(images, weight, bias, cls_token, pos_embed, mean, std):
+    dtype = weight.dtype if images.dtype == torch.uint8 else images.dtype
+    patch = weight.shape[-1]
+    n = (images.shape[2] // patch) * (images.shape[3] // patch)
+    prefix = 1 if cls_token is not None else 0
+    return images.new_empty((images.shape[0], n + prefix, weight.shape[0]), dtype=dtype)
+
+
+def _bwd_fake(grad_out, images, weight, mean, std, has_bias, has_cls, pos_rows, images_grad):
+    dim = weight.shape[0]
+    none = grad_out.new_empty((0,))
+    return (
+        images.new_empty(images.shape) if images_grad else none,
+        weight.new_empty(weight.shape),
+        grad_out.new_empty((dim,), dtype=torch.float32) if has_bias else none,
+        grad_out.new_empty((1, 1, dim), dtype=torch.float32) if has_cls else none,
+        grad_out.new_empty((1, pos_rows, dim), dtype=torch.float32) if pos_rows else none,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    images, weight, bias, cls_token, pos_embed, mean, std = inputs
+    ctx.save_for_backward(images, weight, mean, std)
+    ctx.param_dtypes = tuple(t.dtype if t is not None else None for t in (bias, cls_token, pos_embed))
+    ctx.pos_rows = pos_embed.shape[1] if pos_embed is not None else 0
+
+
+def _backward(ctx, grad_out):
+    if grad_out is None:  # the output's gradient is undefined (define_op does not materialize zeros)
+        return (None,) * 7
+    images, weight, mean, std = ctx.saved_tensors
+    bias_dtype, cls_dtype, pos_dtype = ctx.param_dtypes
+    images_grad = ctx.needs_input_grad[0] and images.is_floating_point()
+    grads = _ops["bwd"](grad_out.contiguous(), images, weight, mean, std, bias_dtype is not None,
+                        cls_dtype is not None, ctx.pos_rows, images_grad)
+    d_images, d_weight, d_bias, d_cls, d_pos = grads
+    return (
+        d_images if images_grad else None,
+        d_weight,
+        d_bias.to(bias_dtype) if bias_dtype is not None else None,
+        d_cls.to(cls_dtype) if cls_dtype is not None else None,
+        d_pos.to(pos_dtype) if pos_dtype is not None else None,
+        None,
+        None,
+    )
 
 
 def load() -> None:
-    """Load the extension and register fake kernels and autograd for its ops, once."""
-    global _registered
-    if _registered:
+    """Load the csrc/ extension and define its ops (fakes, autograd, eager bypass), once. Called
+    by the first patch_embed and by FusedPatchEmbed's constructor, so that the build happens
+    outside a torch.compile trace; raises RuntimeError when the extension can be neither
+    imported nor compiled."""
+    if _ops:
         return
     _extension.load()
-
-    @torch.library.register_fake("vit_kernels::patch_embed_fwd")
-    def _(images, weight, bias, cls_token, pos_embed, mean, std):
-        dtype = weight.dtype if images.dtype == torch.uint8 else images.dtype
-        patch = weight.shape[-1]
-        n = (images.shape[2] // patch) * (images.shape[3] // patch)
-        prefix = 1 if cls_token is not None else 0
-        return images.new_empty((images.shape[0], n + prefix, weight.shape[0]), dtype=dtype)
-
-    @torch.library.register_fake("vit_kernels::patch_embed_bwd")
-    def _(grad_out, images, weight, mean, std, has_bias, has_cls, pos_rows, images_grad):
-        dim = weight.shape[0]
-        none = grad_out.new_empty((0,))
-        return (
-            images.new_empty(images.shape) if images_grad else none,
-            weight.new_empty(weight.shape),
-            grad_out.new_empty((dim,), dtype=torch.float32) if has_bias else none,
-            grad_out.new_empty((1, 1, dim), dtype=torch.float32) if has_cls else none,
-            grad_out.new_empty((1, pos_rows, dim), dtype=torch.float32) if pos_rows else none,
-        )
-
-    def setup_context(ctx, inputs, output):
-        images, weight, bias, cls_token, pos_embed, mean, std = inputs
-        ctx.save_for_backward(images, weight, mean, std)
-        ctx.param_dtypes = tuple(t.dtype if t is not None else None for t in (bias, cls_token, pos_embed))
-        ctx.pos_rows = pos_embed.shape[1] if pos_embed is not None else 0
-
-    def backward(ctx, grad_out):
-        images, weight, mean, std = ctx.saved_tensors
-        bias_dtype, cls_dtype, pos_dtype = ctx.param_dtypes
-        images_grad = ctx.needs_input_grad[0] and images.is_floating_point()
-        grads = torch.ops.vit_kernels.patch_embed_bwd(
-            grad_out.contiguous(), images, weight, mean, std, bias_dtype is not None, cls_dtype is not None,
-            ctx.pos_rows, images_grad,
-        )
-        d_images, d_weight, d_bias, d_cls, d_pos = grads
-        return (
-            d_images if images_grad else None,
-            d_weight,
-            d_bias.to(bias_dtype) if bias_dtype is not None else None,
-            d_cls.to(cls_dtype) if cls_dtype is not None else None,
-            d_pos.to(pos_dtype) if pos_dtype is not None else None,
-            None,
-            None,
-        )
-
-    torch.library.register_autograd("vit_kernels::patch_embed_fwd", backward, setup_context=setup_context)
-    _registered = True
+    _ops["fwd"] = define_op("patch_embed_fwd", fake=_fwd_fake, setup_context=_setup_context, backward=_backward)
+    _ops["bwd"] = define_op("patch_embed_bwd", fake=_bwd_fake)
 
 
 def _validate(images, weight, bias, cls_token, pos_embed, mean, std):
@@ -164,4 +169,4 @@ def patch_embed(
     if _build_config.skip_requested() or (images.is_cuda and weight.dtype == torch.float64):
         return reference.patch_embed(images, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
     load()
-    return torch.ops.vit_kernels.patch_embed_fwd(images, weight, bias, cls_token, pos_embed, mean, std)
+    return _ops["fwd"](images, weight, bias, cls_token, pos_embed, mean, std)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..nn.block import drop_path_row_scale
 from ..nn.layer_norm import FusedLayerNorm
+from ..nn.mlp import gelu_approximation
 from ..ops.attention import HEAD_DIMS, flash_attention
 from ..ops.bias_gelu_linear import bias_gelu_linear
 from ..ops.patch_embed import load as load_patch_embed
@@ -53,18 +54,6 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _transformers_class(module, names) -> bool:
     kind = type(module)
     return kind.__name__ in names and kind.__module__.startswith("transformers.models.")
-
-
-def gelu_form(act) -> str:
-    """'none' or 'tanh' for transformers' (and torch's) GELU activations; '' for anything else."""
-    name = type(act).__name__
-    if isinstance(act, nn.GELU):
-        return act.approximate
-    if name == "GELUActivation" and getattr(act, "act", F.gelu) is F.gelu:
-        return "none"
-    if name in ("PytorchGELUTanh", "GELUTanh"):
-        return "tanh"
-    return ""
 
 
 def _recording_attentions() -> bool:
@@ -188,7 +177,10 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
         elif _transformers_class(module, MLP):
             if not mlp:
                 continue
-            form = gelu_form(getattr(module, "activation_fn", None))
+            try:
+                form = gelu_approximation(getattr(module, "activation_fn", None))
+            except ValueError:
+                form = ""
             if form and isinstance(getattr(module, "fc1", None), nn.Linear) and isinstance(module.fc2, nn.Linear):
                 plan.swap_class(module, TransformersMlp, path, "mlp", "bias + GELU + fc2 fused (module kept)",
                                 _vk_gelu=form)

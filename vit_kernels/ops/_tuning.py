@@ -1,0 +1,54 @@
+"""The one tuning cache of the autotuned ops: a launch that chooses among several configs.
+
+`launch` runs a kernel with its single config, or with the config an autotuner chose among
+several. The autotuner (built once per kernel and config list) runs only at the first launch of
+each key: the values of the kernel arguments named in `key` and every tensor argument's dtype,
+the key triton.autotune forms itself. Later launches with that key go straight to the kernel
+with the chosen config's arguments, exactly as the autotuner passes them (so Triton finds the
+same compiled kernel): Autotuner.run rebuilds its key from every argument on each call, a large
+share of what Triton's launch path costs the host (scripts/host_overhead.py --triton-launch
+measures it), and a ViT step is host-bound.
+
+Tuning happens on the device at the first call of a shape; a CUDA-graph capture or a timed run
+must come after a warm-up call (docs/design.md, "Host cost, graphs and syncs").
+"""
+
+import functools
+
+import triton
+from torch import Tensor
+
+from ._triton_helpers import LAUNCH_OPTIONS
+
+_AUTOTUNERS = {}  # (kernel, id(config list)) -> (the config list, its triton.autotune wrapper)
+_CHOSEN = {}  # (kernel, id(config list), key values, dtypes) -> the config its autotuner chose
+
+
+@functools.lru_cache(maxsize=None)
+def _position(kernel, name: str) -> int:
+    return list(kernel.arg_names).index(name)
+
+
+def launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, *, key: tuple,
+           options: dict = LAUNCH_OPTIONS) -> None:
+    """kernel[grid](*args, **kwargs) with one of `configs` (triton.Config), chosen by timing
+    them on the first launch of each key. `configs` must be the same object for the same
+    configs (a cached tuple): the cache is keyed on its identity. `grid_for(meta)` gives the
+    grid for a config's meta-parameters."""
+    if len(configs) == 1:
+        config = configs[0]
+        kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                                        num_stages=config.num_stages, **options)
+        return
+    values = tuple(kwargs[name] if name in kwargs else args[_position(kernel, name)] for name in key)
+    # The entry holds the config list, so its id cannot be reused by another while the entry exists.
+    tuned = (kernel, id(configs), *values, *(arg.dtype for arg in args if isinstance(arg, Tensor)))
+    chosen = _CHOSEN.get(tuned)
+    if chosen is not None:
+        kernel[grid_for](*args, **kwargs, **options, **chosen.all_kwargs())
+        return
+    entry = _AUTOTUNERS.get(tuned[:2])
+    if entry is None:
+        entry = _AUTOTUNERS[tuned[:2]] = (configs, triton.autotune(configs=list(configs), key=list(key))(kernel))
+    entry[1][grid_for](*args, **kwargs, **options)
+    _CHOSEN[tuned] = entry[1].best_config  # the config Autotuner.run launched (None: ask it again)
