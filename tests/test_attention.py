@@ -14,7 +14,7 @@ from vit_kernels.nn import FlashAttention
 from vit_kernels.ops import attention_probs, flash_attention, flash_attention_qkvpacked
 import vit_kernels.ops.attention as attention_module
 from vit_kernels.ops.attention import attention_dropout_mask
-from vit_kernels.testing import assert_rule, forcing_one_config, kernel_device, poisoned_allocations
+from vit_kernels.testing import assert_rule, forcing_one_config, kernel_device, no_host_reads, poisoned_allocations
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -177,7 +177,7 @@ def test_dropout_keep_rate(seed):
 def check_dropout_consistency(monkeypatch, batch, n, heads, head_dim, dtype, p):
     """The kernel's dropped-out output and gradients against the reference's with the same mask, by the rule."""
     seed_value = torch.tensor(987654)
-    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: seed_value)
+    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda device: seed_value)
     (q, k, v), leaves = _make(batch, n, n, heads, head_dim, dtype, packed=False)
     dout = torch.randn(batch, n, heads, head_dim, device=DEVICE).to(dtype)
     mask = attention_dropout_mask(seed_value, batch, heads, n, n, p, DEVICE)
@@ -198,6 +198,43 @@ def check_dropout_consistency(monkeypatch, batch, n, heads, head_dim, dtype, p):
 @pytest.mark.parametrize("n", [50, 128])
 def test_dropout_forward_and_backward_use_one_mask(seed, dtype, n, monkeypatch):
     check_dropout_consistency(monkeypatch, 2, n, 2, 64, dtype, 0.25)
+
+
+def test_dropout_seed_is_drawn_on_the_device_and_never_read_on_the_host(monkeypatch):
+    """The seed comes from torch's generator for q's device and the kernels load it: two calls
+    draw different masks, torch.manual_seed reproduces both, the backward regenerates each
+    forward's mask (the rule against the reference with that mask), and nothing reads the
+    seed on the host (a host int would be frozen into a CUDA graph, and on a GPU would sync)."""
+    from vit_kernels.ops import attention
+
+    drawn = []
+    draw = attention.draw_seed
+    monkeypatch.setattr(attention, "draw_seed", lambda device: drawn.append(draw(device)) or drawn[-1])
+    (q, k, v), leaves = _make(1, 50, 50, 2, 32, torch.float32, packed=False)
+
+    def run():
+        with no_host_reads():
+            out = flash_attention(q, k, v, dropout_p=0.3)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return out.detach(), grads
+
+    torch.manual_seed(5)
+    first, second = run(), run()
+    assert all(s.device == q.device and s.dtype == torch.int64 for s in drawn)
+    assert not torch.equal(first[0], second[0])
+    torch.manual_seed(5)
+    again = run(), run()
+    for want, got in zip((first, second), again):
+        assert torch.equal(want[0], got[0]) and all(torch.equal(a, b) for a, b in zip(want[1], got[1]))
+    for seed, (out, grads) in zip(drawn[:2], (first, second)):
+        mask = attention_dropout_mask(seed, 1, 2, 50, 50, 0.3, DEVICE)
+        want, want_grads = _grads(lambda q, k, v: reference.attention(q, k, v, None, mask, 0.3), leaves,
+                                  torch.ones_like(out), torch.float64)
+        eager, eager_grads = _grads(lambda q, k, v: reference.attention(q, k, v, None, mask, 0.3), leaves,
+                                    torch.ones_like(out))
+        assert_rule("out", out, want, eager)
+        for name, g, g_want, g_eager in zip(["dq", "dk", "dv"], grads, want_grads, eager_grads):
+            assert_rule(name, g, g_want, g_eager)
 
 
 def _gpu_tile_shapes():
@@ -250,7 +287,7 @@ def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, block_m, block_n):
     monkeypatch.setattr("vit_kernels.ops.attention_configs.INTERPRETER_TILE", Tile(block_m, block_n, 4, 1))
     check_attention(1, 197, 197, 2, 80, torch.float32, packed=True)
     check_attention(1, 197, 130, 1, 80, torch.float16, packed=False, deterministic=False)
-    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda: torch.tensor(77))
+    monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda device: torch.tensor(77))
     (q, k, v), leaves = _make(1, 197, 197, 1, 80, torch.float32, packed=False)
     mask = attention_dropout_mask(torch.tensor(77), 1, 1, 197, 197, 0.2, DEVICE)
     dout = torch.randn(1, 197, 1, 80, device=DEVICE)

@@ -143,6 +143,35 @@ def output_and_grads(model, run, loss=None) -> dict:
     return {"output": out.detach(), **grads}
 
 
+HOST_READS = ("item", "tolist", "__int__", "__index__", "__float__", "__bool__")
+
+
+@contextmanager
+def no_host_reads():
+    """Inside: reading a tensor's value on the host (`.item()`, `.tolist()`, `int()`, `float()`,
+    `bool()`, indexing with a tensor) raises AssertionError, and on a GPU so does every
+    synchronizing CUDA call (torch.cuda.set_sync_debug_mode("error")). On a CPU, where no read
+    synchronizes anything, the first half still finds the reads that would: a training step
+    must not make one (a sync stalls the host's run-ahead; under a CUDA graph the value read
+    would be frozen)."""
+    def host_read(tensor, *args, **kwargs):
+        raise AssertionError(f"a {tuple(tensor.shape)} {tensor.dtype} tensor was read on the host")
+
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+    sync_mode = torch.cuda.get_sync_debug_mode() if torch.cuda.is_available() else None
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, host_read)
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode("error")
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+        if sync_mode is not None:
+            torch.cuda.set_sync_debug_mode(sync_mode)
+
+
 def forcing_one_config(launch_configs, kind: str, config):
     """A stand-in for `vit_kernels.ops.attention.launch_configs` (pass the original) under which
     launches of `kind` run `config` alone and every other kind its first config: how the GPU

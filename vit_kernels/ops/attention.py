@@ -110,12 +110,13 @@ def _common_constexprs(q: Tensor, kernel) -> dict:
     )
 
 
-def _seed_value(seed: Optional[Tensor], dropout_p: float) -> int:
+def _seed_on(seed: Optional[Tensor], dropout_p: float, device: torch.device) -> Optional[Tensor]:
+    """The int64 seed tensor the kernels load, on their device; None without dropout."""
     if dropout_p == 0:
-        return 0
+        return None
     if seed is None:
         raise ValueError("seed is required when dropout_p > 0")
-    return int(seed.item())
+    return seed.to(device=device, dtype=torch.int64)
 
 
 def _strides(t: Tensor) -> tuple:
@@ -133,8 +134,8 @@ def _flash_attention_fwd_impl(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, N_q, H, d] contiguous, lse [B, H, N_q] float32, base 2).
 
-    `seed` is a CPU int64 scalar tensor (drawn by the caller, so torch.compile traces the
-    draw instead of freezing a constant), needed when dropout_p > 0. `deterministic` is
+    `seed` is an int64 scalar tensor on q's device (drawn by the caller, so torch.compile and
+    CUDA graphs keep the draw instead of freezing a constant), needed when dropout_p > 0. `deterministic` is
     only carried to the backward.
     """
     batch, n_q, n_heads, head_dim = q.shape
@@ -150,7 +151,7 @@ def _flash_attention_fwd_impl(
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
         lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p), _n_bucket(n_q, n_kv)),
+         n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), _n_bucket(n_q, n_kv)),
         dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0,
              **_common_constexprs(q, _attn_fwd_kernel)),
         options=_NO_FP_FUSION,
@@ -187,7 +188,7 @@ def _flash_attention_bwd_impl(
         dout = dout.contiguous()
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
-    scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_value(seed, dropout_p),
+    scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                _n_bucket(n_q, n_kv))
     peel = _peel_tail(_arch_major(q.device), dropout_p)
     tails = dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
@@ -257,14 +258,16 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
     grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
-    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, _seed_value(seed, dropout_p), BLOCK_M=32, BLOCK_N=32,
+    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64), BLOCK_M=32, BLOCK_N=32,
                                **LAUNCH_OPTIONS)
     return mask.bool()
 
 
-def draw_seed() -> Tensor:
-    """A dropout seed from torch's default CPU generator (so torch.manual_seed governs it)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def draw_seed(device: torch.device) -> Tensor:
+    """A dropout seed drawn on `device` by torch's generator for it (torch.manual_seed governs it):
+    no host read, and under CUDA-graph capture the draw is part of the graph, so every replay
+    draws a new seed."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
 
 def _validate(q, k, v, softmax_scale, dropout_p):
@@ -335,7 +338,7 @@ def flash_attention(
         if dropout_p > 0:
             mask = torch.rand(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device) >= dropout_p
         return reference.attention(q, k, v, scale, mask, dropout_p)
-    seed = draw_seed() if dropout_p > 0 else None
+    seed = draw_seed(q.device) if dropout_p > 0 else None
     out, _ = _flash_attention_fwd(q, k, v, scale, float(dropout_p), seed, deterministic)
     return out
 

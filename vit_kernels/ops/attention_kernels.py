@@ -21,7 +21,8 @@
 #   tests/gpu_compile_check.py), so Ampere and dropout keep one masked loop.
 # - Dropout on the probabilities from Philox (tl.rand) keyed by a seed and the element's
 #   (batch*head, row, col) index: the backward regenerates the forward's mask, nothing of size
-#   N^2 is stored.
+#   N^2 is stored. The seed is a device tensor loaded by the kernel (_load_seed), never a host
+#   int: no host read of it, and a CUDA-graph replay draws a new one.
 # - Backward: one kernel per KV block for dK, dV, which computes its tile transposed
 #   (S^T = K Q^T) so that no register tile is transposed and every dot runs on wgmma; dQ either
 #   from a kernel per Q block launched before it (every element written by one program, so
@@ -37,6 +38,17 @@ import triton
 import triton.language as tl
 
 from ._triton_helpers import cast_for_store
+
+
+@triton.jit
+def _load_seed(SEED, HAS_DROPOUT: tl.constexpr):
+    """The dropout seed, read from device memory where torch's generator drew it: a CUDA-graph
+    replay then draws a new one, where a seed passed as a host int would be frozen into the
+    graph. 0 without dropout (SEED is None then)."""
+    if HAS_DROPOUT:
+        return tl.load(SEED)
+    else:
+        return 0
 
 
 @triton.jit
@@ -197,7 +209,7 @@ def _attn_fwd_kernel(
     n_kv,
     qk_scale_log2,
     dropout_p,
-    seed,
+    SEED,
     n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -213,6 +225,7 @@ def _attn_fwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
+    seed = _load_seed(SEED, HAS_DROPOUT)
     row_start = pid_m * BLOCK_M
     args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
             O + b * stride_ob + h * stride_oh, LSE + pid_bh * n_q, stride_qn, stride_kn, stride_vn, stride_on,
@@ -399,7 +412,7 @@ def _attn_bwd_dkdv_kernel(
     softmax_scale,
     qk_scale_log2,
     dropout_p,
-    seed,
+    SEED,
     n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -426,6 +439,7 @@ def _attn_bwd_dkdv_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
+    seed = _load_seed(SEED, HAS_DROPOUT)
     col_start = pid_n * BLOCK_N
     args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
             DO + b * stride_dob + h * stride_doh, LSE + pid_bh * n_q, DELTA + pid_bh * n_q,
@@ -543,7 +557,7 @@ def _attn_bwd_dq_kernel(
     softmax_scale,
     qk_scale_log2,
     dropout_p,
-    seed,
+    SEED,
     n_bucket,  # unused in the body: the autotune key (a power of two of max(N_q, N_kv))
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -564,6 +578,7 @@ def _attn_bwd_dq_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
     pid_bh = b * n_heads + h
+    seed = _load_seed(SEED, HAS_DROPOUT)
     row_start = pid_m * BLOCK_M
     args = (Q + b * stride_qb + h * stride_qh, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
             O + b * stride_ob + h * stride_oh, DO + b * stride_dob + h * stride_doh, LSE + pid_bh * n_q,
@@ -580,8 +595,9 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(MASK, n_q, n_kv, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(MASK, n_q, n_kv, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_bh = tl.program_id(2)
+    seed = tl.load(SEED)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _dropout_keep(seed, pid_bh, rows[:, None], cols[None, :], n_q, n_kv, dropout_p)
