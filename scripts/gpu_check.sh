@@ -35,7 +35,7 @@
 #
 # `lease` = tests main profile diag, for one call under the 600-s limit: the budget 560 s
 # unless GPU_CHECK_BUDGET_S says otherwise; the kernels' tests on CUDA (TEST_FILES: attention,
-# bias_gelu, bias_gelu_linear, layer_norm, patch_embed; test_gpu_compile
+# bias_gelu, bias_gelu_linear, layer_norm, patch_embed, cuda_graph, host_sync; test_gpu_compile
 # needs no GPU) capped at 150 s; the main job for the ops of the open issues (MAIN_OPS:
 # flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 220 s; the
 # step profile at 70 s; then the switches and the dK/dV configs in what is left. A variable
@@ -58,7 +58,7 @@ STAGES=("$@")
 if [ "${STAGES[0]}" = lease ]; then
     STAGES=(tests main profile diag)
     : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=220}" "${PROFILE_TIMEOUT_S:=70}"
-    : "${TEST_FILES:=tests/test_attention.py tests/test_bias_gelu.py tests/test_bias_gelu_linear.py tests/test_layer_norm.py tests/test_patch_embed.py}"
+    : "${TEST_FILES:=tests/test_attention.py tests/test_bias_gelu.py tests/test_bias_gelu_linear.py tests/test_layer_norm.py tests/test_patch_embed.py tests/test_cuda_graph.py tests/test_host_sync.py}"
     : "${MAIN_OPS:=flash_attention bias_gelu bias_gelu_linear vit}" "${MAIN_VIT_MODELS:=ViT-B/16}"
     : "${DIAG_PARTS:=switches attention}" "${ATTN_KINDS:=dkdv}"
     export ATTN_KINDS

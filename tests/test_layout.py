@@ -12,7 +12,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vit_kernels"
 
 # Which top-level parts of vit_kernels each part may import. A part is a subpackage or a
 # module of the package root; the root's private helpers and the references form the base.
-BASE = {"_build_config", "_compat", "_dispatch", "_extension", "_fake_launch", "_validate", "reference", "testing"}
+BASE = {"_build_config", "_compat", "_dispatch", "_extension", "_fake_launch", "_validate", "cuda_graph", "reference",
+        "testing"}
 MAY_IMPORT = {
     "ops": BASE,
     "nn": BASE | {"ops"},
@@ -21,7 +22,7 @@ MAY_IMPORT = {
     "train": BASE | {"ops", "nn", "models", "swap", "__init__"},
     "benchmarking": BASE | {"ops", "nn", "models", "swap", "__init__"},
     "bench": BASE | {"benchmarking"},
-    "__init__": {"swap"},
+    "__init__": {"swap", "cuda_graph"},
 }
 
 

@@ -1,0 +1,175 @@
+"""vit_kernels.capture_train_step and capture_inference: argument checks and clear errors, the
+eager fallback on the CPU (the same numbers as a hand-written step), the batch signature, and
+on a GPU the graphed step against the eager one (by the numerics rule, replay after replay),
+new dropout masks on every replay, and a capture that does not train the model."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vit_kernels
+from vit_kernels.testing import assert_rule, kernel_device
+
+DEVICE = kernel_device()
+TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
+
+
+def _model(**config):
+    from vit_kernels.models import create_model
+
+    torch.manual_seed(0)
+    return create_model("vit_tiny_patch16_224", fused=True, **{**TINY, **config}).to(DEVICE).train()
+
+
+def _batch(seed, batch=4):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=generator).to(DEVICE)
+    return images, torch.randint(0, 10, (batch,), generator=generator).to(DEVICE)
+
+
+def _optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=DEVICE.type == "cuda")
+
+
+def _eager_steps(model, batches, autocast_dtype):
+    optimizer = _optimizer(model)
+    losses = []
+    for images, labels in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_the_cpu_runs_the_same_step_eagerly():
+    if DEVICE.type == "cuda":
+        pytest.skip("the fallback is the CPU's")
+    model, twin = _model(), _model()
+    batches = [_batch(i) for i in range(3)]
+    step = vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, *batches[0], autocast_dtype=None)
+    assert not step.graphed
+    losses = [step(*b) for b in batches]
+    want = _eager_steps(twin, batches, None)
+    for got, expected in zip(losses, want):
+        assert torch.equal(got, expected)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    forward = vit_kernels.capture_inference(model.eval(), batches[0][0], autocast_dtype=None)
+    assert not forward.graphed
+    with torch.no_grad():
+        assert torch.equal(forward(batches[1][0]), model(batches[1][0]))
+
+
+def test_a_batch_of_another_shape_is_refused_by_name_and_runs_eagerly_on_request():
+    model = _model()
+    images, labels = _batch(0)
+    step = vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, images, labels,
+                                          autocast_dtype=None)
+    short_images, short_labels = _batch(1, batch=3)
+    with pytest.raises(ValueError, match="images is \\(3, 3, 32, 32\\).*captured for \\(4, 3, 32, 32\\)"):
+        step(short_images, short_labels)
+    with pytest.raises(ValueError, match="labels is"):
+        step(images, labels.int())
+    with pytest.raises(TypeError, match="images must be a tensor"):
+        step(images.tolist(), labels)
+    assert torch.isfinite(step.eager(short_images, short_labels))
+    forward = vit_kernels.capture_inference(model.eval(), images, autocast_dtype=None)
+    with pytest.raises(ValueError, match="images is"):
+        forward(short_images)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(model="not a model"), TypeError, "model must be an nn.Module"),
+    (dict(optimizer="adam"), TypeError, "optimizer must be a torch.optim.Optimizer"),
+    (dict(loss_fn=3), TypeError, "loss_fn must be callable"),
+    (dict(images=None), TypeError, "images must be a tensor"),
+    (dict(labels=[1, 2]), TypeError, "labels must be a tensor"),
+    (dict(autocast_dtype=torch.float32), ValueError, "autocast_dtype must be"),
+    (dict(warmup=0), ValueError, "warmup must be an int >= 1"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
+])
+def test_bad_arguments_are_named(bad, error, match):
+    model = _model()
+    args = dict(model=model, optimizer=_optimizer(model), loss_fn=F.cross_entropy, images=_batch(0)[0],
+                labels=_batch(0)[1])
+    options = {k: bad.pop(k) for k in ("autocast_dtype", "warmup", "max_grad_norm") if k in bad}
+    args.update(bad)
+    with pytest.raises(error, match=match):
+        vit_kernels.capture_train_step(*args.values(), **options)
+
+
+def test_things_on_two_devices_or_under_ddp_are_refused():
+    model = _model()
+    images, labels = _batch(0)
+    meta_labels = torch.empty(4, dtype=torch.int64, device="meta")
+    with pytest.raises(ValueError, match="must be on one device"):
+        vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, images, meta_labels)
+
+    class FakeDDP(nn.parallel.DistributedDataParallel):
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.module = module
+
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        vit_kernels.capture_train_step(FakeDDP(model), _optimizer(model), F.cross_entropy, images, labels)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_refuses_what_it_cannot_capture():
+    model = _model()
+    images, labels = _batch(0)
+    plain = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="capturable=True"):
+        vit_kernels.capture_train_step(model, plain, F.cross_entropy, images, labels)
+    with pytest.raises(ValueError, match="float16 autocast needs a GradScaler"):
+        vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, images, labels,
+                                       autocast_dtype=torch.float16)
+
+
+@pytest.mark.requires_cuda
+def test_graphed_steps_match_eager_steps_by_the_rule():
+    """Dropout off: 8 replays against 8 eager steps from the same weights, every loss and the
+    final parameters by the rule against a float64 copy trained the same way; the capture
+    itself does not train (its warm-up is undone)."""
+    model = _model()
+    eager, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
+    batches = [_batch(i) for i in range(8)]
+    step = vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, *batches[0])
+    assert step.graphed
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(p, q), "the capture changed the weights"
+    got = [step(*b) for b in batches]
+    want = _eager_steps(eager, batches, torch.bfloat16)
+    exact = _eager_steps(oracle, [(x.double(), y) for x, y in batches], None)
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        assert_rule(f"loss {i}", g, e, w)
+    for (name, p), q, r in zip(model.named_parameters(), eager.parameters(), oracle.parameters()):
+        assert_rule(name, p, r, q)
+
+
+@pytest.mark.requires_cuda
+def test_every_replay_draws_new_dropout_masks():
+    model = _model(drop_path_rate=0.2, attn_drop_rate=0.2)
+    images, labels = _batch(0)
+    step = vit_kernels.capture_train_step(model, torch.optim.AdamW(model.parameters(), lr=0.0, capturable=True),
+                                          F.cross_entropy, images, labels)
+    losses = torch.stack([step(images, labels) for _ in range(4)])
+    assert len(set(losses.tolist())) == 4, losses  # lr 0: only the masks change between replays
+
+
+@pytest.mark.requires_cuda
+def test_graphed_inference_matches_eager():
+    model = _model().eval()
+    images, _ = _batch(0)
+    forward = vit_kernels.capture_inference(model, images)
+    for seed in range(3):
+        x, _ = _batch(seed)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            want = model(x)
+        assert torch.equal(forward(x), want)
