@@ -128,7 +128,8 @@ def test_vit_cases_run(mode):
     from vit_kernels.benchmarking.vit import VIT_SMALL_MODELS, vit_case
 
     label, spec = next(iter(VIT_SMALL_MODELS.items()))
-    for provider in ("timm", "timm_swapped", "reference_fused"):
+    for provider in ("timm", "timm_swapped", "reference_fused", "timm_graph", "timm_swapped_graph",
+                     "reference_fused_graph"):
         case = vit_case(provider, label, mode, kernel_device(), spec=spec, batch=2)
         out = case.run()
         assert case.flops > 0

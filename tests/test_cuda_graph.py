@@ -173,3 +173,24 @@ def test_graphed_inference_matches_eager():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             want = model(x)
         assert torch.equal(forward(x), want)
+
+
+@pytest.mark.requires_cuda
+def test_a_learning_rate_changed_after_capture_is_refused_or_read():
+    """A float lr is frozen into the graph: changing it is an error, not a stale rate. A tensor
+    lr changed in place (as schedulers do) is read by the replay."""
+    model = _model()
+    images, labels = _batch(0)
+    optimizer = _optimizer(model)
+    step = vit_kernels.capture_train_step(model, optimizer, F.cross_entropy, images, labels)
+    step(images, labels)
+    optimizer.param_groups[0]["lr"] = 5e-4
+    with pytest.raises(ValueError, match="lr'\] changed since the step was captured"):
+        step(images, labels)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE), capturable=True)
+    step = vit_kernels.capture_train_step(model, optimizer, F.cross_entropy, images, labels)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[0]["lr"].fill_(0.0)
+    step(images, labels)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before)), "lr 0 must leave the weights"

@@ -24,6 +24,11 @@ stays on the device). Refused with a message: float16 autocast (GradScaler reads
 found-inf flag on the host), DistributedDataParallel (its all-reduce hooks are not captured
 here), models or batches not on one CUDA device other than the CPU.
 
+A learning rate given as a float is frozen into the graph: changing it afterwards (a scheduler)
+is a ValueError at the next call, not a silently stale rate. Give it as a tensor on the
+device (`lr=torch.tensor(1e-3, device="cuda")`), which the graph reads and PyTorch's schedulers
+change in place.
+
 On the CPU the same calls run eagerly (no graph), so code written for a GPU runs anywhere.
 A batch of another shape, dtype or device than the example is a ValueError: run it with
 `step.eager(images, labels)` (a last partial batch) or drop it (drop_last=True).
@@ -103,9 +108,23 @@ def _restore(snapshot: list, optimizer) -> None:
 class GraphedTrainStep:
     """A captured training step: `step(images, labels)` -> the loss, a device tensor. See the module."""
 
-    def __init__(self, run: Callable, signature: _Signature, graph=None, static_inputs=None, static_loss=None):
+    def __init__(self, run: Callable, signature: _Signature, graph=None, static_inputs=None, static_loss=None,
+                 optimizer=None):
         self._run, self._signature, self._graph = run, signature, graph
         self._static_inputs, self._static_loss = static_inputs, static_loss
+        # The learning rates the graph holds: a float is frozen into it, a tensor is read by it.
+        self._lrs = [(group, group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
+
+    def _check_learning_rates(self) -> None:
+        for i, (group, captured) in enumerate(self._lrs):
+            current = group["lr"]
+            if current is captured:
+                continue
+            if isinstance(current, Tensor) or isinstance(captured, Tensor) or current != captured:
+                raise ValueError(
+                    f"param_groups[{i}]['lr'] changed since the step was captured, and the graph would keep "
+                    "the old one: build the optimizer with a tensor learning rate (lr=torch.tensor(1e-3, "
+                    "device='cuda')) and change it in place (a scheduler does: fill_), or capture again")
 
     @property
     def graphed(self) -> bool:
@@ -120,6 +139,7 @@ class GraphedTrainStep:
         self._signature.check(images=images, labels=labels)
         if self._graph is None:
             return self._run(images, labels)
+        self._check_learning_rates()
         self._static_inputs[0].copy_(images)
         self._static_inputs[1].copy_(labels)
         self._graph.replay()
@@ -196,7 +216,7 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
-    return GraphedTrainStep(run, signature, graph, static_inputs, static_loss.detach())
+    return GraphedTrainStep(run, signature, graph, static_inputs, static_loss.detach(), optimizer)
 
 
 class GraphedForward:

@@ -64,7 +64,8 @@ def plot(report: Report, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fused = ("vit_kernels", "timm_swapped", "timm_swapped_compile", "reference_fused")
+    fused = ("vit_kernels", "timm_swapped", "timm_swapped_compile", "reference_fused", "timm_swapped_graph",
+             "reference_fused_graph")
     timed = [r for r in report.rows if r.provider in fused and not math.isnan(r.speedup_vs_eager)]
     if timed:
         rows, values, bound, xlabel = timed, [r.speedup_vs_eager for r in timed], 1.0, "speedup over eager (x)"

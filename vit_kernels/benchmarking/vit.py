@@ -6,6 +6,9 @@ Providers, all from the same weights (timm's keys are ours):
   timm_compile           torch.compile(timm)
   timm_swapped_compile   torch.compile(timm after swap_modules)
   reference_fused        `vit_kernels.models.create_model(name, fused=True)`
+  <provider>_graph       timm, timm_swapped and reference_fused, each step (or inference
+                         forward) captured in one CUDA graph by vit_kernels.capture_train_step
+  timm_compile_cudagraphs  torch.compile(timm, mode="reduce-overhead"): Inductor's CUDA graphs
 A training step is forward + cross-entropy + backward + AdamW step. Agreement first: the
 logits and every parameter gradient of one step, each provider against a float64 copy of
 timm's model, within twice timm eager's error (the numerics rule). Reported: images/s,
@@ -25,7 +28,9 @@ from torch import nn
 from ..testing import RuleCheck, check_rule, output_and_grads
 from . import timing
 
-VIT_PROVIDERS = ("timm", "timm_swapped", "timm_compile", "timm_swapped_compile", "reference_fused")
+VIT_PROVIDERS = ("timm", "timm_swapped", "timm_compile", "timm_swapped_compile", "reference_fused", "timm_graph",
+                 "timm_swapped_graph", "reference_fused_graph", "timm_compile_cudagraphs")
+GRAPHED = "_graph"  # the provider without the suffix, its step captured by vit_kernels.capture_train_step
 # Batches that keep an 80 GB H100 busy without running the eager baseline out of memory.
 VIT_MODELS = {
     "ViT-B/16": dict(name="vit_base_patch16_224", config={}, batch={"inference": 256, "train": 128}),
@@ -70,7 +75,8 @@ def build(provider: str, spec: dict, device: torch.device, base: nn.Module = Non
     from ..models import create_model
 
     base = base if base is not None else _timm_model(spec, device)
-    if provider in ("timm", "timm_compile"):
+    provider = provider.removesuffix(GRAPHED)  # the same model: the capture happens in vit_case
+    if provider in ("timm", "timm_compile", "timm_compile_cudagraphs"):
         model = copy.deepcopy(base)
     elif provider in ("timm_swapped", "timm_swapped_compile"):
         model, _ = vit_kernels.swap_modules(copy.deepcopy(base))
@@ -81,6 +87,8 @@ def build(provider: str, spec: dict, device: torch.device, base: nn.Module = Non
         raise ValueError(f"provider must be one of {', '.join(VIT_PROVIDERS)}; got {provider!r}")
     if provider.endswith("_compile"):
         return timing.compile_fresh(model)
+    if provider == "timm_compile_cudagraphs":
+        return timing.compile_fresh(model, mode="reduce-overhead")
     return model
 
 
@@ -113,14 +121,22 @@ def vit_agreement(spec: dict, device: torch.device, autocast_dtype, providers=VI
     eager = _logits_and_grads(base, images, labels, autocast_dtype)
     worst = {}
     for provider in providers:
-        if provider == "timm":
+        if provider == "timm" or provider.endswith(GRAPHED):
             continue
         got = _logits_and_grads(build(provider, spec, device, base).train(), images, labels, autocast_dtype)
         if got.keys() != eager.keys():
             raise AssertionError(f"{provider}: gradients of {sorted(set(got) ^ set(eager))} missing on one side")
         checks = [check_rule(name, got[name].to(eager[name].dtype), oracle[name], eager[name]) for name in got]
         worst[provider] = max(checks, key=lambda c: (not c.ok, c.ratio))
+    for provider in providers:  # a graph replays its model's kernels: its numbers are its model's
+        base = provider.removesuffix(GRAPHED)
+        if provider.endswith(GRAPHED) and base in worst:
+            worst[provider] = worst[base]
     return worst
+
+
+def _loss(logits, labels):
+    return F.cross_entropy(logits.float(), labels)
 
 
 @dataclass
@@ -147,6 +163,8 @@ def vit_case(provider: str, model_label: str, mode: str, device: torch.device, s
         state["i"] = (state["i"] + 1) % len(batches)
         return batches[state["i"]]
 
+    if provider.endswith(GRAPHED):
+        return _graphed_case(model, model_label, mode, provider, batch, batches, next_batch, per_image, device)
     if mode == "inference":
         model.eval()
 
@@ -163,11 +181,24 @@ def vit_case(provider: str, model_label: str, mode: str, device: torch.device, s
         images, labels = next_batch()
         with _autocast(device, torch.bfloat16):
             logits = model(images)
-        F.cross_entropy(logits.float(), labels).backward()
+        _loss(logits, labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return VitCase(model_label, mode, provider, batch, run, 3 * per_image * batch)
+
+
+def _graphed_case(model, model_label, mode, provider, batch, batches, next_batch, per_image, device) -> VitCase:
+    """The same step as vit_case's, captured by vit_kernels.capture_train_step / capture_inference
+    (a capturable AdamW: its step count stays on the device)."""
+    import vit_kernels
+
+    if mode == "inference":
+        forward = vit_kernels.capture_inference(model.eval(), batches[0][0])
+        return VitCase(model_label, mode, provider, batch, lambda: forward(next_batch()[0]), per_image * batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, capturable=device.type == "cuda")
+    step = vit_kernels.capture_train_step(model.train(), optimizer, _loss, *batches[0])
+    return VitCase(model_label, mode, provider, batch, lambda: step(*next_batch()), 3 * per_image * batch)
 
 
 def measure_vit(case: VitCase, *, reps: int = 10, warmup: int = 3) -> dict:
