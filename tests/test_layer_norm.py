@@ -141,6 +141,23 @@ def test_no_affine_and_eps(seed):
     assert set(got) == {"y", "h_new", "dx", "dresidual"}
 
 
+@pytest.mark.parametrize("eps", [1e-6, 1e-5, 1e-12])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_eps_matters_where_the_variance_is_small(seed, eps, dtype):
+    """Rows whose variance is comparable to eps (scaled to sqrt(eps)), where eps changes rstd by
+    tens of percent: the kernel must use exactly the eps it is given (a doubled or dropped eps
+    fails the rule here, where variance-1 rows cannot show it)."""
+    inputs = make_inputs(2, 17, 384, dtype, residual=True, gamma=False, row_scale=False)
+    scale = max(eps, 1e-6) ** 0.5
+    inputs["x"] = (torch.randn(2, 17, 384, device=DEVICE) * scale).to(dtype)
+    inputs["residual"] = (torch.randn(2, 17, 384, device=DEVICE) * scale + 3.0).to(dtype)
+    check_against_rule(inputs, eps=eps)
+    y_eps = add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], eps)[0]
+    y_2eps = add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], 2 * eps)[0]
+    if eps >= 1e-6:
+        assert not torch.allclose(y_eps.float(), y_2eps.float(), rtol=1e-2, atol=1e-2), "eps had no effect"
+
+
 def test_strided_rows_and_leading_shapes(seed):
     """Rows with a stride larger than D (a slice of a wider tensor) and 2-D / 4-D inputs."""
     wide = torch.randn(37, 2 * 256, device=DEVICE)

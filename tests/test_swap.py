@@ -35,6 +35,7 @@ CONFIGS = {
     "avg-pool": dict(class_token=False, global_pool="avg"),
     "fc-norm": dict(global_pool="avg", fc_norm=True),
     "dynamic-size": dict(dynamic_img_size=True),
+    "pre-norm": dict(pre_norm=True),  # CLIP-style: a LayerNorm (norm_pre) after the embedding
 }
 
 
