@@ -13,7 +13,8 @@
 #             the tests are not timed)
 #   sanitize  the patch-embedding tests (the csrc/ CUDA kernels, every odd size and layout
 #             they cover) under compute-sanitizer's memcheck (which does not run under gVisor)
-#   bench     `pytest benchmarks/ --benchmark-only` for the per-op benchmarks
+#   bench     `pytest benchmarks/ --benchmark-only` for the per-op benchmarks; with BENCH_K, the
+#             pytest -k selection of all of benchmarks/ (end to end included) instead
 #   vit       the end-to-end benchmarks and the training job's fused/eager throughput ratio
 #   main      the main job (`python -m vit_kernels.bench`): bench-main.json, .md and .png;
 #             MAIN_OPS and MAIN_VIT_MODELS (space-separated) narrow it to some ops and models
@@ -33,11 +34,12 @@
 # 30 s, so the script ends, packed, inside the budget. A capped stage is interrupted (SIGINT,
 # so pytest reports what it has; killed 20 s later), and the script goes on to the next.
 #
-# `lease` = tests main profile diag, for one call under the 600-s limit: the budget 560 s
+# `lease` = tests bench main profile diag, for one call under the 600-s limit: the budget 560 s
 # unless GPU_CHECK_BUDGET_S says otherwise; the kernels' tests on CUDA (TEST_FILES: attention,
 # bias_gelu, bias_gelu_linear, layer_norm, patch_embed, cuda_graph, host_sync; test_gpu_compile
-# needs no GPU) capped at 150 s; the main job for the ops of the open issues (MAIN_OPS:
-# flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 220 s; the
+# needs no GPU) capped at 150 s; `pytest benchmarks/` in short (BENCH_K: one shape per op and
+# the ViT-B/16 training step) at 90 s; the main job for the ops of the open issues (MAIN_OPS:
+# flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 180 s; the
 # step profile at 70 s; then the switches and the dK/dV configs in what is left. A variable
 # that is set wins over its default here. These caps are estimates, not yet run on a device:
 # each stage keeps what it measured when stopped (the main job writes its tables and chart).
@@ -56,8 +58,11 @@ OUT=${OUT:-$PWD/gpu_out}
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag profile)
 if [ "${STAGES[0]}" = lease ]; then
-    STAGES=(tests main profile diag)
-    : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=220}" "${PROFILE_TIMEOUT_S:=70}"
+    STAGES=(tests bench main profile diag)
+    : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=180}" "${PROFILE_TIMEOUT_S:=70}"
+    # pytest benchmarks/ in short: one shape per op (ViT-B's), fwd+bwd, ours and eager, and the
+    # ViT-B/16 training step of timm and timm after swap_modules, graphed and not.
+    : "${BENCH_TIMEOUT_S:=90}" "${BENCH_K:=ViT-B and ((fwd+bwd and (vit_kernels or eager)) or (train and timm and not compile))}"
     : "${TEST_FILES:=tests/test_attention.py tests/test_bias_gelu.py tests/test_bias_gelu_linear.py tests/test_layer_norm.py tests/test_patch_embed.py tests/test_cuda_graph.py tests/test_host_sync.py}"
     : "${MAIN_OPS:=flash_attention bias_gelu bias_gelu_linear vit}" "${MAIN_VIT_MODELS:=ViT-B/16}"
     : "${DIAG_PARTS:=switches attention}" "${ATTN_KINDS:=dkdv}"
@@ -154,8 +159,9 @@ for stage in "${STAGES[@]}"; do
         tail -3 "$OUT/memcheck.log"
         ;;
     bench)
-        capped python -m pytest benchmarks/ --benchmark-only -q -rfEs -p no:cacheprovider \
-            --ignore=benchmarks/test_bench_vit.py --benchmark-json="$OUT/benchmarks-ops.json" \
+        if [ -n "${BENCH_K:-}" ]; then select=(-k "$BENCH_K"); else select=(--ignore=benchmarks/test_bench_vit.py); fi
+        capped python -m pytest benchmarks/ --benchmark-only -q -rfEs -p no:cacheprovider "${select[@]}" \
+            --benchmark-json="$OUT/benchmarks-ops.json" \
             --benchmark-columns=median,iqr,rounds > "$OUT/benchmarks-ops.log" 2>&1 || status=1
         grep -E "^(FAILED|ERROR)" "$OUT/benchmarks-ops.log" | head -20
         tail -3 "$OUT/benchmarks-ops.log"

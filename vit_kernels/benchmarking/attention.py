@@ -81,7 +81,7 @@ def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Ca
                       4 * batch * n * heads * head_dim * elem, device, flops=int(flops))
 
 
-def agreement(dims: tuple, dtype, device) -> dict:
+def agreement(dims: tuple, dtype, device, providers=None) -> dict:
     batch, n, heads, head_dim = dims
     if batch * heads * n * n > AGREEMENT_MAX_SCORES:
         batch, heads = 1, 2
@@ -94,7 +94,7 @@ def agreement(dims: tuple, dtype, device) -> dict:
         (grad,) = torch.autograd.grad(out, leaf, cast(dout))
         return {"out": out, "dqkv": grad}
 
-    providers = ["vit_kernels", "vit_kernels_atomic_dq"] + (["sdpa"] if device.type == "cuda" else [])
+    providers = providers or ["vit_kernels", "vit_kernels_atomic_dq"] + (["sdpa"] if device.type == "cuda" else [])
     return worst_by_provider(outputs, provider_fn, providers)
 
 

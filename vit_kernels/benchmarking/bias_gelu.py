@@ -45,9 +45,9 @@ def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Ca
                       bytes_moved=(5 if backward else 2) * rows * hidden * elem)
 
 
-def agreement(dims: tuple, dtype, device) -> dict:
+def agreement(dims: tuple, dtype, device, providers=None) -> dict:
     inputs, dy = _inputs(dims, dtype, device, False)
-    providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+    providers = providers or ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
     return leaves_agreement(inputs, dy, "y", ("dx", "dbias"), _fn, providers)
 
 

@@ -52,9 +52,9 @@ def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Ca
                       device, flops=int(2 * rows * dim * hidden * 2 * (3 if backward else 1)))
 
 
-def agreement(dims: tuple, dtype, device) -> dict:
+def agreement(dims: tuple, dtype, device, providers=None) -> dict:
     inputs, dy = _inputs(dims, dtype, device, False)
-    providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+    providers = providers or ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
     return leaves_agreement(inputs, dy, "y", ("dx", "dfc1.weight", "dfc1.bias", "dfc2.weight", "dfc2.bias"), _fn,
                             providers)
 

@@ -80,7 +80,8 @@ def leaves_agreement(inputs, grad_out, out_name: str, grad_names, fn_for: Callab
 @dataclass(frozen=True)
 class OpBench:
     """One op's benchmark: `case(provider, shape, dims, mode, dtype, device) -> Case` and
-    `agreement(dims, dtype, device) -> {provider: worst RuleCheck}`."""
+    `agreement(dims, dtype, device, providers=None) -> {provider: worst RuleCheck}` (for the
+    fused providers and the strongest alternative where None)."""
 
     name: str
     shapes: dict  # GPU shapes

@@ -54,7 +54,7 @@ def case(provider: str, shape: str, dims: tuple, mode: str, dtype, device) -> Ca
                       6 * rows * hidden * elem, device, bytes_moved=tensor_passes * rows * hidden * elem)
 
 
-def agreement(dims: tuple, dtype, device) -> dict:
+def agreement(dims: tuple, dtype, device, providers=None) -> dict:
     """{provider: worst RuleCheck over y, h_new and every gradient}, for vit_kernels (and compile on a GPU)."""
     rows, hidden = dims
     inputs = _inputs(rows, hidden, dtype, device, False)
@@ -65,7 +65,8 @@ def agreement(dims: tuple, dtype, device) -> dict:
         grads = torch.autograd.grad([y, h_new], leaves, [cast(inputs[4]), cast(inputs[5])])
         return dict(zip(("y", "h_new", "dx", "dresidual", "dweight", "dbias"), (y, h_new, *grads)))
 
-    return worst_by_provider(outputs, _fn, ["vit_kernels"] + (["compile"] if device.type == "cuda" else []))
+    providers = providers or ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+    return worst_by_provider(outputs, _fn, providers)
 
 
 BENCH = OpBench("add_layer_norm", SHAPES, SMALL_SHAPES, PROVIDERS, "compile", case, agreement,

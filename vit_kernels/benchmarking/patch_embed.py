@@ -70,7 +70,7 @@ def _case(op: str):
 
 
 def _agreement(op: str):
-    def agreement(dims: tuple, dtype, device) -> dict:
+    def agreement(dims: tuple, dtype, device, providers=None) -> dict:
         images, params, norm, dy = _inputs(op, dims, dtype, device, False)
 
         def outputs(fn, cast):
@@ -80,7 +80,7 @@ def _agreement(op: str):
             grads = torch.autograd.grad(y, leaves, cast(dy))
             return {"tokens": y, **dict(zip(("dweight", "dbias", "dcls_token", "dpos_embed"), grads))}
 
-        providers = ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
+        providers = providers or ["vit_kernels"] + (["compile"] if device.type == "cuda" else [])
         return worst_by_provider(outputs, _fn, providers)
 
     return agreement
