@@ -51,6 +51,33 @@ def test_fused_losses_match_eager_by_the_rule(tmp_path):
                 torch.tensor(eager, dtype=torch.float64))
 
 
+def test_cuda_graph_runs_the_same_steps(tmp_path):
+    """--cuda-graph through vit_kernels.capture_train_step: on the CPU its eager fallback, the same
+    losses and accuracy as the plain step bit for bit (learning-rate schedule, clipping, label
+    smoothing and drop path included); on a GPU the graph, by the numerics rule."""
+    argv = [*TINY, "--fused", "--batch-size", "16", "--stop-after", "4", "--no-save", "--drop-path", "0.0",
+            "--precision", "fp32", "--warmup-steps", "2"]
+    device = kernel_device()
+    plain = _run(argv, tmp_path, device=device)["history"]["train_loss"]
+    graphed = _run([*argv, "--cuda-graph"], tmp_path, device=device)["history"]["train_loss"]
+    assert len(graphed) == 4
+    if device.type == "cpu":
+        assert graphed == plain
+    else:
+        oracle = _run([*argv, "--eager"], tmp_path, device=device, model_dtype=torch.float64)["history"]["train_loss"]
+        assert_rule("losses", torch.tensor(graphed, dtype=torch.float64), torch.tensor(oracle, dtype=torch.float64),
+                    torch.tensor(plain, dtype=torch.float64))
+
+
+@pytest.mark.inductor
+def test_compile_trains_like_eager(tmp_path):
+    argv = [*TINY, "--eager", "--batch-size", "16", "--stop-after", "2", "--no-save", "--drop-path", "0.0",
+            "--precision", "fp32"]
+    plain = _run(argv, tmp_path)["history"]["train_loss"]
+    compiled = _run([*argv, "--compile"], tmp_path)["history"]["train_loss"]
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+
+
 def _state(run_dir):
     return load_file(os.path.join(run_dir, "last", "model.safetensors")), \
         load_file(os.path.join(run_dir, "last", "optimizer.safetensors"))
@@ -133,7 +160,9 @@ def test_timm_model_fused_on_synthetic_data(tmp_path):
 def test_compare_prints_the_throughput_ratio(tmp_path, capsys):
     cli.main([*TINY, "--compare", "--compare-steps", "1", "--batch-size", "8", "--no-save",
               "--output", str(tmp_path)])
-    assert "fused / eager throughput:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fused / eager throughput:" in out
+    assert ("fused + graph / eager throughput:" in out) == torch.cuda.is_available(), out
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -146,6 +175,8 @@ def test_compare_prints_the_throughput_ratio(tmp_path, capsys):
     (["--img-size", "30", "--patch-size", "4"], "not a multiple"),
     (["--resume", "/nonexistent/ckpt"], "not a checkpoint folder"),
     (["--batch-size", "4096"], "larger than the training set"),
+    (["--cuda-graph", "--precision", "fp16"], "--cuda-graph cannot be used with --precision fp16"),
+    (["--cuda-graph", "--grad-checkpointing"], "--cuda-graph cannot be used with --grad-checkpointing"),
 ])
 def test_bad_arguments_exit_2_with_a_message(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()

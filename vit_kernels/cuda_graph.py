@@ -108,10 +108,10 @@ def _restore(snapshot: list, optimizer) -> None:
 class GraphedTrainStep:
     """A captured training step: `step(images, labels)` -> the loss, a device tensor. See the module."""
 
-    def __init__(self, run: Callable, signature: _Signature, graph=None, static_inputs=None, static_loss=None,
+    def __init__(self, run: Callable, signature: _Signature, graph=None, static_inputs=None, static_outputs=None,
                  optimizer=None):
         self._run, self._signature, self._graph = run, signature, graph
-        self._static_inputs, self._static_loss = static_inputs, static_loss
+        self._static_inputs, self._static_outputs = static_inputs, static_outputs
         # The learning rates the graph holds: a float is frozen into it, a tensor is read by it.
         self._lrs = [(group, group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
 
@@ -143,7 +143,9 @@ class GraphedTrainStep:
         self._static_inputs[0].copy_(images)
         self._static_inputs[1].copy_(labels)
         self._graph.replay()
-        return self._static_loss.clone()
+        if isinstance(self._static_outputs, tuple):
+            return tuple(t.clone() for t in self._static_outputs)
+        return self._static_outputs.clone()
 
 
 def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, images: Tensor,
@@ -153,7 +155,9 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
 
     The step: `loss = loss_fn(model(images), labels)` under autocast (`autocast_dtype`, None
     for none), `loss.backward()`, gradient clipping to `max_grad_norm` when given,
-    `optimizer.step()`. Returns a GraphedTrainStep; call it with each batch. The model stays
+    `optimizer.step()`. `loss_fn` may also return `(loss, *extras)`, tensors computed from the
+    output (an accuracy count, say): the step then returns `(loss, *extras)`, detached.
+    Returns a GraphedTrainStep; call it with each batch. The model stays
     in the mode it is in (call `model.train()` first). On the CPU the step runs eagerly.
 
     Raises:
@@ -174,16 +178,23 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def run(x: Tensor, y: Tensor) -> Tensor:
-        # Gradients of None first: nothing accumulates into the graph's gradient buffers.
-        optimizer.zero_grad(set_to_none=True)
+    def step_once(x: Tensor, y: Tensor):
+        """The step itself; (loss, its detached outputs) with the outputs as loss_fn returns them."""
         with _autocast(device, autocast_dtype):
-            loss = loss_fn(model(x), y)
+            returned = loss_fn(model(x), y)
+        loss = returned[0] if isinstance(returned, tuple) else returned
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        if isinstance(returned, tuple):
+            return tuple(t.detach() for t in returned)
         return loss.detach()
+
+    def run(x: Tensor, y: Tensor):
+        # Gradients of None first: nothing accumulates into the graph's gradient buffers.
+        optimizer.zero_grad(set_to_none=True)
+        return step_once(x, y)
 
     signature = _Signature(images=images, labels=labels)
     if device.type != "cuda":
@@ -210,13 +221,8 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
     optimizer.zero_grad(set_to_none=True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        with _autocast(device, autocast_dtype):
-            static_loss = loss_fn(model(static_inputs[0]), static_inputs[1])
-        static_loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-    return GraphedTrainStep(run, signature, graph, static_inputs, static_loss.detach(), optimizer)
+        static_outputs = step_once(*static_inputs)
+    return GraphedTrainStep(run, signature, graph, static_inputs, static_outputs, optimizer)
 
 
 class GraphedForward:

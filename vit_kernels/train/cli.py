@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="vit_kernels' fused modules (the default)")
     kind.add_argument("--eager", dest="fused", action="store_false", help="plain PyTorch modules, to compare")
     kind.add_argument("--compare", action="store_true",
-                      help="time --compare-steps training steps eager and fused and print the throughput ratio "
-                           "(no training run)")
+                      help="time --compare-steps training steps eager, fused and (on CUDA) fused in a CUDA graph, "
+                           "and print the throughput ratios (no training run)")
     parser.add_argument("--compare-steps", type=_positive_int, default=20)
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--epochs", type=_positive_int, default=10)
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
     recipe.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("run")
+    run.add_argument("--cuda-graph", action="store_true",
+                     help="capture each training step in one CUDA graph (vit_kernels.capture_train_step) and "
+                          "replay it; on the CPU the step runs eagerly")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
     run.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     run.add_argument("--distributed", choices=("ddp", "fsdp", "none"), default="ddp",
                      help="under torchrun: DistributedDataParallel or FSDP2 (fully_shard per block)")

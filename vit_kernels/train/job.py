@@ -6,6 +6,10 @@ to zero, set per optimizer step from the step count (so a resumed run needs no s
 state); label smoothing; drop path; gradient clipping; bf16/fp16 autocast (GradScaler for
 fp16); optional activation checkpointing. `--fused` builds the reference ViT with
 fused=True (or applies `swap_modules` to a timm model); `--eager` leaves everything eager.
+`--cuda-graph` replays each step from one CUDA graph (`vit_kernels.capture_train_step`): the
+learning rate is then a device tensor the schedule fills in place; fp16, several processes
+and activation checkpointing (it saves RNG state on the host) are refused with it.
+`--compile` runs the model through torch.compile.
 """
 
 import math
@@ -186,9 +190,21 @@ class TrainJob:
         self.std = torch.tensor(images.std, device=device).view(1, -1, 1, 1)
         self.base_model = base
         self.model = wrap_distributed(base, config["distributed"], dist_info, device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
-                                           betas=(0.9, 0.999))
+        if config.get("compile"):
+            self.model = torch.compile(self.model)
         self.autocast_dtype = AUTOCAST_DTYPES[config["precision"]]
+        self.graphed = bool(config.get("cuda_graph"))
+        if self.graphed:
+            refused = {"--precision fp16 (GradScaler reads its found-inf flag on the host)": self.autocast_dtype is torch.float16,
+                       "several processes (the gradient all-reduce is not in the graph)": dist_info.world_size > 1,
+                       "--grad-checkpointing (it saves the RNG state on the host)": config["grad_checkpointing"]}
+            for what, applies in refused.items():
+                if applies:
+                    raise ConfigError(f"--cuda-graph cannot be used with {what}")
+        on_cuda = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
+                                           betas=(0.9, 0.999), capturable=self.graphed and on_cuda)
+        self._graph_step = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
         self.steps_per_epoch = data_lib.steps_per_epoch(len(images.train), config["batch_size"], dist_info.world_size)
@@ -215,9 +231,34 @@ class TrainJob:
                             enabled=self.autocast_dtype is not None):
             return self.model(self._inputs(images))
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+    def _set_lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config["lr"] * lr_factor(self.step, self.warmup_steps, self.total_steps)
+            if not (self.graphed and self.device.type == "cuda"):
+                group["lr"] = value
+            elif isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)  # read by the graph; no host sync
+            else:  # before the capture (also after a resume, whose state holds a float)
+                group["lr"] = torch.tensor(value, dtype=torch.float32, device=self.device)
+
+    def _loss_and_hits(self, logits: torch.Tensor, labels: torch.Tensor):
+        return self.criterion(logits.float(), labels), (logits.argmax(dim=-1) == labels).sum()
+
+    def _graphed_train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        from ..cuda_graph import capture_train_step
+
+        inputs, labels = self._inputs(images), labels.to(self.device, non_blocking=True)
+        if self._graph_step is None:
+            self._graph_step = capture_train_step(self.model, self.optimizer, self._loss_and_hits, inputs, labels,
+                                                  autocast_dtype=self.autocast_dtype,
+                                                  max_grad_norm=self.config["clip_grad"] or None)
+        loss, hits = self._graph_step(inputs, labels)
+        self.step += 1
+        return loss, hits
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        self._set_lr(self.config["lr"] * lr_factor(self.step, self.warmup_steps, self.total_steps))
+        if self.graphed:
+            return self._graphed_train_step(images, labels)
         labels = labels.to(self.device, non_blocking=True)
         logits = self._forward(images)
         loss = self.criterion(logits.float(), labels)
@@ -376,10 +417,16 @@ def run(config: Dict[str, Any], images: data_lib.ImageData, dist_info: Distribut
 
 def compare_throughput(config: Dict[str, Any], images: data_lib.ImageData, dist_info: Distributed,
                        device: torch.device, steps: int) -> Dict[str, float]:
-    """Training images/s of the eager and the fused model on the same batches and weights."""
+    """Training images/s of the eager model, the fused one and (on CUDA, one process) the fused
+    one replayed from a CUDA graph, on the same batches and weights, in this one process."""
     measured = {}
-    for fused in (False, True):
-        job = TrainJob({**config, "fused": fused}, images, dist_info, device, fused=fused)
+    variants = [("eager", False, False), ("fused", True, False)]
+    if device.type == "cuda" and dist_info.world_size == 1 and config["precision"] != "fp16":
+        variants.append(("fused + graph", True, True))
+    else:
+        log(dist_info, "fused + graph: not measured (needs one process on CUDA, not fp16)")
+    for name, fused, graphed in variants:
+        job = TrainJob({**config, "fused": fused, "cuda_graph": graphed}, images, dist_info, device, fused=fused)
         batches = job._batches(images.train, 0, train=True)
         batches = (batches * (2 * steps // max(1, len(batches)) + 1))[:2 * steps]
         loader = list(data_lib.iterate(images.train, batches, config["workers"], device.type == "cuda"))
@@ -391,10 +438,13 @@ def compare_throughput(config: Dict[str, Any], images: data_lib.ImageData, dist_
             job.train_step(images_, labels)
         job._sync()
         rate = steps * config["batch_size"] * dist_info.world_size / (time.perf_counter() - start)
-        measured["fused" if fused else "eager"] = rate
-        log(dist_info, f"{'fused' if fused else 'eager'}: {rate:.1f} images/s")
+        measured[name] = rate
+        log(dist_info, f"{name}: {rate:.1f} images/s")
         del job
     measured["ratio"] = measured["fused"] / measured["eager"]
     log(dist_info, f"fused / eager throughput: {measured['ratio']:.2f}x ({steps} timed steps after {steps} warm-up, "
                    f"batch {config['batch_size']}, {config['precision']}, {device})")
+    if "fused + graph" in measured:
+        measured["graph_ratio"] = measured["fused + graph"] / measured["eager"]
+        log(dist_info, f"fused + graph / eager throughput: {measured['graph_ratio']:.2f}x")
     return measured
