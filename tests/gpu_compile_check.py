@@ -155,16 +155,18 @@ def compile_every_config(self, *args, grid, warmup, **kwargs):
 
 def main(argv):
     """Default: the launches a bf16 ViT makes (every head dim, ViT hidden sizes). --full: every
-    dtype, D up to 16384 and fp32 attention too (minutes).
+    dtype, D up to 16384 and fp32 attention too (minutes). --target ARCH: one target only.
 
     One pass per target, with the launchers told that GPU's architecture, so that each target
     compiles what the ops would launch there (attention's configs and switches differ)."""
     full = "--full" in argv
+    # --target sm_80 (or sm_90): that pass alone, so that the two can run in parallel processes.
+    chosen = [argv[argv.index("--target") + 1]] if "--target" in argv else list(TARGETS)
     JITFunction.run = compile_instead_of_launch
     Autotuner.run = compile_every_config
     from vit_kernels.ops import attention
 
-    for arch, target in TARGETS.items():
+    for arch, target in ((arch, TARGETS[arch]) for arch in chosen):
         _target.clear()
         _target[arch] = target
         attention._arch_major = lambda device, major=target.arch // 10: major

@@ -79,7 +79,9 @@ class _Signature:
 
 
 def _autocast(device: torch.device, dtype):
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+    # cache_enabled=False, as PyTorch's CUDA-graph notes require: autocast's cache of cast weights
+    # would be freed when the captured context exits, leaving the graph reading freed memory.
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
 
 
 def _state_tensors(optimizer) -> list:
