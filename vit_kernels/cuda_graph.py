@@ -42,7 +42,7 @@ from torch import Tensor, nn
 __all__ = ["capture_inference", "capture_train_step"]
 
 
-def _check_common(model, tensors: dict, autocast_dtype) -> torch.device:
+def _check_common(model, tensors: dict, autocast_dtype, warmup) -> torch.device:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     for name, t in tensors.items():
@@ -50,32 +50,15 @@ def _check_common(model, tensors: dict, autocast_dtype) -> torch.device:
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if autocast_dtype not in (None, torch.bfloat16, torch.float16):
         raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {autocast_dtype}")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
+        raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError("model is DistributedDataParallel: its gradient all-reduce runs in hooks that this "
                          "capture does not hold; train it without capture_train_step")
-    params = [p for p in model.parameters()]
-    devices = {p.device for p in params} | {t.device for t in tensors.values()}
+    devices = {p.device for p in model.parameters()} | {t.device for t in tensors.values()}
     if len(devices) != 1:
         raise ValueError(f"model and {', '.join(tensors)} must be on one device, got {sorted(map(str, devices))}")
     return devices.pop()
-
-
-class _Signature:
-    """The shapes, dtypes and devices of the example batch: every later batch must match."""
-
-    def __init__(self, **tensors):
-        self.expected = {name: (t.shape, t.dtype, t.device) for name, t in tensors.items()}
-
-    def check(self, **tensors):
-        for name, t in tensors.items():
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-            want = self.expected[name]
-            if (t.shape, t.dtype, t.device) != want:
-                raise ValueError(
-                    f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}, but the step was captured for "
-                    f"{tuple(want[0])} {want[1]} on {want[2]}: run it with .eager(...) (a last partial batch) "
-                    "or capture another step for this shape")
 
 
 def _autocast(device: torch.device, dtype):
@@ -107,17 +90,80 @@ def _restore(snapshot: list, optimizer) -> None:
                 t.zero_()
 
 
-class GraphedTrainStep:
-    """A captured training step: `step(images, labels)` -> the loss, a device tensor. See the module."""
+def _warm_up_and_capture(run: Callable, static_inputs: tuple, device: torch.device, warmup: int,
+                         before_capture: Callable = lambda: None):
+    """`warmup` calls of run(*static_inputs) on a side stream, as CUDA graphs require (every
+    autotuner chooses, the extension is built, the allocator settles), then `before_capture()`,
+    then run captured; returns (the graph, the outputs it writes)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            run(*static_inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run(*static_inputs)
+    return graph, outputs
 
-    def __init__(self, run: Callable, signature: _Signature, graph=None, static_inputs=None, static_outputs=None,
-                 optimizer=None):
-        self._run, self._signature, self._graph = run, signature, graph
+
+class Graphed:
+    """A captured call: `graphed(*batch)` copies the batch into the graph's input buffers, replays
+    the graph and returns new tensors (the graph's own are overwritten by the next call). Where
+    there is no graph (not on CUDA), the same call runs eagerly. Either way every batch must
+    have the example's shapes, dtypes and devices; `.eager(*batch)` runs one that does not."""
+
+    def __init__(self, run: Callable, names: tuple, example: tuple, graph=None, static_inputs=(), static_outputs=None):
+        self._run, self._names, self._graph = run, names, graph
+        self._expected = [(t.shape, t.dtype, t.device) for t in example]
         self._static_inputs, self._static_outputs = static_inputs, static_outputs
+
+    @property
+    def graphed(self) -> bool:
+        """False where the call runs eagerly (not on a CUDA device)."""
+        return self._graph is not None
+
+    def eager(self, *batch):
+        """The same call run eagerly, for a batch the graph was not captured for."""
+        return self._run(*batch)
+
+    def _check(self, batch: tuple) -> None:
+        for name, t, want in zip(self._names, batch, self._expected):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+            if (t.shape, t.dtype, t.device) != want:
+                raise ValueError(
+                    f"{name} is {tuple(t.shape)} {t.dtype} on {t.device}, but the step was captured for "
+                    f"{tuple(want[0])} {want[1]} on {want[2]}: run it with .eager(...) (a last partial batch) "
+                    "or capture another step for this shape")
+
+    def _before_replay(self) -> None:
+        pass
+
+    def __call__(self, *batch):
+        self._check(batch)
+        if self._graph is None:
+            return self._run(*batch)
+        self._before_replay()
+        for static, t in zip(self._static_inputs, batch):
+            static.copy_(t)
+        self._graph.replay()
+        if isinstance(self._static_outputs, tuple):
+            return tuple(t.clone() for t in self._static_outputs)
+        return self._static_outputs.clone()
+
+
+class GraphedTrainStep(Graphed):
+    """A captured training step: `step(images, labels)` -> the loss (or what loss_fn returns), on
+    the device. See the module."""
+
+    def __init__(self, run, example, graph=None, static_inputs=(), static_outputs=None, optimizer=None):
+        super().__init__(run, ("images", "labels"), example, graph, static_inputs, static_outputs)
         # The learning rates the graph holds: a float is frozen into it, a tensor is read by it.
         self._lrs = [(group, group["lr"]) for group in optimizer.param_groups] if optimizer is not None else []
 
-    def _check_learning_rates(self) -> None:
+    def _before_replay(self) -> None:
         for i, (group, captured) in enumerate(self._lrs):
             current = group["lr"]
             if current is captured:
@@ -127,27 +173,6 @@ class GraphedTrainStep:
                     f"param_groups[{i}]['lr'] changed since the step was captured, and the graph would keep "
                     "the old one: build the optimizer with a tensor learning rate (lr=torch.tensor(1e-3, "
                     "device='cuda')) and change it in place (a scheduler does: fill_), or capture again")
-
-    @property
-    def graphed(self) -> bool:
-        """False where the step runs eagerly (not on a CUDA device)."""
-        return self._graph is not None
-
-    def eager(self, images: Tensor, labels: Tensor) -> Tensor:
-        """The same step run eagerly, for a batch the graph was not captured for."""
-        return self._run(images, labels)
-
-    def __call__(self, images: Tensor, labels: Tensor) -> Tensor:
-        self._signature.check(images=images, labels=labels)
-        if self._graph is None:
-            return self._run(images, labels)
-        self._check_learning_rates()
-        self._static_inputs[0].copy_(images)
-        self._static_inputs[1].copy_(labels)
-        self._graph.replay()
-        if isinstance(self._static_outputs, tuple):
-            return tuple(t.clone() for t in self._static_outputs)
-        return self._static_outputs.clone()
 
 
 def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, images: Tensor,
@@ -159,8 +184,8 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
     for none), `loss.backward()`, gradient clipping to `max_grad_norm` when given,
     `optimizer.step()`. `loss_fn` may also return `(loss, *extras)`, tensors computed from the
     output (an accuracy count, say): the step then returns `(loss, *extras)`, detached.
-    Returns a GraphedTrainStep; call it with each batch. The model stays
-    in the mode it is in (call `model.train()` first). On the CPU the step runs eagerly.
+    Returns a GraphedTrainStep; call it with each batch. The model stays in the mode it is in
+    (call `model.train()` first). On the CPU the step runs eagerly.
 
     Raises:
         TypeError: model not an nn.Module, optimizer not a torch.optim.Optimizer, loss_fn not
@@ -169,19 +194,19 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
             capturable=True, float16 autocast, a DistributedDataParallel model; warmup < 1;
             max_grad_norm <= 0.
     """
-    device = _check_common(model, {"images": images, "labels": labels}, autocast_dtype)
+    device = _check_common(model, {"images": images, "labels": labels}, autocast_dtype, warmup)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-        raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
-    def step_once(x: Tensor, y: Tensor):
-        """The step itself; (loss, its detached outputs) with the outputs as loss_fn returns them."""
+    def run(x: Tensor, y: Tensor):
+        # Gradients of None first: nothing accumulates into the graph's gradient buffers (in a
+        # capture, the backward then writes gradients it allocates in the graph's memory).
+        optimizer.zero_grad(set_to_none=True)
         with _autocast(device, autocast_dtype):
             returned = loss_fn(model(x), y)
         loss = returned[0] if isinstance(returned, tuple) else returned
@@ -193,61 +218,27 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
             return tuple(t.detach() for t in returned)
         return loss.detach()
 
-    def run(x: Tensor, y: Tensor):
-        # Gradients of None first: nothing accumulates into the graph's gradient buffers.
-        optimizer.zero_grad(set_to_none=True)
-        return step_once(x, y)
-
-    signature = _Signature(images=images, labels=labels)
     if device.type != "cuda":
-        return GraphedTrainStep(run, signature)
+        return GraphedTrainStep(run, (images, labels))
     if autocast_dtype == torch.float16:
         raise ValueError("float16 autocast needs a GradScaler, whose step reads its found-inf flag on the host: "
                          "capture with autocast_dtype=torch.bfloat16 (or None)")
     if not all(group.get("capturable", False) for group in optimizer.param_groups):
         raise ValueError(f"optimizer ({type(optimizer).__name__}) must be built with capturable=True, so that its "
                          "step count stays on the device, e.g. torch.optim.AdamW(params, capturable=True)")
-
     static_inputs = (images.detach().clone(), labels.detach().clone())
-    # Warm-up, on a side stream as CUDA graphs require: autotuning, the extension, the
-    # optimizer's state. Its training is then undone.
-    snapshot = _snapshot(model, optimizer)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            run(*static_inputs)
-    torch.cuda.current_stream(device).wait_stream(side)
-    _restore(snapshot, optimizer)
+    snapshot = _snapshot(model, optimizer)  # the warm-up trains; this undoes it before the capture
+    graph, static_outputs = _warm_up_and_capture(run, static_inputs, device, warmup,
+                                                 before_capture=lambda: _restore(snapshot, optimizer))
     del snapshot
-    optimizer.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_outputs = step_once(*static_inputs)
-    return GraphedTrainStep(run, signature, graph, static_inputs, static_outputs, optimizer)
+    return GraphedTrainStep(run, (images, labels), graph, static_inputs, static_outputs, optimizer)
 
 
-class GraphedForward:
-    """A captured inference forward: `forward(images)` -> the output (a new tensor each call)."""
+class GraphedForward(Graphed):
+    """A captured inference forward: `forward(images)` -> the output. See the module."""
 
-    def __init__(self, run: Callable, signature: _Signature, graph=None, static_input=None, static_output=None):
-        self._run, self._signature, self._graph = run, signature, graph
-        self._static_input, self._static_output = static_input, static_output
-
-    @property
-    def graphed(self) -> bool:
-        return self._graph is not None
-
-    def eager(self, images: Tensor):
-        return self._run(images)
-
-    def __call__(self, images: Tensor):
-        self._signature.check(images=images)
-        if self._graph is None:
-            return self._run(images)
-        self._static_input.copy_(images)
-        self._graph.replay()
-        return self._static_output.clone()  # the graph's buffer is overwritten by the next call
+    def __init__(self, run, example, graph=None, static_inputs=(), static_outputs=None):
+        super().__init__(run, ("images",), example, graph, static_inputs, static_outputs)
 
 
 def capture_inference(model: nn.Module, images: Tensor, *, autocast_dtype: Optional[torch.dtype] = torch.bfloat16,
@@ -256,28 +247,16 @@ def capture_inference(model: nn.Module, images: Tensor, *, autocast_dtype: Optio
 
     Returns a GraphedForward; call it with each batch. The model stays in the mode it is in
     (call `model.eval()` first). On the CPU it runs eagerly. Raises TypeError/ValueError as
-    capture_train_step does for its model, images and autocast_dtype, and ValueError for
-    warmup < 1.
+    capture_train_step does for its model, images, autocast_dtype and warmup.
     """
-    device = _check_common(model, {"images": images}, autocast_dtype)
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
-        raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+    device = _check_common(model, {"images": images}, autocast_dtype, warmup)
 
     def run(x: Tensor):
         with torch.no_grad(), _autocast(device, autocast_dtype):
             return model(x)
 
-    signature = _Signature(images=images)
     if device.type != "cuda":
-        return GraphedForward(run, signature)
-    static_input = images.detach().clone()
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            run(static_input)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_output = run(static_input)
-    return GraphedForward(run, signature, graph, static_input, static_output)
+        return GraphedForward(run, (images,))
+    static_inputs = (images.detach().clone(),)
+    graph, static_output = _warm_up_and_capture(run, static_inputs, device, warmup)
+    return GraphedForward(run, (images,), graph, static_inputs, static_output)
