@@ -23,8 +23,6 @@ from triton.runtime.interpreter import InterpretedFunction
 from . import _compat  # noqa: F401  (mends the interpreter before any kernel runs)
 
 
-
-
 def runs_kernel(kernel, tensor: torch.Tensor) -> bool:
     """True when `kernel` should run for `tensor`'s device, False for the reference path."""
     if tensor.device.type == "cuda":
@@ -103,8 +101,10 @@ class FusedOp:
             return self.op(*inputs)
         if self.function is None:
             return self.op(*inputs) if torch.is_grad_enabled() else self.impl(*inputs)
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
-            return self.function.apply(*inputs)
+        if torch.is_grad_enabled():
+            for t in inputs:  # a loop, not any(generator): this runs for every op call
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    return self.function.apply(*inputs)
         return self.impl(*inputs)
 
 

@@ -49,17 +49,23 @@ class _DriverWithoutGpu:
         return GPUTarget("cuda", 90, 32)
 
 
-class _KernelStandIn:
-    """What JITFunction.run touches of a compiled kernel after its cache lookup."""
+class KernelStandIn:
+    """What JITFunction.run touches of a compiled kernel after its cache lookup; `launches`, when
+    a list, records each C-launcher call as (kernel name, grid, the kernel's arguments)."""
 
-    function = 0
     packed_metadata = ()
+    launches = None
+
+    def __init__(self, name: str):
+        self.function = name  # the handle the C launcher gets: here the kernel's name
 
     def launch_metadata(self, grid, stream, *args):
         return None  # what Triton's returns when no launch hook is installed
 
-    def run(self, *args):
-        pass  # the C launcher (argument packing and cuLaunchKernel): not counted
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter_hook, exit_hook, *args):
+        """The C launcher (argument packing and cuLaunchKernel): not counted, only recorded."""
+        if KernelStandIn.launches is not None:
+            KernelStandIn.launches.append((function, (grid_0, grid_1, grid_2), args))
 
 
 def fake_gpu_launches():
@@ -70,10 +76,9 @@ def fake_gpu_launches():
     from triton.runtime.autotuner import Autotuner
 
     driver.set_active(_DriverWithoutGpu())
-    stand_in = _KernelStandIn()
 
     def cache_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
-        self.device_caches[device][0][key] = stand_in
+        stand_in = self.device_caches[device][0][key] = KernelStandIn(self.fn.__name__)
         return stand_in
 
     JITFunction._do_compile = cache_stand_in

@@ -1,8 +1,13 @@
 """Input checks shared by every public op: each raises TypeError/ValueError naming the argument."""
 
+import functools
 import numbers
 
 import torch
+
+from ._dispatch import tracing
+
+MAX_SIGNATURES = 4096  # per check; past it the passed signatures are forgotten and checked again
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,3 +57,33 @@ def channel_normalization(mean, std, channels: int) -> tuple:
     if bool((std <= 0).any()):
         raise ValueError("std must be positive")
     return mean, std
+
+
+def checked_once(check):
+    """`check(*args)` run once per signature of its arguments, not on every call: a ViT step calls
+    each op dozens of times with the same few signatures, and a full check costs several us of
+    host time per call (docs/design.md, "Host cost, graphs and syncs").
+
+    The signature holds all a check may read: of a tensor its type, shape, strides, dtype and
+    device; of anything else its type and value (so True never passes for a checked 1). A check
+    that raises is run again on the next call: only signatures that passed are kept.
+    """
+    passed = set()
+
+    @functools.wraps(check)
+    def checked(*args):
+        signature = tuple((arg.__class__, arg.shape, arg.stride(), arg.dtype, arg.device)
+                          if isinstance(arg, torch.Tensor) else (arg.__class__, arg) for arg in args)
+        try:
+            if signature in passed:
+                return
+        except TypeError:  # an unhashable argument (a list, say): checked every time
+            check(*args)
+            return
+        check(*args)
+        if len(passed) >= MAX_SIGNATURES:
+            passed.clear()
+        passed.add(signature)
+
+    checked.passed = passed
+    return checked

@@ -13,42 +13,39 @@ Tuning happens on the device at the first call of a shape; a CUDA-graph capture 
 must come after a warm-up call (docs/design.md, "Host cost, graphs and syncs").
 """
 
-import functools
-
 import triton
 from torch import Tensor
 
+from ._launcher import launcher_for
 from ._triton_helpers import LAUNCH_OPTIONS
 
-_AUTOTUNERS = {}  # (kernel, id(config list)) -> (the config list, its triton.autotune wrapper)
-_CHOSEN = {}  # (kernel, id(config list), key values, dtypes) -> the config its autotuner chose
-
-
-@functools.lru_cache(maxsize=None)
-def _position(kernel, name: str) -> int:
-    return list(kernel.arg_names).index(name)
+_AUTOTUNERS = {}  # (launcher, id(config list)) -> (the config list, its triton.autotune wrapper)
+_CHOSEN = {}  # (launcher, id(config list), key values, dtypes) -> the config its autotuner chose
 
 
 def launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, *, key: tuple,
            options: dict = LAUNCH_OPTIONS) -> None:
-    """kernel[grid](*args, **kwargs) with one of `configs` (triton.Config), chosen by timing
-    them on the first launch of each key. `configs` must be the same object for the same
-    configs (a cached tuple): the cache is keyed on its identity. `grid_for(meta)` gives the
-    grid for a config's meta-parameters."""
+    """kernel[grid](*args, **kwargs) with one of `configs` (triton.Config), chosen by timing them
+    on the first launch of each key, and through the kernel's Launcher (ops/_launcher.py) once
+    chosen. `configs` must be the same object for the same configs (a cached tuple): the cache is
+    keyed on its identity. `grid_for(meta)` gives the grid for a config's meta-parameters."""
+    launcher = launcher_for(kernel)
     if len(configs) == 1:
         config = configs[0]
-        kernel[grid_for(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                        num_stages=config.num_stages, **options)
+        launcher(grid_for(config.kwargs), *args, **kwargs, **config.kwargs, num_warps=config.num_warps,
+                 num_stages=config.num_stages, **options)
         return
-    values = tuple(kwargs[name] if name in kwargs else args[_position(kernel, name)] for name in key)
+    positions = launcher.positions
+    values = tuple(kwargs[name] if name in kwargs else args[positions[name]] for name in key)
     # The entry holds the config list, so its id cannot be reused by another while the entry exists.
-    tuned = (kernel, id(configs), *values, *(arg.dtype for arg in args if isinstance(arg, Tensor)))
+    tuned = (launcher, id(configs), *values, *(arg.dtype for arg in args if isinstance(arg, Tensor)))
     chosen = _CHOSEN.get(tuned)
     if chosen is not None:
-        kernel[grid_for](*args, **kwargs, **options, **chosen.all_kwargs())
+        launcher(grid_for(chosen.kwargs), *args, **kwargs, **options, **chosen.all_kwargs())
         return
     entry = _AUTOTUNERS.get(tuned[:2])
     if entry is None:
-        entry = _AUTOTUNERS[tuned[:2]] = (configs, triton.autotune(configs=list(configs), key=list(key))(kernel))
+        autotuner = triton.autotune(configs=list(configs), key=list(key))(kernel)
+        entry = _AUTOTUNERS[tuned[:2]] = (configs, autotuner)
     entry[1][grid_for](*args, **kwargs, **options)
     _CHOSEN[tuned] = entry[1].best_config  # the config Autotuner.run launched (None: ask it again)

@@ -35,9 +35,10 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import cuda_properties, define_op, interpreted, runs_kernel
-from .._validate import check_float_tensor, check_number, check_same_device
+from .._validate import check_float_tensor, check_number, check_same_device, checked_once
+from . import _tuning
+from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv, next_power_of_2
-from ._tuning import launch
 from .attention_configs import KERNEL_KINDS, as_configs, tiles_for
 from .attention_kernels import (
     _attn_bwd_dkdv_kernel,
@@ -65,7 +66,7 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
 
 
 def _launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, options: dict = LAUNCH_OPTIONS) -> None:
-    launch(kernel, configs, grid_for, args, kwargs, key=TUNING_KEY, options=options)
+    _tuning.launch(kernel, configs, grid_for, args, kwargs, key=TUNING_KEY, options=options)
 
 
 # The forward compiles without FMA contraction (PyTorch builds FlashAttention with UNFUSE_FMA
@@ -203,7 +204,8 @@ def _flash_attention_bwd_impl(
         dq_accum = None
     else:
         pre_block = 32
-        _attn_bwd_preprocess_kernel[(cdiv(n_q, pre_block), n_heads, batch)](
+        launch(
+            _attn_bwd_preprocess_kernel, (cdiv(n_q, pre_block), n_heads, batch),
             out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
             HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block, **LAUNCH_OPTIONS,
         )
@@ -258,7 +260,8 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
     grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
-    _dropout_mask_kernel[grid](mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64), BLOCK_M=32, BLOCK_N=32,
+    launch(
+        _dropout_mask_kernel, grid, mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64), BLOCK_M=32, BLOCK_N=32,
                                **LAUNCH_OPTIONS)
     return mask.bool()
 
@@ -270,6 +273,7 @@ def draw_seed(device: torch.device) -> Tensor:
     return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
 
 
+@checked_once
 def _validate(q, k, v, softmax_scale, dropout_p):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))

@@ -46,8 +46,9 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
-from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
-from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
+from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
+from ._launcher import launch
+from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
 
 APPROXIMATIONS = ("none", "tanh")
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
@@ -200,11 +201,11 @@ def _poly_cdf(out_dtype: torch.dtype) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _block_config(n_cols: int, kernel) -> tuple[int, int, int]:
+def _block_config(n_cols: int, interpreted_kernel: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): 4K-element tiles, at most 1024 columns wide, on the GPU;
     up to 64K elements under the interpreter, whose cost is per operation."""
     block_n = min(next_power_of_2(n_cols), 1024)
-    if interpreted(kernel):
+    if interpreted_kernel:
         return max(1, min(64, 65536 // block_n)), block_n, 4
     return max(1, 4096 // block_n), block_n, 8
 
@@ -212,16 +213,18 @@ def _block_config(n_cols: int, kernel) -> tuple[int, int, int]:
 def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> Tensor:
     n_cols = x.shape[-1]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    x2 = as_rows(x, n_cols)
-    if x2.shape[0] == 0:
+    n_rows = x.numel() // n_cols if n_cols else 0
+    if n_rows == 0:
         return y
-    y2 = y.view(-1, n_cols)
-    block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_fwd_kernel)
-    grid = (cdiv(x2.shape[0], block_m), cdiv(n_cols, block_n))
-    _bias_gelu_fwd_kernel[grid](
-        x2, bias, y2, x2.stride(0), y2.stride(0), x2.shape[0], n_cols,
+    x2, x_stride = as_row_pointer(x, n_cols)
+    interpreted_kernel = interpreted(_bias_gelu_fwd_kernel)
+    block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
+    launch(
+        _bias_gelu_fwd_kernel, grid,
+        x2, bias, y, x_stride, n_cols, n_rows, n_cols,
         HAS_BIAS=bias is not None, TANH=approximate == "tanh", POLY_CDF=_poly_cdf(y.dtype), BLOCK_M=block_m,
-        BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_fwd_kernel), num_warps=num_warps,
+        BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
     return y
@@ -234,7 +237,8 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
     (float32) or None without a bias. dx2 may be dy2 itself: each element is read before it
     is written, by the same program."""
     n_rows, n_cols = x2.shape
-    block_m, block_n, num_warps = _block_config(n_cols, _bias_gelu_bwd_kernel)
+    interpreted_kernel = interpreted(_bias_gelu_bwd_kernel)
+    block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
     n_row_blocks = max(1, cdiv(n_rows, block_m))
     n_col_blocks = cdiv(n_cols, block_n)
     # Enough row groups for a few waves of programs over all column blocks.
@@ -243,12 +247,13 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
     n_groups = cdiv(n_row_blocks * block_m, rows_per_program)
     partial = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x2.device) if bias is not None else None
     if n_rows > 0:
-        _bias_gelu_bwd_kernel[(n_groups, n_col_blocks)](
+        launch(
+            _bias_gelu_bwd_kernel, (n_groups, n_col_blocks),
             dy2, x2, bias, dx2, y2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0),
             y2.stride(0) if y2 is not None else 0, n_rows, n_cols, rows_per_program,
             HAS_BIAS=bias is not None, STORE_Y=y2 is not None, TANH=approximate == "tanh",
             POLY_CDF=_poly_cdf(dx2.dtype), BLOCK_M=block_m,
-            BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted(_bias_gelu_bwd_kernel), num_warps=num_warps,
+            BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
     elif partial is not None:
@@ -289,6 +294,18 @@ _bias_gelu_fwd = define_op("bias_gelu_fwd", _bias_gelu_fwd_impl, fake=_bias_gelu
 bias_gelu_bwd = define_op("bias_gelu_bwd", bias_gelu_bwd_impl, fake=_bias_gelu_bwd_fake)
 
 
+@checked_once
+def _validate(x, bias, approximate):
+    check_float_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_optional_float_tensor("bias", bias, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    check_shape("bias", bias, (x.shape[-1],))
+    check_same_device("x", x, bias=bias)
+
+
 def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
     """``gelu(x + bias)`` over the last dim in one pass, forward and backward.
 
@@ -308,14 +325,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         TypeError: non-tensors, integer dtypes.
         ValueError: bias not ``[N]``, mixed devices, unknown ``approximate``, 0-d x.
     """
-    check_float_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    check_optional_float_tensor("bias", bias, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
-    if approximate not in APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    check_shape("bias", bias, (x.shape[-1],))
-    check_same_device("x", x, bias=bias)
+    _validate(x, bias, approximate)
     if x.dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
         return reference.bias_gelu(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)

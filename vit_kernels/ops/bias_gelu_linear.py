@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import define_op, linear_compute_dtype, runs_kernel
-from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
+from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
 from ._triton_helpers import as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
 
@@ -106,6 +106,24 @@ _bias_gelu_linear_fwd = define_op("bias_gelu_linear_fwd", _bias_gelu_linear_fwd_
 _bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake)
 
 
+@checked_once
+def _validate(x, bias, weight, linear_bias, approximate):
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    check_float_tensor("x", x, dtypes=dtypes)
+    check_optional_float_tensor("bias", bias, dtypes=dtypes)
+    check_float_tensor("weight", weight, dtypes=dtypes)
+    check_optional_float_tensor("linear_bias", linear_bias, dtypes=dtypes)
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape [O, {x.shape[-1]}] (x's last dim is H), got {tuple(weight.shape)}")
+    check_shape("bias", bias, (x.shape[-1],))
+    check_shape("linear_bias", linear_bias, (weight.shape[0],))
+    check_same_device("x", x, bias=bias, weight=weight, linear_bias=linear_bias)
+
+
 def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor] = None,
                      approximate: str = "none") -> Tensor:
     """``F.linear(gelu(x + bias), weight, linear_bias)``: an MLP's activation and fc2, keeping
@@ -129,20 +147,7 @@ def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_b
         ValueError: weight not ``[O, H]``, bias not ``[H]``, linear_bias not ``[O]``, mixed
             devices, unknown ``approximate``, 0-d x.
     """
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-    check_float_tensor("x", x, dtypes=dtypes)
-    check_optional_float_tensor("bias", bias, dtypes=dtypes)
-    check_float_tensor("weight", weight, dtypes=dtypes)
-    check_optional_float_tensor("linear_bias", linear_bias, dtypes=dtypes)
-    if approximate not in APPROXIMATIONS:
-        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
-    if x.dim() == 0:
-        raise ValueError("x must have at least one dimension, got a 0-d tensor")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"weight must have shape [O, {x.shape[-1]}] (x's last dim is H), got {tuple(weight.shape)}")
-    check_shape("bias", bias, (x.shape[-1],))
-    check_shape("linear_bias", linear_bias, (weight.shape[0],))
-    check_same_device("x", x, bias=bias, weight=weight, linear_bias=linear_bias)
+    _validate(x, bias, weight, linear_bias, approximate)
 
     dtype = linear_compute_dtype(x)
     x, weight = x.to(dtype), weight.to(dtype)

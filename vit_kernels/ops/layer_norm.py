@@ -51,13 +51,15 @@ from torch import Tensor
 
 from .. import reference
 from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
-from ._triton_helpers import LAUNCH_OPTIONS, as_rows, cast_for_store, cdiv, next_power_of_2
+from ._launcher import launch
+from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
     check_number,
     check_optional_float_tensor,
     check_same_device,
     check_shape,
+    checked_once,
 )
 
 MAX_HIDDEN = 16384
@@ -234,7 +236,7 @@ def _add_layer_norm_bwd_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, int, int]:
+def _block_config(n_cols: int, interpreted_kernel: bool, *, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols elements.
 
     GPU forward: about 4K elements per program (two rows at ViT-H's 1280, four at ViT-B's
@@ -250,7 +252,7 @@ def _block_config(n_cols: int, kernel, *, backward: bool = False) -> tuple[int, 
     elements; the kernel code and its masking are the same.
     """
     block_n = next_power_of_2(n_cols)
-    if interpreted(kernel):
+    if interpreted_kernel:
         return max(1, min(64, 65536 // block_n)), block_n, 4
     if backward:
         return 1, block_n, min(max(block_n // 256, 1), 8)
@@ -279,37 +281,34 @@ def _add_layer_norm_fwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h_new or an empty tensor when not stored, mean, rstd); mean/rstd are per row, float32."""
     n_cols = x.shape[-1]
-    x2 = as_rows(x, n_cols)
-    n_rows = x2.shape[0]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    residual_out = (
-        torch.empty(x.shape, dtype=residual_dtype, device=x.device)
-        if store_residual
-        else torch.empty(0, dtype=residual_dtype, device=x.device)
-    )
-    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    x2, x_stride = as_row_pointer(x, n_cols)
+    n_rows = x.numel() // n_cols
+    device = x.device
+    y = torch.empty(x.shape, dtype=x.dtype, device=device)
+    residual_out = torch.empty(x.shape if store_residual else (0,), dtype=residual_dtype, device=device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
         return y, residual_out, mean, rstd
-    res2 = as_rows(residual, n_cols) if residual is not None else None
-    y2 = y.view(-1, n_cols)
-    res_out2 = residual_out.view(-1, n_cols) if store_residual else None
-    block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_fwd_kernel)
-    _add_layer_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
+    res2, res_stride = as_row_pointer(residual, n_cols) if residual is not None else (None, 0)
+    interpreted_kernel = interpreted(_add_layer_norm_fwd_kernel)
+    block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
+    launch(
+        _add_layer_norm_fwd_kernel, (cdiv(n_rows, block_m),),
         x2,
         res2,
         weight,
         bias,
         gamma,
         row_scale,
-        y2,
-        res_out2,
+        y,
+        residual_out if store_residual else None,
         mean,
         rstd,
-        x2.stride(0),
-        res2.stride(0) if res2 is not None else 0,
-        y2.stride(0),
-        res_out2.stride(0) if res_out2 is not None else 0,
+        x_stride,
+        res_stride,
+        n_cols,
+        n_cols if store_residual else 0,
         n_rows,
         n_cols,
         n_rows // row_scale.shape[0] if row_scale is not None else 1,
@@ -322,7 +321,7 @@ def _add_layer_norm_fwd_impl(
         STORE_RESIDUAL_OUT=store_residual,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_fwd_kernel),
+        RNE_BF16_IN_SOFTWARE=interpreted_kernel,
         num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
@@ -363,15 +362,16 @@ def _add_layer_norm_bwd_impl(
     is given; the autograd glue passes None where dresidual equals dx.
     """
     n_cols = dy.shape[-1]
-    dy2 = as_rows(dy, n_cols)
-    h2 = as_rows(h, n_cols)
-    n_rows = dy2.shape[0]
+    dy2, dy_stride = as_row_pointer(dy, n_cols)
+    h2, h_stride = as_row_pointer(h, n_cols)
+    n_rows = dy.numel() // n_cols
     device = dy.device
     dx = torch.empty(dy.shape, dtype=dy.dtype, device=device)
     store_dresidual = residual_dtype is not None
     dresidual = torch.empty(dy.shape if store_dresidual else (0,), dtype=residual_dtype or dy.dtype, device=device)
 
-    block_m, block_n, num_warps = _block_config(n_cols, _add_layer_norm_bwd_kernel, backward=True)
+    interpreted_kernel = interpreted(_add_layer_norm_bwd_kernel)
+    block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel, backward=True)
     # Whole row blocks per program; the last program may get fewer rows.
     n_row_blocks = max(1, cdiv(n_rows, block_m))
     n_programs = min(num_programs_for_reduction(device, _BWD_PROGRAMS_PER_SM), n_row_blocks)
@@ -384,11 +384,11 @@ def _add_layer_norm_bwd_impl(
     rows_of = iter(partials.unbind(0))
     dw_partial, db_partial, dgamma_partial = (next(rows_of) if g else None for g in given)
     if n_rows > 0:
-        x2 = as_rows(x, n_cols) if gamma is not None else None
-        dres_out2 = as_rows(dresidual_out, n_cols) if dresidual_out is not None else None
-        dx2 = dx.view(-1, n_cols)
-        dres2 = dresidual.view(-1, n_cols) if store_dresidual else None
-        _add_layer_norm_bwd_kernel[(n_programs,)](
+        x2, x_stride = as_row_pointer(x, n_cols) if gamma is not None else (None, 0)
+        dres_out2, dres_out_stride = (as_row_pointer(dresidual_out, n_cols) if dresidual_out is not None
+                                      else (None, 0))
+        launch(
+            _add_layer_norm_bwd_kernel, (n_programs,),
             x2,
             h2,
             weight,
@@ -398,17 +398,17 @@ def _add_layer_norm_bwd_impl(
             rstd,
             dy2,
             dres_out2,
-            dx2,
-            dres2,
+            dx,
+            dresidual if store_dresidual else None,
             dw_partial,
             db_partial,
             dgamma_partial,
-            x2.stride(0) if x2 is not None else 0,
-            h2.stride(0),
-            dy2.stride(0),
-            dres_out2.stride(0) if dres_out2 is not None else 0,
-            dx2.stride(0),
-            dres2.stride(0) if dres2 is not None else 0,
+            x_stride,
+            h_stride,
+            dy_stride,
+            dres_out_stride,
+            n_cols,
+            n_cols if store_dresidual else 0,
             n_rows,
             n_cols,
             n_rows // row_scale.shape[0] if row_scale is not None else 1,
@@ -421,7 +421,7 @@ def _add_layer_norm_bwd_impl(
             STORE_DRESIDUAL=store_dresidual,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
-            RNE_BF16_IN_SOFTWARE=interpreted(_add_layer_norm_bwd_kernel),
+            RNE_BF16_IN_SOFTWARE=interpreted_kernel,
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
@@ -500,6 +500,7 @@ _add_layer_norm_fwd = define_op("add_layer_norm_fwd", _add_layer_norm_fwd_impl, 
 _add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake)
 
 
+@checked_once
 def _validate(x, residual, weight, bias, eps, gamma, row_scale):
     check_float_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     if x.dim() == 0:

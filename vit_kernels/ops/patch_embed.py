@@ -24,7 +24,14 @@ from torch import Tensor
 
 from .. import _build_config, _extension, reference
 from .._dispatch import define_op
-from .._validate import FLOAT_DTYPES, check_float_tensor, check_optional_float_tensor, check_same_device, check_shape
+from .._validate import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    check_optional_float_tensor,
+    check_same_device,
+    check_shape,
+    checked_once,
+)
 
 # float64 runs too (both backends are generic over floating types): gradcheck needs it.
 PARAM_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -91,6 +98,7 @@ def load() -> None:
     _ops["bwd"] = define_op("patch_embed_bwd", fake=_bwd_fake)
 
 
+@checked_once
 def _validate(images, weight, bias, cls_token, pos_embed, mean, std):
     check_float_tensor("images", images, dtypes=IMAGE_DTYPES)
     check_float_tensor("weight", weight, dtypes=PARAM_DTYPES)

@@ -1,0 +1,174 @@
+"""Triton launches bound once per signature: what Triton's launcher decides on every call, decided
+once (docs/design.md, "Host cost, graphs and syncs").
+
+`kernel[grid](*args, **kwargs)` runs JITFunction.run on every call: it binds the arguments to the
+kernel's signature, specializes each one (dtype, 16-byte alignment, ints equal to 1 or divisible by
+16), builds the kernel-cache key from that, looks the compiled kernel up, reads the device, the
+stream and the launch hooks, and calls the compiled kernel's C launcher. That Python costs more
+host time than the GPU spends on a LayerNorm at ViT-B sizes, and a ViT step at a small batch is
+host-bound.
+
+`Launcher(kernel)(grid, *args, **kwargs)` takes the same arguments. Its first call of each
+signature goes through `kernel[grid]` (Triton compiles, or finds the compiled kernel in its own
+cache) and keeps the compiled kernel that launch returns; later calls of that signature call that
+kernel's C launcher directly with the arguments in the kernel's parameter order, which is what
+JITFunction.run hands it (Triton 3.6 through 3.9). The signature is computed by one function made
+for each kernel from its parameter list, and it is never coarser than Triton's specialization:
+for a tensor its dtype and whether its address is a multiple of 16; for an int whether it is 1,
+whether it is a multiple of 16, and its integer type (i32, i64 or u64); floats and bools by their
+type; None as None; every constexpr and launch option (num_warps, ...) by value, with its name.
+tests/test_launcher.py checks this against the installed Triton's own specialization (CI) and
+against 3.6 and 3.9 (scripts/compile_check_tritons.sh runs it there too).
+
+Triton's own path still runs, uncached: under the interpreter; for an argument whose type this
+does not know (a NumPy scalar, say); while a launch hook is installed (a profiler such as proton
+reads the metadata that Triton's path builds for it); for a kernel with pre-run hooks; and for
+the first call of a signature. What this gives up: Triton's check that the global values a kernel
+reads have not changed since it compiled (the kernels read no mutable globals), and a change of
+TRITON_DEBUG or of the instrumentation knobs after a signature's first launch in the process.
+"""
+
+import inspect
+
+from torch import Tensor
+from triton import knobs
+from triton.knobs import HookChain
+from triton.runtime import driver
+
+from .._dispatch import interpreted
+
+MAX_SIGNATURES = 1024  # per kernel; past it the bound launches are dropped and bound again as they come
+
+
+class _Unbindable(Exception):
+    """An argument whose type differs from the first call's: Triton's own launch path takes the call."""
+
+
+def _unbindable(value, *_, **__):
+    raise _Unbindable(type(value).__name__)
+
+
+def _role(value) -> str:
+    """How the binder keys a runtime argument, from its type at the kernel's first launch."""
+    if value is None or isinstance(value, Tensor):
+        return "pointer"
+    for cls in (bool, int, float):
+        if value.__class__ is cls:
+            return cls.__name__
+    return "other"
+
+
+# The signature entry of each role. A pointer: its dtype and whether its address is a multiple of
+# 16, or None. An int: its value (finer than Triton's equal-to-1, multiple-of-16 and integer type,
+# so one compiled kernel per distinct shape at most). A bool: its value. A float: no entry
+# (Triton does not specialize floats), but its type is checked like the others'.
+_KEY_OF_ROLE = {
+    "pointer": "(None if {0} is None else ({0}.dtype, {0}.data_ptr() & 15 == 0))",
+    "int": "({0} if {0}.__class__ is int else _unbindable({0}))",
+    "bool": "({0} if {0}.__class__ is bool else _unbindable({0}))",
+    "float": "({0}.__class__ is float or _unbindable({0}))",
+}
+
+
+def binder_source(kernel, roles: dict) -> tuple[str, dict]:
+    """Source of `bind(<the kernel's parameters>, **options) -> (arguments in order, signature)`,
+    with `roles` (parameter name -> role) for the runtime parameters; and its namespace."""
+    names, namespace, keys = [], {}, []
+    constexpr = {param.name for param in kernel.params if param.is_constexpr}
+    parameters = inspect.signature(kernel.fn).parameters
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            names.append(name)
+        else:
+            namespace[f"_default_{name}"] = parameter.default
+            names.append(f"{name}=_default_{name}")
+        keys.append(name if name in constexpr else _KEY_OF_ROLE[roles[name]].format(name))
+    source = (f"def bind({', '.join(names)}, **options):\n"
+              f"    return ({', '.join(parameters)},), ({', '.join(keys)}, tuple(options.items()))\n")
+    namespace["_unbindable"] = _unbindable
+    return source, namespace
+
+
+def _hooks_installed() -> bool:
+    """Whether a launch hook is installed (Triton 3.6+ keeps them in HookChains; one assigned in
+    place of a chain counts as installed)."""
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    return (enter.calls if enter.__class__ is HookChain else enter is not None) or (
+        leave.calls if leave.__class__ is HookChain else leave is not None)
+
+
+class Launcher:
+    """`kernel[grid](*args, **kwargs)` with the host cost paid once per signature (module docstring)."""
+
+    __slots__ = ("kernel", "positions", "_bind", "_bound")
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.positions = {name: i for i, name in enumerate(kernel.arg_names)}  # parameter name -> position
+        self._bind = None  # made at the first launch, from its arguments' types
+        self._bound = {}  # (device, signature) -> (C launcher, function handle, packed metadata)
+
+    def __call__(self, grid, *args, **kwargs):
+        bind = self._bind
+        if bind is None:
+            self._first_launch(grid, args, kwargs)
+            return
+        try:
+            arguments, signature = bind(*args, **kwargs)
+        except (_Unbindable, AttributeError):
+            self.kernel[grid](*args, **kwargs)
+            return
+        bound = self._bound
+        if bound:  # the driver is asked only once a launch has compiled (never where none can)
+            active = driver.active
+            device = active.get_current_device()
+            entry = bound.get((device, signature))
+            if entry is not None and not _hooks_installed():
+                run, function, metadata = entry
+                n = len(grid)
+                run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, active.get_current_stream(device),
+                    function, metadata, None, None, None, *arguments)
+                return
+        compiled = self.kernel[grid](*args, **kwargs)
+        if compiled is None or self.kernel.pre_run_hooks or _hooks_installed():
+            return  # nothing launched (a stubbed-out run), or Triton's path must run every time
+        if hasattr(compiled, "result"):  # an asynchronous compile's future (Triton 3.6)
+            compiled = compiled.result()
+        if len(bound) >= MAX_SIGNATURES:
+            bound.clear()
+        bound[(driver.active.get_current_device(), signature)] = (compiled.run, compiled.function,
+                                                                  compiled.packed_metadata)
+
+    def _first_launch(self, grid, args, kwargs):
+        """Learn each runtime parameter's role from this call, make the binder, and launch through it."""
+        if interpreted(self.kernel):
+            self.kernel[grid](*args, **kwargs)  # the interpreter has no compiled kernel to bind
+            return
+        arguments = inspect.signature(self.kernel.fn).bind(*args, **{k: v for k, v in kwargs.items()
+                                                                       if k in self.positions}).arguments
+        constexpr = {param.name for param in self.kernel.params if param.is_constexpr}
+        roles = {name: _role(value) for name, value in arguments.items() if name not in constexpr}
+        if "other" in roles.values():  # a type the binder does not key: Triton's path, every time
+            self._bind = _unbindable
+            self.kernel[grid](*args, **kwargs)
+            return
+        source, namespace = binder_source(self.kernel, roles)
+        exec(compile(source, f"<vit_kernels binder of {self.kernel.fn.__name__}>", "exec"), namespace)
+        self._bind = namespace["bind"]
+        self(grid, *args, **kwargs)
+
+
+_LAUNCHERS = {}  # id(kernel) -> (kernel, its Launcher); the kernel kept so that its id stays its own
+
+
+def launcher_for(kernel) -> Launcher:
+    """The one Launcher of `kernel` (JITFunction's own __hash__ hashes its source: keyed by id)."""
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is None:
+        entry = _LAUNCHERS[id(kernel)] = (kernel, Launcher(kernel))
+    return entry[1]
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](*args, **kwargs)` through the kernel's Launcher."""
+    launcher_for(kernel)(grid, *args, **kwargs)
