@@ -56,6 +56,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "hypothesis>=6",
             "ninja",
             "pybind11",
             "timm>=1.0",

@@ -4,15 +4,19 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [STAGE ...]     ($OUT defaults to ./gpu_out)
 #
-# STAGE is one or more of tests, sanitize, bench, vit, main, diag, profile; `all` (the
+# STAGE is one or more of tests, sanitize, bench, vit, main, diag, profile, spread; `all` (the
 # default) is every stage in that order, and `lease` the plan for one call of a 15-minute
 # lease (below), `bash scripts/gpu_check.sh lease` under the device tool's timeout_s 600. The
 # stages:
 #   tests     the test suite on CUDA (TEST_FILES: which files, default all of tests/; in parallel
 #             with pytest-xdist where it is installed: compiling Triton kernels is CPU-bound, and
 #             the tests are not timed)
-#   sanitize  the patch-embedding tests (the csrc/ CUDA kernels, every odd size and layout
-#             they cover) under compute-sanitizer's memcheck (which does not run under gVisor)
+#   sanitize  scripts/sanitize_kernels.py (every kernel forward and backward at small shapes,
+#             every attention config forced; SANITIZE_ATTN_CONFIGS=first for each kind's first)
+#             under compute-sanitizer's memcheck, racecheck and initcheck, then the
+#             patch-embedding tests (the csrc/ CUDA kernels, every odd size and layout they
+#             cover) under memcheck; sanitize.txt has each tool's ERROR SUMMARY (compute-sanitizer
+#             does not run under gVisor; the H200 machines are Firecracker, where it does)
 #   bench     `pytest benchmarks/ --benchmark-only` for the per-op benchmarks; with BENCH_K, the
 #             pytest -k selection of all of benchmarks/ (end to end included) instead
 #   vit       the end-to-end benchmarks and the training job's fused/eager throughput ratio
@@ -26,6 +30,8 @@
 #             step, synchronizing calls, cProfile); then scripts/host_overhead.py on this host's
 #             CPU, launches stubbed and with Triton's launch path kept (seconds; no GPU work), to
 #             set against the same numbers from the 2-core CI CPU in README
+#   spread    the ViT-B/16 training step's wall time (SPREAD_PROVIDERS, default timm_swapped) in
+#             three fresh processes (spread.txt): how far one process is from another
 #
 # Time. A device call may run 10 minutes, and a lease is 15 minutes of device time, the
 # machine's start included. Each stage may be capped in seconds by <STAGE>_TIMEOUT_S (e.g.
@@ -34,13 +40,16 @@
 # 30 s, so the script ends, packed, inside the budget. A capped stage is interrupted (SIGINT,
 # so pytest reports what it has; killed 20 s later), and the script goes on to the next.
 #
-# `lease` = tests bench main profile diag, for one call under the 600-s limit: the budget 560 s
-# unless GPU_CHECK_BUDGET_S says otherwise; the kernels' tests on CUDA (TEST_FILES: attention,
-# bias_gelu, bias_gelu_linear, layer_norm, patch_embed, cuda_graph, host_sync; test_gpu_compile
-# needs no GPU) capped at 150 s; `pytest benchmarks/` in short (BENCH_K: one shape per op and
-# the ViT-B/16 training step) at 90 s; the main job for the ops of the open issues (MAIN_OPS:
-# flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 180 s; the
-# step profile at 70 s; then the switches and the dK/dV configs in what is left. A variable
+# `lease` = tests sanitize bench main profile spread diag, for one call under the 600-s limit: the
+# budget 560 s unless GPU_CHECK_BUDGET_S says otherwise; the kernels' tests on CUDA (TEST_FILES:
+# attention, bias_gelu, bias_gelu_linear, layer_norm, patch_embed, cuda_graph, host_sync;
+# test_gpu_compile needs no GPU) capped at 150 s; the sanitizers over each kernel with each
+# attention kind's first config (SANITIZE_ATTN_CONFIGS=first; the kernels compiled by the tests
+# before are cached) at 90 s; `pytest benchmarks/` in short (BENCH_K: one shape per op and the
+# ViT-B/16 training step) at 90 s; the main job for the ops of the open issues (MAIN_OPS:
+# flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 150 s; the step
+# profile at 60 s; the swapped step in three fresh processes at 60 s; then the switches and the
+# dK/dV configs in what is left. A variable
 # that is set wins over its default here. These caps are estimates, not yet run on a device:
 # each stage keeps what it measured when stopped (the main job writes its tables and chart).
 #
@@ -56,10 +65,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag profile)
+[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag profile spread)
 if [ "${STAGES[0]}" = lease ]; then
-    STAGES=(tests bench main profile diag)
-    : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=180}" "${PROFILE_TIMEOUT_S:=70}"
+    STAGES=(tests sanitize bench main profile spread diag)
+    : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=150}" "${PROFILE_TIMEOUT_S:=60}"
+    : "${SPREAD_TIMEOUT_S:=60}"
+    : "${SANITIZE_TIMEOUT_S:=90}" "${SANITIZE_ATTN_CONFIGS:=first}"
     # pytest benchmarks/ in short: one shape per op (ViT-B's), fwd+bwd, ours and eager, and the
     # ViT-B/16 training step of timm and timm after swap_modules, graphed and not.
     : "${BENCH_TIMEOUT_S:=90}" "${BENCH_K:=ViT-B and ((fwd+bwd and (vit_kernels or eager)) or (train and timm and not compile))}"
@@ -136,9 +147,9 @@ for stage in "${STAGES[@]}"; do
     start=$SECONDS
     # The load says whether leftovers of a capped stage still share the CPU (host-bound timings).
     case "$stage" in
-    tests | sanitize | bench | vit | main | diag | profile) start_stage "$stage" || continue ;;
+    tests | sanitize | bench | vit | main | diag | profile | spread) start_stage "$stage" || continue ;;
     *)
-        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, profile; all or lease alone)"
+        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, profile, spread; all or lease alone)"
         exit 2
         ;;
     esac
@@ -153,10 +164,18 @@ for stage in "${STAGES[@]}"; do
         tail -4 "$OUT/tests.log"
         ;;
     sanitize)
-        capped compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+        # Without the caching allocator an access past a tensor's end is past its allocation too.
+        for tool in memcheck racecheck initcheck; do
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped compute-sanitizer --tool "$tool" --error-exitcode 1 \
+                --print-limit 20 python scripts/sanitize_kernels.py \
+                --attention-configs "${SANITIZE_ATTN_CONFIGS:-all}" > "$OUT/sanitize-$tool.log" 2>&1 || status=1
+            echo "$tool: $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize-$tool.log" | tail -1)" \
+                "$(grep -E "^sanitize_kernels:" "$OUT/sanitize-$tool.log")" | tee -a "$OUT/sanitize.txt"
+        done
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 capped compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
             python -m pytest tests/test_patch_embed.py -q -x -p no:cacheprovider > "$OUT/memcheck.log" 2>&1 || status=1
-        grep -E "ERROR SUMMARY|Invalid|FAILED" "$OUT/memcheck.log" | head -10
-        tail -3 "$OUT/memcheck.log"
+        echo "memcheck, tests/test_patch_embed.py: $(grep -E "ERROR SUMMARY" "$OUT/memcheck.log" | tail -1)" \
+            "$(tail -1 "$OUT/memcheck.log")" | tee -a "$OUT/sanitize.txt"
         ;;
     bench)
         if [ -n "${BENCH_K:-}" ]; then select=(-k "$BENCH_K"); else select=(--ignore=benchmarks/test_bench_vit.py); fi
@@ -198,6 +217,14 @@ for stage in "${STAGES[@]}"; do
             capped python scripts/host_overhead.py $mode >> "$OUT/host_overhead.txt" 2>&1 || status=1
         done
         grep -E "launch|train step" "$OUT/host_overhead.txt"
+        ;;
+    spread)
+        for run in 1 2 3; do
+            # shellcheck disable=SC2086  # SPREAD_PROVIDERS is a list of providers
+            capped python scripts/profile_vit_step.py --wall-only ${SPREAD_PROVIDERS:-timm_swapped} \
+                >> "$OUT/spread.txt" 2>&1 || status=1
+        done
+        grep -E "ms wall" "$OUT/spread.txt"
         ;;
     esac
     echo "-- $stage took $((SECONDS - start)) s"

@@ -47,6 +47,14 @@ MUTANTS = (
     Mutant("attention-scale-ignored", "vit_kernels/ops/attention.py",
            "    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)",
            "    scale = q.shape[-1] ** -0.5", ("tests/test_attention.py", "-k", "scale")),
+    # Row strides, which only the fuzzing draws (a residual or an x read in place from a wider buffer).
+    Mutant("layer-norm-residual-row-stride-assumed", "vit_kernels/ops/layer_norm.py", "        res_stride,\n",
+           "        n_cols,\n", ("tests/test_fuzz.py", "-k", "add_layer_norm")),
+    Mutant("bias-gelu-row-stride-assumed", "vit_kernels/ops/bias_gelu.py",
+           "        x2, bias, y, x_stride, n_cols, n_rows, n_cols,", "        x2, bias, y, n_cols, n_cols, n_rows, n_cols,",
+           ("tests/test_fuzz.py", "-k", "test_bias_gelu and not linear")),
+    Mutant("row-pointer-ignores-strides", "vit_kernels/ops/_triton_helpers.py", "    if t.is_contiguous():",
+           "    if True:", ("tests/test_fuzz.py", "-k", "add_layer_norm or test_bias_gelu")),
 )
 
 

@@ -7,7 +7,11 @@ spends that time in (cProfile).
 When the wall time tracks the host's issue time rather than the kernels, the step is
 host-bound, and the cProfile lines say whose Python it is (ours, Triton's launcher, torch's).
 
-    python scripts/profile_vit_step.py [--warmup N] [provider ...]     (default: timm timm_swapped)
+    python scripts/profile_vit_step.py [--warmup N] [--wall-only] [provider ...]     (default: timm timm_swapped)
+
+--wall-only prints the wall time per step alone (no profiler, no cProfile): gpu_check.sh's
+spread stage runs it in three fresh processes, to see how far one process's step time is from
+another's (issue 27: within 5%, or say where the spread comes from).
 """
 
 import argparse
@@ -104,6 +108,7 @@ def host_side(case) -> str:
 def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=5, help="steps run before anything is timed")
+    parser.add_argument("--wall-only", action="store_true", help="the wall time per step alone")
     parser.add_argument("providers", nargs="*", default=["timm", "timm_swapped"])
     args = parser.parse_args(argv)
     # A host-bound step slows down when other processes share the CPU (a capped stage's
@@ -114,6 +119,12 @@ def main(argv):
         for _ in range(args.warmup):
             case.run()
         steps, collections = timed_steps(case, 10)
+        if args.wall_only:
+            print(f"{provider}: step {statistics.median(steps):.1f} ms wall (median of {len(steps)}, "
+                  f"min {min(steps):.1f}, max {max(steps):.1f}); garbage collections: {collections}", flush=True)
+            del case
+            torch.cuda.empty_cache()
+            continue
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(3):
                 case.run()

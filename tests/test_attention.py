@@ -340,8 +340,8 @@ def _qkv(n=17, d=64, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize(
     "make,error,match",
     [
-        (lambda: _qkv(d=48), ValueError, r"head dim must be one of"),
-        (lambda: _qkv(d=256), ValueError, r"head dim must be one of"),
+        (lambda: _qkv(d=48), ValueError, r"head dim \(q, k and v.s last dim\) must be one of"),
+        (lambda: _qkv(d=256), ValueError, r"head dim \(q, k and v.s last dim\) must be one of"),
         (lambda: [*_qkv()[:2], torch.randn(2, 18, 3, 64, device=DEVICE)], ValueError, "k and v must have the same shape"),
         (lambda: [_qkv()[0], *_qkv(dtype=torch.float16)[1:]], TypeError, "must share one dtype"),
         (lambda: [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv()], ValueError, "must be contiguous"),

@@ -217,7 +217,9 @@ def test_gpu_check_interrupts_a_stage_at_its_cap(tmp_path):
                             TEST_WORKERS="0")
     assert "== tests (load average" in result.stdout and "capped at 3 s" in result.stdout, result.stdout
     took = [line for line in result.stdout.splitlines() if line.startswith("-- tests took")]
-    assert took and int(took[0].split()[3]) < 30, result.stdout
+    # Shorter than the sleep: the stage was cut, not waited out (a bound on the work, not on this
+    # machine's speed; a wall-clock margin fails on a loaded machine).
+    assert took and int(took[0].split()[3]) < 120, result.stdout
     assert result.returncode == 1, result.stdout  # the interrupted stage counts as a failure
     with tarfile.open(tmp_path / "out" / "gpu_check_logs.tar.gz") as archive:
         log = archive.extractfile("tests.log").read().decode()

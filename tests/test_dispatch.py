@@ -156,6 +156,19 @@ def test_double_backward_fails_loudly(seed, op):
         grads[0].square().sum().backward()
 
 
+def test_sanitize_script_runs_every_kernel():
+    """scripts/sanitize_kernels.py is what gpu_check.sh's sanitize stage runs under
+    compute-sanitizer: on the CPU (the interpreter, each attention kind's first config) it must
+    run every op forward and backward, so that a lease does not spend its minutes on a broken
+    script."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "sanitize_kernels.py"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, str(script), "--attention-configs", "first"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "33 forward + backward calls ran" in out.stdout, out.stdout
+
+
 @pytest.mark.parametrize("triton_launch", [False, True], ids=["stubbed", "triton_launch_path"])
 def test_host_overhead_script_runs_both_ways(triton_launch):
     """--triton-launch keeps Triton's Python launch path (its driver, compile and C launcher
@@ -210,3 +223,36 @@ def test_interpreter_index_mended_where_its_int_of_a_1d_array_fails(monkeypatch)
     interpreter._patch_lang_tensor(Tensor, Scope())
     assert list(range(Tensor(np.array([3], dtype=np.int32)))) == [0, 1, 2]
     assert not _compat.mend_interpreter_index(), "mended once: the line is gone"
+
+
+def test_checks_run_once_per_signature_and_every_time_they_fail(monkeypatch):
+    """_validate.checked_once: a passed signature (types, shapes, strides, dtypes, devices, other
+    values with their types) is not checked again; a failing one is, every call; so is every call
+    while something traces, and one whose arguments have no hashable signature."""
+    from vit_kernels import _validate
+
+    calls = []
+
+    @_validate.checked_once
+    def check(x, scale):
+        calls.append(scale)
+        if not isinstance(scale, float):
+            raise TypeError("scale must be a float")
+
+    x = torch.randn(2, 3)
+    check(x, 1.0)
+    check(x, 1.0)
+    check(torch.randn(2, 3), 1.0)  # another tensor, same signature
+    assert len(calls) == 1
+    for other in (x.t(), x.double(), torch.randn(3, 2)):  # strides, dtype, shape
+        check(other, 1.0)
+    assert len(calls) == 4
+    for _ in range(2):
+        with pytest.raises(TypeError):
+            check(x, True)  # True == 1.0 and hashes alike: the type keeps it apart
+    assert len(calls) == 6
+    with pytest.raises(TypeError):
+        check(x, [1.0])  # unhashable: checked, and refused
+    monkeypatch.setattr(_validate, "tracing", lambda: True)
+    check(x, 1.0)
+    assert len(calls) == 8

@@ -17,12 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton.language as tl
 from triton.runtime.jit import JITFunction
 
 from vit_kernels.ops import _launcher
 
 
-def _kernel_source(X, n, f, flag, BLOCK: "tl.constexpr", MODE: "tl.constexpr" = 2):  # noqa: F821
+def _kernel_source(X, n, f, flag, BLOCK: tl.constexpr, MODE: tl.constexpr = 2):
     pass  # a launch's parameters are all the binder reads; the body is never compiled
 
 

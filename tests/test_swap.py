@@ -105,10 +105,20 @@ def test_flags_and_what_is_left_alone(seed):
     assert "GELU only" in str(summary)
 
 
-def test_deit_families(seed):
-    deit3 = _timm("deit3_small_patch16_224")
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_deit3_matches_by_rule(seed, train):
+    """DeiT-3 (layer scale in every block, no position embedding on the class token): outputs and
+    every parameter gradient by the rule, not only its summary."""
+    deit3 = _timm("deit3_small_patch16_224").train(train)
+    images = torch.randn(2, 3, 64, 64, device=DEVICE)
+    oracle = output_and_grads(copy.deepcopy(deit3).double(), lambda m: m(images.double()))
+    eager = output_and_grads(deit3, lambda m: m(images))
     _, summary = vit_kernels.swap_modules(deit3)
     assert any(path == "forward_features" for path, _ in summary.swapped)
+    assert_rules(output_and_grads(deit3, lambda m: m(images)), oracle, eager)
+
+
+def test_deit_families(seed):
     # The distilled DeiT overrides _pos_embed (its dist token), which the fused path calls.
     distilled = _timm("deit_tiny_distilled_patch16_224").eval()
     images = torch.randn(2, 3, 64, 64, device=DEVICE)

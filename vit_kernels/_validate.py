@@ -65,19 +65,25 @@ def checked_once(check):
     host time per call (docs/design.md, "Host cost, graphs and syncs").
 
     The signature holds all a check may read: of a tensor its type, shape, strides, dtype and
-    device; of anything else its type and value (so True never passes for a checked 1). A check
-    that raises is run again on the next call: only signatures that passed are kept.
+    device; of anything else its type and value (so True never passes for a checked 1). Never
+    for a check that reads a tensor's values (the signature does not hold them). A check
+    that raises is run again on the next call: only signatures that passed are kept. While
+    something traces (torch.compile then sees the check itself), and for arguments without a
+    hashable signature (a list, a sparse tensor), the check runs every time.
     """
     passed = set()
 
     @functools.wraps(check)
     def checked(*args):
-        signature = tuple((arg.__class__, arg.shape, arg.stride(), arg.dtype, arg.device)
-                          if isinstance(arg, torch.Tensor) else (arg.__class__, arg) for arg in args)
+        if tracing():
+            check(*args)
+            return
         try:
+            signature = tuple((arg.__class__, arg.shape, arg.stride(), arg.dtype, arg.device)
+                              if isinstance(arg, torch.Tensor) else (arg.__class__, arg) for arg in args)
             if signature in passed:
                 return
-        except TypeError:  # an unhashable argument (a list, say): checked every time
+        except (TypeError, RuntimeError):
             check(*args)
             return
         check(*args)

@@ -291,7 +291,7 @@ def _validate(q, k, v, softmax_scale, dropout_p):
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim ([B, N, H, d])"
         )
     if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+        raise ValueError(f"head dim (q, k and v's last dim) must be one of {HEAD_DIMS}, got {q.shape[-1]}")
     if k.shape[1] == 0 and q.shape[1] > 0 and q.shape[0] > 0:
         raise ValueError("k and v must have at least one token (N_kv >= 1): softmax over nothing is undefined")
     if softmax_scale is not None:
@@ -358,6 +358,8 @@ def flash_attention_qkvpacked(
     if isinstance(qkv, Tensor) and (qkv.dim() != 5 or qkv.shape[2] != 3):
         raise ValueError(f"qkv must be [B, N, 3, H, d], got shape {tuple(qkv.shape)}")
     check_float_tensor("qkv", qkv, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if qkv.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"qkv's head dim (its last dim) must be one of {HEAD_DIMS}, got {qkv.shape[-1]}")
     q, k, v = qkv.unbind(2)
     return flash_attention(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, deterministic=deterministic)
 

@@ -110,7 +110,7 @@ def _validate(images, weight, bias, cls_token, pos_embed, mean, std):
     if images.shape[1] != channels:
         raise ValueError(f"images have {images.shape[1]} channels but weight expects {channels}")
     if images.shape[2] % patch or images.shape[3] % patch:
-        raise ValueError(f"image size {tuple(images.shape[2:])} is not divisible by the patch size {patch}")
+        raise ValueError(f"images of size {tuple(images.shape[2:])} are not divisible by the patch size {patch}")
     for name, t in (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed), ("mean", mean), ("std", std)):
         check_optional_float_tensor(name, t, dtypes=PARAM_DTYPES)
     check_same_device("images", images, weight=weight, bias=bias, cls_token=cls_token, pos_embed=pos_embed,
