@@ -201,7 +201,9 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # Clipped in the model's parameter order, as an eager loop's clip_grad_norm_(model.parameters())
+    # does: the total norm's float32 sum depends on the order (the optimizer's groups reorder them).
+    params = list(model.parameters())
 
     def run(x: Tensor, y: Tensor):
         # Gradients of None first: nothing accumulates into the graph's gradient buffers (in a
