@@ -340,34 +340,22 @@ def fuzz_patch_embed(data):
 # ---- the fuzzing tests, and their shrunk failures replayed -----------------------------------
 
 
-@fuzz_settings(12)
-@given(st.data())
-def test_add_layer_norm(data):
-    fuzz_add_layer_norm(data)
+def _fuzzing_test(fuzz, examples: int):
+    """The hypothesis test of one op's fuzz function, with its bounded example count."""
+    @fuzz_settings(examples)
+    @given(st.data())
+    def test(data):
+        fuzz(data)
+
+    test.__name__ = fuzz.__name__.replace("fuzz_", "test_")
+    return test
 
 
-@fuzz_settings(8)
-@given(st.data())
-def test_flash_attention(data):
-    fuzz_flash_attention(data)
-
-
-@fuzz_settings(12)
-@given(st.data())
-def test_bias_gelu(data):
-    fuzz_bias_gelu(data)
-
-
-@fuzz_settings(8)
-@given(st.data())
-def test_bias_gelu_linear(data):
-    fuzz_bias_gelu_linear(data)
-
-
-@fuzz_settings(12)
-@given(st.data())
-def test_patch_embed(data):
-    fuzz_patch_embed(data)
+test_add_layer_norm = _fuzzing_test(fuzz_add_layer_norm, 12)
+test_flash_attention = _fuzzing_test(fuzz_flash_attention, 8)
+test_bias_gelu = _fuzzing_test(fuzz_bias_gelu, 12)
+test_bias_gelu_linear = _fuzzing_test(fuzz_bias_gelu_linear, 8)
+test_patch_embed = _fuzzing_test(fuzz_patch_embed, 12)
 
 
 class Replay:

@@ -32,9 +32,7 @@ ROLES = {"X": "pointer", "n": "int", "f": "float", "flag": "bool"}
 
 
 def _bind():
-    source, namespace = _launcher.binder_source(KERNEL, ROLES)
-    exec(source, namespace)
-    return namespace["bind"]
+    return _launcher.make_binder(KERNEL, ROLES)
 
 
 def _tritons_specialization(args: dict) -> tuple:

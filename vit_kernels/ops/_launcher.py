@@ -13,10 +13,11 @@ signature goes through `kernel[grid]` (Triton compiles, or finds the compiled ke
 cache) and keeps the compiled kernel that launch returns; later calls of that signature call that
 kernel's C launcher directly with the arguments in the kernel's parameter order, which is what
 JITFunction.run hands it (Triton 3.6 through 3.9). The signature is computed by one function made
-for each kernel from its parameter list, and it is never coarser than Triton's specialization:
-for a tensor its dtype and whether its address is a multiple of 16; for an int whether it is 1,
-whether it is a multiple of 16, and its integer type (i32, i64 or u64); floats and bools by their
-type; None as None; every constexpr and launch option (num_warps, ...) by value, with its name.
+for each kernel from its parameter list and the types of its first launch's arguments, and it is
+never coarser than Triton's specialization (dtype and 16-byte alignment of pointers, ints equal to
+1 or divisible by 16 and their integer type): for a tensor its dtype and whether its address is a
+multiple of 16, or None; an int or a bool by its value; a float by its type only; every constexpr
+and launch option (num_warps, ...) by value, with its name.
 tests/test_launcher.py checks this against the installed Triton's own specialization (CI) and
 against 3.6 and 3.9 (scripts/compile_check_tritons.sh runs it there too).
 
@@ -89,6 +90,13 @@ def binder_source(kernel, roles: dict) -> tuple[str, dict]:
     return source, namespace
 
 
+def make_binder(kernel, roles: dict):
+    """The `bind` function of binder_source(kernel, roles), compiled."""
+    source, namespace = binder_source(kernel, roles)
+    exec(compile(source, f"<vit_kernels binder of {kernel.fn.__name__}>", "exec"), namespace)
+    return namespace["bind"]
+
+
 def _hooks_installed() -> bool:
     """Whether a launch hook is installed (Triton 3.6+ keeps them in HookChains; one assigned in
     place of a chain counts as installed)."""
@@ -152,9 +160,7 @@ class Launcher:
             self._bind = _unbindable
             self.kernel[grid](*args, **kwargs)
             return
-        source, namespace = binder_source(self.kernel, roles)
-        exec(compile(source, f"<vit_kernels binder of {self.kernel.fn.__name__}>", "exec"), namespace)
-        self._bind = namespace["bind"]
+        self._bind = make_binder(self.kernel, roles)
         self(grid, *args, **kwargs)
 
 

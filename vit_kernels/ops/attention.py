@@ -260,9 +260,8 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
     grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
-    launch(
-        _dropout_mask_kernel, grid, mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64), BLOCK_M=32, BLOCK_N=32,
-                               **LAUNCH_OPTIONS)
+    launch(_dropout_mask_kernel, grid, mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64),
+           BLOCK_M=32, BLOCK_N=32, **LAUNCH_OPTIONS)
     return mask.bool()
 
 
