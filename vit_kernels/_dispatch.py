@@ -93,8 +93,11 @@ class FusedOp:
     constant.
     """
 
-    def __init__(self, op, impl: Callable, function=None):
+    def __init__(self, op, impl: Callable, function=None, setup_context: Optional[Callable] = None,
+                 backward: Optional[Callable] = None):
         self.op, self.impl, self.function = op, impl, function
+        # For callers that run several ops under one autograd node (nn/block_step.py).
+        self.setup_context, self.backward = setup_context, backward
 
     def __call__(self, *inputs):
         if tracing():
@@ -149,4 +152,4 @@ def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, bac
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
-    return FusedOp(op, impl, function)
+    return FusedOp(op, impl, function, setup_context, backward)

@@ -15,6 +15,8 @@ import os
 from triton.runtime.jit import JITFunction
 
 OP_MODULES = ("attention", "bias_gelu", "bias_gelu_linear", "layer_norm")
+# Modules outside ops/ that ask runs_kernel (the one-node block step asks for its ops).
+CALLER_MODULES = ("vit_kernels.nn.block_step",)
 
 
 def stub_out_kernels(triton_launch: bool = False):
@@ -23,8 +25,8 @@ def stub_out_kernels(triton_launch: bool = False):
     with `triton_launch`, Triton's launch path runs up to the C launcher (fake_gpu_launches)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: interpreted kernels cannot be stubbed out")
-    for name in OP_MODULES:
-        importlib.import_module(f"vit_kernels.ops.{name}").runs_kernel = lambda kernel, tensor: True
+    for name in (*(f"vit_kernels.ops.{op}" for op in OP_MODULES), *CALLER_MODULES):
+        importlib.import_module(name).runs_kernel = lambda kernel, tensor: True
     if triton_launch:
         fake_gpu_launches()
         return

@@ -19,7 +19,10 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .._dispatch import linear_compute_dtype
+from ..ops.attention import draw_seed
 from .attention import FlashAttention
+from .block_step import block_step_forward, fast_path_spec
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
 from ._scripting import NotScriptable
@@ -124,7 +127,12 @@ def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], r
 
 def carried_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
                       row_scale: Optional[Tensor]):
-    """One block on the carried stream: finish the previous add inside norm1, leave this block's last add pending."""
+    """One block on the carried stream: finish the previous add inside norm1, leave this block's last add pending.
+
+    As one autograd node (nn/block_step.py) where that path reproduces the block exactly."""
+    spec = fast_path_spec(block, branch)
+    if spec is not None:
+        return _one_node_block_step(block, spec, branch, residual, gamma, row_scale)
     batch = branch.shape[0]
     y, residual = block.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
     attn_out = block.attn(y)
@@ -139,6 +147,28 @@ def carried_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma:
         # under FSDP2 this block's unsharded parameters are freed once its forward returns.
         gamma = gamma.clone()
     return branch, residual, gamma, row_scale
+
+
+def _one_node_block_step(block, spec, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
+                         row_scale: Optional[Tensor]):
+    """carried_block_step's ops as one autograd node, its random draws in the same order.
+
+    Parameters are read from `_parameters` and submodules from `_modules`, as in fast_path_spec."""
+    modules, device, batch = block._modules, branch.device, branch.shape[0]
+    attn, mlp = modules["attn"]._modules, modules["mlp"]._modules
+    dtype = linear_compute_dtype(branch)  # the attention branch's and the MLP's output dtype
+    seed = draw_seed(device) if spec.dropout_p > 0 else None
+    row_scale1 = drop_path_row_scale(modules["drop_path1"], batch, device, dtype)
+    row_scale2 = drop_path_row_scale(modules["drop_path2"], batch, device, dtype)
+    norm1, norm2 = modules["norm1"]._parameters, modules["norm2"]._parameters
+    qkv, proj = attn["qkv"]._parameters, attn["proj"]._parameters
+    fc1, fc2 = mlp["fc1"]._parameters, mlp["fc2"]._parameters
+    out, residual = block_step_forward(
+        spec, branch, residual, gamma, row_scale, seed, norm1["weight"], norm1["bias"], qkv["weight"], qkv["bias"],
+        proj["weight"], proj["bias"], layer_scale_gamma(modules["ls1"]), row_scale1, norm2["weight"], norm2["bias"],
+        fc1["weight"], fc1["bias"], fc2["weight"], fc2["bias"])
+    gamma = layer_scale_gamma(modules["ls2"])
+    return out, residual, gamma if gamma is None else gamma.clone(), row_scale2
 
 
 def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None, checkpoint: bool = False):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.bias_gelu_linear import bias_gelu_linear
+from ._hooks import global_hooks_installed, runs_plainly
 from ._scripting import NotScriptable
 
 # Leaves of torch.fx's symbolic trace, as in nn/attention.py.
@@ -36,7 +37,7 @@ class FusedMlp(NotScriptable, nn.Module):
     its bias (cuBLAS), then `vit_kernels.ops.bias_gelu_linear`: fc1's bias + GELU in one
     pass and fc2, saving only the pre-activation; the backward recomputes the GELU output
     in the pass that computes its gradient. With a dropout after the GELU (training,
-    drop1.p > 0), a norm there, or hooks on fc2, it runs timm's forward (fc1, act, drop1,
+    drop1.p > 0), a norm there, or hooks on fc1 or fc2 (or on every module), it runs timm's forward (fc1, act, drop1,
     norm, fc2, drop2 as modules): a fused fc1 + bias + GELU was measured slower than eager's
     there (docs/design.md, "Ops that did not earn their place"). The activation
     must be GELU (exact or tanh); anything else is refused at construction.
@@ -85,6 +86,9 @@ class FusedMlp(NotScriptable, nn.Module):
         return self.drop2(self.fc2(x))
 
     def _fc2_follows_gelu_directly(self) -> bool:
+        """Whether the fused forward computes what the module forward would: it calls neither fc1
+        nor fc2 as a module, so both must be plain Linears without hooks."""
         dropout = self.training and float(getattr(self.drop1, "p", 0.0)) > 0.0
-        fc2_hooked = bool(self.fc2._forward_hooks or self.fc2._forward_pre_hooks)
-        return isinstance(self.norm, nn.Identity) and not dropout and type(self.fc2) is nn.Linear and not fc2_hooked
+        linears_plain = not global_hooks_installed() and all(type(fc) is nn.Linear and runs_plainly(fc)
+                                                             for fc in (self.fc1, self.fc2))
+        return isinstance(self.norm, nn.Identity) and not dropout and linears_plain

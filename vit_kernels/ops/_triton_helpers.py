@@ -2,6 +2,8 @@
 
 import triton
 import triton.language as tl
+from typing import Optional
+
 from torch import Tensor
 
 
@@ -28,6 +30,12 @@ def as_rows(t: Tensor, n_cols: int) -> Tensor:
     """A [rows, n_cols] view of t whose last dim is contiguous (a copy only if no such view exists)."""
     t2 = t.reshape(-1, n_cols)
     return t2 if t2.stride(-1) == 1 or t2.shape[0] == 0 else t2.contiguous()
+
+
+def as_dtype(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    """``t.to(dtype)`` (None stays None), without the call when t has the dtype already: the call
+    returns t itself then, but its argument parsing costs the host a few us, many times a step."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
 def as_row_pointer(t: Tensor, n_cols: int) -> tuple[Tensor, int]:

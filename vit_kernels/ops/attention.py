@@ -178,17 +178,27 @@ def _flash_attention_bwd_impl(
     deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv), each [B, N, H, d] contiguous in q's dtype."""
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    flash_attention_bwd_into(dq, dk, dv, dout, q, k, v, out, lse, softmax_scale, dropout_p, seed, deterministic)
+    return dq, dk, dv
+
+
+def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                             out: Tensor, lse: Tensor, softmax_scale: float, dropout_p: float, seed: Optional[Tensor],
+                             deterministic: bool) -> None:
+    """The backward written into given dq, dk, dv: [B, N, H, d] in q's dtype, last stride 1, dk and
+    dv with the same strides; e.g. the views of one packed [B, N, 3, H, d] qkv gradient, which a
+    caller that owns the qkv Linear's backward takes as is (no torch.stack of three copies)."""
     batch, n_q, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
-    dq = torch.empty((batch, n_q, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dk = torch.empty((batch, n_kv, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    dv = torch.empty((batch, n_kv, n_heads, head_dim), dtype=q.dtype, device=q.device)
     if dq.numel() == 0:
-        return dq, dk, dv
+        return
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
-    delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                _n_bucket(n_q, n_kv))
     peel = _peel_tail(_arch_major(q.device), dropout_p)
@@ -222,7 +232,6 @@ def _flash_attention_bwd_impl(
     )
     if not deterministic:
         dq.copy_(dq_accum)
-    return dq, dk, dv
 
 
 def _flash_attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, dropout_p, seed, deterministic):

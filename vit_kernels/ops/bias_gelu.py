@@ -48,7 +48,7 @@ from .. import reference
 from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
 from ._launcher import launch
-from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
 
 APPROXIMATIONS = ("none", "tanh")
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
@@ -266,7 +266,7 @@ def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximat
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dbias = bias_gelu_backward_into(as_rows(dy, n_cols), as_rows(x, n_cols), bias, approximate, dx.view(-1, n_cols))
-    return dx, (dbias.to(bias.dtype) if bias is not None else x.new_empty(0))
+    return dx, (as_dtype(dbias, bias.dtype) if bias is not None else x.new_empty(0))
 
 
 def _bias_gelu_fwd_fake(x, bias, approximate):

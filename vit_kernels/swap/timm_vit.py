@@ -17,6 +17,7 @@ from torch import nn
 from .._validate import channel_normalization
 from ..nn.attention import FlashAttention
 from ..nn.block import carried_block_step, finish_residual, run_blocks_fused
+from ..nn.block_step import REPRODUCED_FORWARDS
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import FusedMlp, gelu_approximation
 from ..ops.attention import HEAD_DIMS
@@ -47,6 +48,10 @@ class TimmAttention(FlashAttention, SwappedModule):
         if attn_mask is not None or is_causal:
             return self.base_forward(x, attn_mask=attn_mask, is_causal=is_causal)
         return FlashAttention.forward(self, x)
+
+
+# Without a mask TimmAttention.forward is FlashAttention.forward: the one-node block step may step over it.
+REPRODUCED_FORWARDS.add(TimmAttention.forward)
 
 
 class TimmMlp(FusedMlp, SwappedModule):
