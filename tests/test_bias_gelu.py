@@ -180,9 +180,12 @@ def test_opcheck_and_compile(seed):
     grads = torch.autograd.grad(out.sum(), [x, b])
     out_eager = bias_gelu(x * 2, b) + 1
     grads_eager = torch.autograd.grad(out_eager.sum(), [x, b])
-    torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
-    for g, ge in zip(grads, grads_eager):
-        torch.testing.assert_close(g, ge, rtol=0, atol=0)
+    # Under compile bias + GELU is Inductor's (_dispatch.inductor_generates): by the rule.
+    x64, b64 = (t.detach().double().requires_grad_() for t in (x, b))
+    out64 = bias_gelu(x64 * 2, b64) + 1
+    grads64 = torch.autograd.grad(out64.sum(), [x64, b64])
+    for name, got, want64, eager in zip(("out", "dx", "db"), (out, *grads), (out64, *grads64), (out_eager, *grads_eager)):
+        assert_rule(name, got, want64, eager)
 
 
 # ---- the module --------------------------------------------------------------------------------

@@ -158,7 +158,8 @@ def test_compile_fullgraph_fused_model(seed):
     model = _ours(True).eval()
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)
+    # Not bitwise: LayerNorm and attention without gradients run Inductor's ops under compile.
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_block_standalone_matches_eager_block(seed):

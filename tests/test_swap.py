@@ -155,7 +155,9 @@ def test_compile_fullgraph_swapped(seed):
     model, _ = vit_kernels.swap_modules(_timm(init_values=0.1).eval())
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(images), model(images), rtol=0, atol=0)
+    # Not bitwise: under compile LayerNorm and (without gradients) attention run the ops Inductor
+    # generates faster (_dispatch.inductor_generates); tests/test_compile.py holds them to the rule.
+    torch.testing.assert_close(compiled(images), model(images), rtol=1e-5, atol=1e-5)
 
 
 # ---- torchvision -----------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def test_compile_fullgraph_swapped_vit_base(seed):
     vit_kernels.swap_modules(model)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     got = compiled(images)
-    torch.testing.assert_close(got, model(images), rtol=0, atol=0)
+    torch.testing.assert_close(got, model(images), rtol=1e-5, atol=1e-5)  # not bitwise: as above
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 

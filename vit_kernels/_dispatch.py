@@ -14,7 +14,9 @@ environment, because triton.jit picks interpreted or compiled once, when the
 kernel's module is imported; the environment may have changed since.
 """
 
+import contextlib
 import functools
+import threading
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -75,6 +77,43 @@ def tracing() -> bool:
     return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
 
 
+# Under torch.compile, the ops whose kernels Inductor generates faster run their reference instead,
+# which Inductor fuses with its neighbours (docs/design.md, "Under torch.compile"; measured on an
+# H100, benchmarks/results/nvidia-h100-2026-11-22.md): add + LayerNorm (Inductor's forward 1.15x
+# ours at ViT-B, fwd+bwd even) and bias + GELU (fwd+bwd 1.37x ours at ViT-B, the op alone, wall time), with the fused MLP
+# built on it; attention's forward alone (SDPA, cuDNN there, 1.17x ours). Attention that needs a
+# gradient (ours 1.24x SDPA fwd+bwd) and patch embedding (ours 2.4x Inductor's) stay ours.
+_INDUCTOR_GENERATES = frozenset({"add_layer_norm", "bias_gelu", "bias_gelu_linear"})
+
+
+def inductor_generates(op: str, *inputs) -> bool:
+    """Whether `op`, called on `inputs`, should run as its reference because torch.compile is
+    tracing it and Inductor's kernels beat ours (the table above)."""
+    if not torch.compiler.is_compiling():
+        return False
+    if op == "flash_attention":
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    return op in _INDUCTOR_GENERATES
+
+
+class _TracedLaunches(threading.local):
+    on = False
+
+
+TRACED_LAUNCHES = _TracedLaunches()  # read by ops/_launcher.py on every launch
+
+
+@contextlib.contextmanager
+def traced_launches():
+    """Triton launches inside go through torch.library.wrap_triton (ops/_launcher.py): a
+    triton_op's implementation while torch.compile traces it."""
+    previous, TRACED_LAUNCHES.on = TRACED_LAUNCHES.on, True
+    try:
+        yield
+    finally:
+        TRACED_LAUNCHES.on = previous
+
+
 class FusedOp:
     """One registered op of vit_kernels, called the cheapest way that is still correct (made
     by `define_op`).
@@ -112,10 +151,16 @@ class FusedOp:
 
 
 def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, backward: Optional[Callable] = None,
-              setup_context: Optional[Callable] = None, non_differentiable: Sequence[int] = ()) -> FusedOp:
+              setup_context: Optional[Callable] = None, non_differentiable: Sequence[int] = (),
+              kernel=None) -> FusedOp:
     """Register `vit_kernels::<name>` and return it as a FusedOp: the one way every op is defined.
 
-    - `impl` given: a Python custom op made from it (torch.library.custom_op, no mutated inputs).
+    - `impl` given: a Python custom op made from it, no mutated inputs. With `kernel` (a Triton
+      kernel `impl` launches) compiled, not interpreted, it is a `torch.library.triton_op`:
+      torch.compile traces `impl`, its launches recorded through wrap_triton
+      (traced_launches), and Inductor launches the kernels from its own wrapper
+      and captures them in its CUDA graphs. Otherwise (the interpreter, whose kernels run only on
+      real tensors) a torch.library.custom_op, opaque to the compiler.
       `impl` None: the op the csrc/ extension defines with TORCH_LIBRARY (load it first); its
       eager bypass calls the op below the autograd dispatch key.
     - `fake(*inputs)`: the outputs' shapes and dtypes, for tracing.
@@ -133,9 +178,11 @@ def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, bac
                 return op(*inputs)
 
         impl.__name__ = name
+    elif kernel is not None and not interpreted(kernel):
+        op = torch.library.triton_op(qualname, _with_traced_launches(impl), mutates_args=())
     else:
         op = torch.library.custom_op(qualname, impl, mutates_args=())
-    torch.library.register_fake(qualname, fake)
+    torch.library.register_fake(qualname, fake)  # in place of triton_op's (impl traced): cheaper
     if backward is None:
         return FusedOp(op, impl)
     torch.library.register_autograd(qualname, backward, setup_context=setup_context)
@@ -153,3 +200,31 @@ def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, bac
         "backward": staticmethod(backward),
     })
     return FusedOp(op, impl, function, setup_context, backward)
+
+
+@functools.lru_cache(maxsize=None)
+def inductor_keeps_launch_options() -> bool:
+    """Whether this torch's Inductor compiles a traced Triton launch with the launch's backend
+    options (`enable_fp_fusion=...`; pytorch/pytorch#187028). Read off its source, not by
+    importing it: importing Inductor costs seconds, and this is asked at import."""
+    import os
+
+    path = os.path.join(os.path.dirname(torch.__file__), "_inductor", "runtime", "triton_helpers.py")
+    try:
+        with open(path, encoding="utf-8") as source:
+            return "def try_filter_backend_options_for_target" in source.read()
+    except OSError:
+        return False
+
+
+def _with_traced_launches(impl: Callable) -> Callable:
+    """`impl` with its launches recorded through wrap_triton: what a triton_op runs while traced
+    (and, through the dispatcher, eagerly, where wrap_triton hands back the kernel itself)."""
+    @functools.wraps(impl)
+    def traced_impl(*inputs):
+        if not tracing():  # called eagerly through the dispatcher (opcheck, create_graph): launch directly
+            return impl(*inputs)
+        with traced_launches():
+            return impl(*inputs)
+
+    return traced_impl

@@ -27,6 +27,11 @@ reads the metadata that Triton's path builds for it); for a kernel with pre-run 
 the first call of a signature. What this gives up: Triton's check that the global values a kernel
 reads have not changed since it compiled (the kernels read no mutable globals), and a change of
 TRITON_DEBUG or of the instrumentation knobs after a signature's first launch in the process.
+
+Inside `_dispatch.traced_launches()` (an op's implementation while torch.compile traces it: the ops are
+`torch.library.triton_op`s, _dispatch.define_op) a launch is `wrap_triton(kernel)[grid](...)`:
+the trace records it as a Triton kernel call that Inductor compiles and launches from its own
+wrapper, and nothing is bound here.
 """
 
 import inspect
@@ -36,9 +41,21 @@ from triton import knobs
 from triton.knobs import HookChain
 from triton.runtime import driver
 
-from .._dispatch import interpreted
+from .._dispatch import TRACED_LAUNCHES, inductor_keeps_launch_options, interpreted
 
 MAX_SIGNATURES = 1024  # per kernel; past it the bound launches are dropped and bound again as they come
+
+
+def traced_launch(kernel, grid, *args, **kwargs) -> None:
+    """`kernel[grid](...)` as torch.library.wrap_triton records it. An Inductor that does not
+    compile traced launches with their backend options (_dispatch.inductor_keeps_launch_options)
+    is not handed enable_fp_fusion=True, Triton's default there; the one launch that turns it off
+    is never traced by such an Inductor (ops/attention.py)."""
+    import torch.library
+
+    if kwargs.get("enable_fp_fusion") is True and not inductor_keeps_launch_options():
+        kwargs = {name: value for name, value in kwargs.items() if name != "enable_fp_fusion"}
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 class _Unbindable(Exception):
@@ -117,6 +134,9 @@ class Launcher:
         self._bound = {}  # (device, signature) -> (C launcher, function handle, packed metadata)
 
     def __call__(self, grid, *args, **kwargs):
+        if TRACED_LAUNCHES.on:
+            traced_launch(self.kernel, grid, *args, **kwargs)
+            return
         bind = self._bind
         if bind is None:
             self._first_launch(grid, args, kwargs)

@@ -9,6 +9,9 @@ same compiled kernel): Autotuner.run rebuilds its key from every argument on eac
 share of what Triton's launch path costs the host (scripts/host_overhead.py --triton-launch
 measures it), and a ViT step is host-bound.
 
+While torch.compile traces an op, a key already tuned launches its chosen config, and one not
+yet tuned (or with symbolic sizes) records the autotuner, which Inductor runs itself.
+
 Tuning happens on the device at the first call of a shape; a CUDA-graph capture or a timed run
 must come after a warm-up call (docs/design.md, "Host cost, graphs and syncs").
 """
@@ -16,7 +19,8 @@ must come after a warm-up call (docs/design.md, "Host cost, graphs and syncs").
 import triton
 from torch import Tensor
 
-from ._launcher import launcher_for
+from .._dispatch import TRACED_LAUNCHES
+from ._launcher import launcher_for, traced_launch
 from ._triton_helpers import LAUNCH_OPTIONS
 
 _AUTOTUNERS = {}  # (launcher, id(config list)) -> (the config list, its triton.autotune wrapper)
@@ -39,7 +43,10 @@ def launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, *, key: 
     values = tuple(kwargs[name] if name in kwargs else args[positions[name]] for name in key)
     # The entry holds the config list, so its id cannot be reused by another while the entry exists.
     tuned = (launcher, id(configs), *values, *(arg.dtype for arg in args if isinstance(arg, Tensor)))
-    chosen = _CHOSEN.get(tuned)
+    if TRACED_LAUNCHES.on and not all(value.__class__ is int for value in values):
+        chosen = None  # symbolic sizes: the autotuner below, which Inductor runs on the device
+    else:
+        chosen = _CHOSEN.get(tuned)
     if chosen is not None:
         launcher(grid_for(chosen.kwargs), *args, **kwargs, **options, **chosen.all_kwargs())
         return
@@ -47,5 +54,8 @@ def launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, *, key: 
     if entry is None:
         autotuner = triton.autotune(configs=list(configs), key=list(key))(kernel)
         entry = _AUTOTUNERS[tuned[:2]] = (configs, autotuner)
+    if TRACED_LAUNCHES.on:  # Inductor tunes the autotuned kernel itself when it compiles the graph
+        traced_launch(entry[1], grid_for, *args, **kwargs, **options)
+        return
     entry[1][grid_for](*args, **kwargs, **options)
     _CHOSEN[tuned] = entry[1].best_config  # the config Autotuner.run launched (None: ask it again)

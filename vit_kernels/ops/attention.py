@@ -31,10 +31,12 @@
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import cuda_properties, define_op, interpreted, runs_kernel
+from .._dispatch import (cuda_properties, define_op, inductor_generates, inductor_keeps_launch_options, interpreted,
+                         runs_kernel)
 from .._validate import check_float_tensor, check_number, check_same_device, checked_once
 from . import _tuning
 from ._launcher import launch
@@ -255,9 +257,13 @@ def _backward(ctx, dout, _dlse):
     return dq, dk, dv, None, None, None, None
 
 
+# The forward is traced into (a triton_op) only by an Inductor that compiles it with its launch
+# options, enable_fp_fusion=False above; an older one would contract its exponents.
 _flash_attention_fwd = define_op("flash_attention_fwd", _flash_attention_fwd_impl, fake=_flash_attention_fwd_fake,
-                                 setup_context=_setup_context, backward=_backward, non_differentiable=(1,))
-_flash_attention_bwd = define_op("flash_attention_bwd", _flash_attention_bwd_impl, fake=_flash_attention_bwd_fake)
+                                 setup_context=_setup_context, backward=_backward, non_differentiable=(1,),
+                                 kernel=_attn_fwd_kernel if inductor_keeps_launch_options() else None)
+_flash_attention_bwd = define_op("flash_attention_bwd", _flash_attention_bwd_impl, fake=_flash_attention_bwd_fake,
+                                 kernel=_attn_bwd_dkdv_kernel)
 
 
 def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_kv: int, dropout_p: float,
@@ -350,6 +356,9 @@ def flash_attention(
         if dropout_p > 0:
             mask = torch.rand(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device) >= dropout_p
         return reference.attention(q, k, v, scale, mask, dropout_p)
+    if inductor_generates("flash_attention", q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              dropout_p=dropout_p, scale=scale).transpose(1, 2)
     seed = draw_seed(q.device) if dropout_p > 0 else None
     out, _ = _flash_attention_fwd(q, k, v, scale, float(dropout_p), seed, deterministic)
     return out

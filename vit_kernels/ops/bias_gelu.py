@@ -45,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
+from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
@@ -290,8 +290,8 @@ def _backward(ctx, dy):
 
 
 _bias_gelu_fwd = define_op("bias_gelu_fwd", _bias_gelu_fwd_impl, fake=_bias_gelu_fwd_fake,
-                           setup_context=_setup_context, backward=_backward)
-bias_gelu_bwd = define_op("bias_gelu_bwd", bias_gelu_bwd_impl, fake=_bias_gelu_bwd_fake)
+                           setup_context=_setup_context, backward=_backward, kernel=_bias_gelu_fwd_kernel)
+bias_gelu_bwd = define_op("bias_gelu_bwd", bias_gelu_bwd_impl, fake=_bias_gelu_bwd_fake, kernel=_bias_gelu_bwd_kernel)
 
 
 @checked_once
@@ -326,6 +326,6 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         ValueError: bias not ``[N]``, mixed devices, unknown ``approximate``, 0-d x.
     """
     _validate(x, bias, approximate)
-    if x.dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
+    if x.dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x) or inductor_generates("bias_gelu"):
         return reference.bias_gelu(x, bias, approximate)
     return _bias_gelu_fwd(x, bias, approximate)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import define_op, linear_compute_dtype, runs_kernel
+from .._dispatch import define_op, inductor_generates, linear_compute_dtype, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
 from ._triton_helpers import as_dtype, as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
@@ -102,8 +102,9 @@ def _backward(ctx, dout):
 
 
 _bias_gelu_linear_fwd = define_op("bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, fake=_bias_gelu_linear_fwd_fake,
-                                  setup_context=_setup_context, backward=_backward)
-_bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake)
+                                  setup_context=_setup_context, backward=_backward, kernel=_bias_gelu_fwd_kernel)
+_bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake,
+                                  kernel=_bias_gelu_fwd_kernel)
 
 
 @checked_once
@@ -151,6 +152,6 @@ def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_b
 
     dtype = linear_compute_dtype(x)
     x, weight, linear_bias = as_dtype(x, dtype), as_dtype(weight, dtype), as_dtype(linear_bias, dtype)
-    if dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x):
+    if dtype == torch.float64 or not runs_kernel(_bias_gelu_fwd_kernel, x) or inductor_generates("bias_gelu_linear"):
         return reference.bias_gelu_linear(x, bias, weight, linear_bias, approximate)
     return _bias_gelu_linear_fwd(x, bias, weight.contiguous(), linear_bias, approximate)

@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
-from .._dispatch import define_op, interpreted, num_programs_for_reduction, runs_kernel
+from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
@@ -499,8 +499,10 @@ def _backward(ctx, dy, dresidual_out, _dmean, _drstd):
 
 
 _add_layer_norm_fwd = define_op("add_layer_norm_fwd", _add_layer_norm_fwd_impl, fake=_add_layer_norm_fwd_fake,
-                                setup_context=_setup_context, backward=_backward, non_differentiable=(2, 3))
-_add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake)
+                                setup_context=_setup_context, backward=_backward, non_differentiable=(2, 3),
+                                kernel=_add_layer_norm_fwd_kernel)
+_add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake,
+                                kernel=_add_layer_norm_bwd_kernel)
 
 
 @checked_once
@@ -578,7 +580,8 @@ def add_layer_norm(
             tensors on different devices, eps < 0.
     """
     _validate(x, residual, weight, bias, eps, gamma, row_scale)
-    if x.dtype == torch.float64 or not runs_kernel(_add_layer_norm_fwd_kernel, x):
+    if (x.dtype == torch.float64 or not runs_kernel(_add_layer_norm_fwd_kernel, x)
+            or inductor_generates("add_layer_norm")):
         return reference.add_layer_norm(
             x, residual, weight, bias, eps, gamma=gamma, row_scale=row_scale, residual_in_fp32=residual_in_fp32
         )
