@@ -20,7 +20,10 @@ DEVICE = kernel_device()
 ON_GPU = DEVICE.type == "cuda"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 SEQ_LENS = [1, 17, 50, 197, 257]
-HEAD_DIMS = [32, 64, 80, 96, 128]
+HEAD_DIMS = [32, 64, 80, 96, 128]  # the ViT-B/L/H, DeiT and CLIP widths, at every length
+# Every other multiple of 8 the kernels take: one block padded (8, 16, 24, 56, 104-120) or two
+# (40, 48, 72, 88), each at the lengths the issue names.
+OTHER_HEAD_DIMS = [d for d in attention_module.HEAD_DIMS if d not in HEAD_DIMS]
 
 
 def _make(batch, n_q, n_kv, heads, head_dim, dtype, packed):
@@ -58,12 +61,34 @@ def check_attention(batch, n_q, n_kv, heads, head_dim, dtype, packed, **kwargs):
         assert_rule(name, g, g_ref, g_eager)
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+LAYOUTS = [(d, False) for d in HEAD_DIMS] + [(64, True), (80, True)]
+
+
+@pytest.mark.parametrize("head_dim,packed", LAYOUTS, ids=[f"{d}-{'packed' if p else 'separate'}" for d, p in LAYOUTS])
 @pytest.mark.parametrize("seq_len", SEQ_LENS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_rule(seed, dtype, seq_len, head_dim, packed):
     check_attention(2, seq_len, seq_len, 2, head_dim, dtype, packed)
+
+
+@pytest.mark.parametrize("head_dim", OTHER_HEAD_DIMS)
+@pytest.mark.parametrize("seq_len", [1, 17, 197, 257])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_head_dim(seed, dtype, seq_len, head_dim):
+    """SigLIP so400m's 72, ViT-g's 88, CLIP bigG's 104, test configs' 8 and 16, and the rest."""
+    check_attention(1, seq_len, seq_len, 2, head_dim, dtype, packed=False)
+
+
+def test_head_dim_blocks_pad_at_most_a_quarter():
+    """Two power-of-two column blocks where one would pad more; no more than a quarter of the dot
+    work on padding anywhere but d = 8 (16 is the narrowest dot operand)."""
+    blocks = {d: attention_module.head_dim_blocks(d) for d in attention_module.HEAD_DIMS}
+    assert blocks[72] == (64, 16) and blocks[80] == (64, 16) and blocks[96] == (64, 32) and blocks[64] == (64, 0)
+    for d, (a, b) in blocks.items():
+        assert a & (a - 1) == 0 and b & (b - 1) == 0 and min(a, b or 16) >= 16 and a + b >= d
+        assert d == 8 or (a + b - d) / (a + b) <= 0.25, (d, a, b)
+        one_block = max(16, 1 << (d - 1).bit_length())
+        assert a + b <= one_block
 
 
 @pytest.mark.parametrize("n_q,n_kv", [(1, 197), (197, 1), (50, 257), (257, 17)])
@@ -340,8 +365,9 @@ def _qkv(n=17, d=64, dtype=torch.float32, device=DEVICE):
 @pytest.mark.parametrize(
     "make,error,match",
     [
-        (lambda: _qkv(d=48), ValueError, r"head dim \(q, k and v.s last dim\) must be one of"),
-        (lambda: _qkv(d=256), ValueError, r"head dim \(q, k and v.s last dim\) must be one of"),
+        (lambda: _qkv(d=44), ValueError, r"head dim \(q, k and v.s last dim\) must be a multiple of 8 from 8 to 128"),
+        (lambda: _qkv(d=136), ValueError, r"head dim \(q, k and v.s last dim\) must be a multiple of 8"),
+        (lambda: _qkv(d=4), ValueError, r"head dim \(q, k and v.s last dim\) must be a multiple of 8"),
         (lambda: [*_qkv()[:2], torch.randn(2, 18, 3, 64, device=DEVICE)], ValueError, "k and v must have the same shape"),
         (lambda: [_qkv()[0], *_qkv(dtype=torch.float16)[1:]], TypeError, "must share one dtype"),
         (lambda: [t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in _qkv()], ValueError, "must be contiguous"),
@@ -455,7 +481,7 @@ def test_module_matches_timm_attention(seed, qk_norm):
 
 def test_module_refuses_unsupported_head_dim():
     with pytest.raises(ValueError, match="head dim"):
-        FlashAttention(192, num_heads=4)  # d = 48
+        FlashAttention(176, num_heads=4)  # d = 44
     with pytest.raises(ValueError, match="divisible"):
         FlashAttention(190, num_heads=4)
 

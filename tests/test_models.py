@@ -210,3 +210,66 @@ def test_uint8_images_normalized_inside_the_model(seed):
         _ours(True)(images)
     with pytest.raises(ValueError, match="one entry per input channel"):
         eager.set_input_normalization((0.5, 0.5), (0.2, 0.2))
+
+
+# ---- packed batches of images of different sizes (NaViT) ----------------------------------------
+
+
+def _packed_images(dtype=torch.float32):
+    # Two 64 x 64 (embedded together), a 48 x 32, a 16 x 16 (one patch): 17, 7 and 2 tokens.
+    sizes = [(64, 64), (48, 32), (64, 64), (16, 16)]
+    return [torch.randn(3, h, w, device=DEVICE, dtype=dtype) for h, w in sizes]
+
+
+@pytest.mark.parametrize("config", [dict(), dict(global_pool="avg", class_token=False, init_values=0.1),
+                                    dict(embed_dim=144, num_heads=2)], ids=["token", "avg-layer-scale", "d72"])
+def test_packed_batch_matches_each_image_by_rule(seed, config):
+    """forward_packed with fused=True (one pass over all tokens, attention within each image)
+    against each image's own eager forward, and float64, outputs and every parameter gradient."""
+    eager = _ours(False, **config).eval()
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fused = _ours(True, **config).eval()
+    fused.load_state_dict(eager.state_dict())
+    images = _packed_images()
+    want = output_and_grads(eager, lambda m: m.forward_packed(images))
+    oracle = output_and_grads(copy.deepcopy(eager).double(), lambda m: m.forward_packed([i.double() for i in images]))
+    got = output_and_grads(fused, lambda m: m.forward_packed(images))
+    assert got["output"].shape == (4, 10)
+    assert_rules(got, oracle, want)
+    alone = torch.stack([eager(image[None])[0] for image in images])
+    torch.testing.assert_close(want["output"], alone.detach(), rtol=1e-5, atol=1e-6)  # the head batched or not
+    fused.set_grad_checkpointing(True)
+    again = output_and_grads(fused, lambda m: m.forward_packed(images))
+    for name, value in got.items():
+        torch.testing.assert_close(again[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_features_and_drop_path_per_image(seed, monkeypatch):
+    from vit_kernels.nn import block as block_module
+
+    model = _ours(True, drop_path_rate=0.5, init_values=0.5).train()
+    drawn = []
+    draw = block_module.drop_path_row_scale
+    monkeypatch.setattr(block_module, "drop_path_row_scale",
+                        lambda module, batch, *args: drawn.append(batch) or draw(module, batch, *args))
+    images = _packed_images()
+    tokens, packed = model.forward_features_packed(images)
+    assert packed.offsets == (0, 17, 24, 41, 43) and tokens.shape == (43, 192)
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.max_seqlen == 17
+    assert drawn and all(batch == 4 for batch in drawn)  # one draw per image, not per token
+    scale = torch.tensor([2.0, 0.0, 2.0, 0.0], device=DEVICE)
+    assert torch.equal(packed.per_token(scale), scale.repeat_interleave(torch.tensor([17, 7, 17, 2], device=DEVICE)))
+    model.forward_packed(images).square().sum().backward()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in model.parameters())
+
+
+def test_packed_batch_bad_input():
+    model = _ours(True)
+    with pytest.raises(ValueError, match="at least one image"):
+        model.forward_packed([])
+    with pytest.raises(ValueError, match=r"images\[1\] must be a \[C, H, W\] tensor"):
+        model.forward_packed([torch.randn(3, 32, 32), torch.randn(1, 3, 32, 32)])
+    with pytest.raises(ValueError, match="divisible"):
+        model.forward_packed([torch.randn(3, 30, 32)])

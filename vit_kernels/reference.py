@@ -141,3 +141,25 @@ def patch_embed(
     if pos_embed is not None and pos_embed.shape[1] == n + 1:
         tokens = tokens + pos_embed.to(dtype)
     return tokens
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     softmax_scale: Optional[float] = None, dropout_masks: Optional[list] = None,
+                     dropout_p: float = 0.0) -> Tensor:
+    """`attention` on each packed sequence of ``[T, H, d]`` tensors (flash-attn's varlen layout),
+    one at a time; reads cu_seqlens on the host. ``dropout_masks``: one ``[1, H, n_q, n_kv]``
+    keep mask per sequence; without it and with dropout_p > 0, masks are drawn with torch.rand.
+    A query sequence with no keys gets 0."""
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    pieces = []
+    for i in range(len(starts_q) - 1):
+        q0, q1, k0, k1 = starts_q[i], starts_q[i + 1], starts_k[i], starts_k[i + 1]
+        if q1 == q0 or k1 == k0:
+            pieces.append(out[q0:q1])
+            continue
+        mask = None if dropout_masks is None else dropout_masks[i]
+        if mask is None and dropout_p > 0:
+            mask = torch.rand(1, q.shape[1], q1 - q0, k1 - k0, device=q.device) >= dropout_p
+        pieces.append(attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], softmax_scale, mask, dropout_p)[0])
+    return torch.cat(pieces) if pieces else out

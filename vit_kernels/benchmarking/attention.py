@@ -18,10 +18,12 @@ SHAPES = {
     "ViT-B (256, 197, 12, 64)": (256, 197, 12, 64),
     "ViT-L/16@384 (64, 577, 16, 64)": (64, 577, 16, 64),
     "ViT-H/14 (64, 257, 16, 80)": (64, 257, 16, 80),
+    "SigLIP so400m@384 (32, 729, 16, 72)": (32, 729, 16, 72),
     "long (4, 4096, 16, 128)": (4, 4096, 16, 128),
     "long (1, 16384, 16, 64)": (1, 16384, 16, 64),
 }
-SMALL_SHAPES = {"small (2, 197, 3, 64)": (2, 197, 3, 64), "small d=80 (1, 257, 2, 80)": (1, 257, 2, 80)}
+SMALL_SHAPES = {"small (2, 197, 3, 64)": (2, 197, 3, 64), "small d=80 (1, 257, 2, 80)": (1, 257, 2, 80),
+                "small d=72 (1, 50, 2, 72)": (1, 50, 2, 72)}
 # vit_kernels_atomic_dq: deterministic=False (dQ by float32 atomics), to measure what the
 # bitwise-reproducible default costs (fwd+bwd rows).
 PROVIDERS = ("vit_kernels", "vit_kernels_atomic_dq", "eager", "sdpa", "sdpa_flash", "sdpa_cudnn")

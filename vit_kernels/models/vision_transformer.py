@@ -19,7 +19,7 @@ class token and the position embeddings in one op (the csrc/ extension).
 
 import math
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validate import channel_normalization
+from ..nn.attention import PackedSequences
 from ..nn.block import DropPath, FusedBlock, LayerScale, finish_residual, run_blocks_fused
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.patch_embed import FusedPatchEmbed
@@ -280,6 +281,60 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
+
+    # ---- packed batches: images of different sizes in one sequence (NaViT) ----------------------
+
+    def forward_features_packed(self, images: Sequence[Tensor]) -> tuple[Tensor, PackedSequences]:
+        """Tokens of images of different sizes after the encoder and its final norm, packed:
+        ``([T, D], PackedSequences)``, image i's tokens rows ``offsets[i]:offsets[i + 1]``.
+
+        Each image is ``[C, H, W]`` (any H, W divisible by the patch size); its position
+        embeddings are resampled to its grid. ``fused=True`` embeds the images of each size
+        together and runs the blocks once over all tokens, attention within each image
+        (`flash_attention_varlen`), drop path per image; ``fused=False`` runs each image by
+        itself (the reference: the same numbers, one forward per image)."""
+        images = list(images)
+        if not images:
+            raise ValueError("images must hold at least one image")
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor) or image.dim() != 3:
+                raise ValueError(f"images[{i}] must be a [C, H, W] tensor, got "
+                                 f"{tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__}")
+        if not self.fused:
+            tokens = [self.forward_features(image[None])[0] for image in images]
+            packed = PackedSequences.from_lengths([t.shape[0] for t in tokens], tokens[0].device)
+            return torch.cat(tokens), packed
+        by_size = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape), []).append(i)
+        embedded = [None] * len(images)
+        for indices in by_size.values():
+            group = self._embed(torch.stack([images[i] for i in indices]))
+            for row, i in enumerate(indices):
+                embedded[i] = group[row]
+        packed = PackedSequences.from_lengths([t.shape[0] for t in embedded], embedded[0].device)
+        x = torch.cat(embedded)[:, None]  # [T, 1, D]: one row per token
+        checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
+        if isinstance(self.norm, FusedLayerNorm):
+            x = run_blocks_fused(self.blocks, x, final_norm=self.norm, checkpoint=checkpoint, packed=packed)
+        else:
+            x = self.norm(finish_residual(*run_blocks_fused(self.blocks, x, checkpoint=checkpoint, packed=packed)))
+        return x[:, 0], packed
+
+    def forward_head_packed(self, tokens: Tensor, packed: PackedSequences, pre_logits: bool = False) -> Tensor:
+        """forward_head for each image of forward_features_packed's output: ``[n, num_classes]``."""
+        starts, ends = packed.offsets[:-1], packed.offsets[1:]
+        if self.global_pool == "avg":
+            x = torch.stack([tokens[s + self.num_prefix_tokens:e].mean(dim=0) for s, e in zip(starts, ends)])
+        else:
+            x = tokens.index_select(0, packed.cu_seqlens[:-1])
+        x = self.pre_logits(self.fc_norm(x))
+        return x if pre_logits else self.head(self.head_drop(x))
+
+    def forward_packed(self, images: Sequence[Tensor]) -> Tensor:
+        """Logits ``[n, num_classes]`` of n images of different sizes in one packed batch
+        (forward_features_packed, then the head on each image's class token or mean)."""
+        return self.forward_head_packed(*self.forward_features_packed(images))
 
     # ---- analysis (the paper's Section 4.5) ------------------------------------------------------
 

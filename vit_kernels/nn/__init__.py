@@ -1,6 +1,6 @@
 """Drop-in nn.Modules over the fused ops; parameter names match the modules they replace."""
 
-from .attention import FlashAttention
+from .attention import FlashAttention, PackedSequences
 from .block import DropPath, FusedBlock, LayerScale, run_blocks_fused
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
@@ -15,6 +15,7 @@ __all__ = [
     "FusedMlp",
     "FusedPatchEmbed",
     "LayerScale",
+    "PackedSequences",
     "resample_pos_embed",
     "run_blocks_fused",
 ]

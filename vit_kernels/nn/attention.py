@@ -1,11 +1,51 @@
-from typing import Optional, Type
+from dataclasses import dataclass
+from typing import Optional, Sequence, Type
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops.attention import HEAD_DIMS, HEAD_DIMS_TEXT, flash_attention
+from ..ops.attention_varlen import cu_seqlens, flash_attention_varlen
 from ._scripting import NotScriptable
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Several sequences (images of different sizes) packed into one token dim of ``T`` rows:
+    the layout `FlashAttention` and `FusedBlock` take with ``packed=``, tokens as ``[T, 1, D]``
+    (one row per token, so a per-row scale such as drop path's is a per-token one).
+
+    ``cu_seqlens`` int32 ``[n + 1]`` and ``lengths`` int64 ``[n]`` on the tokens' device;
+    ``max_seqlen`` and ``offsets`` (the host's copy of cu_seqlens) for the grid and for slicing.
+    """
+
+    cu_seqlens: Tensor
+    lengths: Tensor
+    offsets: tuple
+    max_seqlen: int
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int], device) -> "PackedSequences":
+        cu = cu_seqlens(lengths, device)
+        offsets = (0,)
+        for n in lengths:
+            offsets += (offsets[-1] + n,)
+        return cls(cu, (cu[1:] - cu[:-1]).long(), offsets, max(lengths, default=0))
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.offsets[-1]
+
+    def per_token(self, per_sequence: Optional[Tensor]) -> Optional[Tensor]:
+        """A ``[n]`` per-sequence factor repeated over each sequence's tokens, ``[T]``; None stays None."""
+        if per_sequence is None:
+            return None
+        return per_sequence.repeat_interleave(self.lengths, output_size=self.num_tokens)
 
 # A leaf of torch.fx's symbolic trace (timm's and torchvision's feature extractors): the op
 # validates its inputs with Python control flow that a trace cannot follow.
@@ -44,7 +84,7 @@ class FlashAttention(NotScriptable, nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         head_dim = dim // num_heads
         if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head dim dim/num_heads must be one of {HEAD_DIMS}, got {dim}/{num_heads} = {head_dim}")
+            raise ValueError(f"head dim dim/num_heads must be {HEAD_DIMS_TEXT}, got {dim}/{num_heads} = {head_dim}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
@@ -66,7 +106,7 @@ class FlashAttention(NotScriptable, nn.Module):
         if getattr(attn, "gate", None) is not None:
             raise ValueError("gated attention (timm's gated=True) is not fused")
         if attn.head_dim not in HEAD_DIMS:
-            raise ValueError(f"head dim {attn.head_dim} is not one of {HEAD_DIMS}")
+            raise ValueError(f"head dim {attn.head_dim} is not {HEAD_DIMS_TEXT}")
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.num_heads, fused.head_dim, fused.scale = attn.num_heads, attn.head_dim, attn.scale
@@ -75,7 +115,10 @@ class FlashAttention(NotScriptable, nn.Module):
             setattr(fused, name, module if module is not None else nn.Identity())
         return fused
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
+                packed: Optional[PackedSequences] = None) -> Tensor:
+        if packed is not None:
+            return self._forward_packed(x, packed, attn_mask, is_causal)
         batch, n_tokens, _ = x.shape
         dim = self.num_heads * self.head_dim
         qkv = self.qkv(x).reshape(batch, n_tokens, 3, self.num_heads, self.head_dim)
@@ -91,4 +134,20 @@ class FlashAttention(NotScriptable, nn.Module):
                 dropout_p=dropout_p, is_causal=is_causal, scale=self.scale,
             ).transpose(1, 2)
         x = self.norm(out.reshape(batch, n_tokens, dim))
+        return self.proj_drop(self.proj(x))
+
+    def _forward_packed(self, x: Tensor, packed: PackedSequences, attn_mask, is_causal) -> Tensor:
+        """x ``[T, 1, D]`` (PackedSequences' layout): attention inside each sequence (flash_attention_varlen)."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("packed sequences take no attn_mask or is_causal: each attends within itself")
+        if x.dim() != 3 or x.shape[0] != packed.num_tokens or x.shape[1] != 1:
+            raise ValueError(f"packed tokens must be [T, 1, D] with T = {packed.num_tokens}, got {tuple(x.shape)}")
+        n_tokens = x.shape[0]
+        qkv = self.qkv(x).reshape(n_tokens, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(1)
+        q, k = self.q_norm(q), self.k_norm(k)
+        dropout_p = self.attn_drop.p if self.training else 0.0
+        out = flash_attention_varlen(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                     packed.max_seqlen, softmax_scale=self.scale, dropout_p=dropout_p)
+        x = self.norm(out.reshape(n_tokens, 1, self.num_heads * self.head_dim))
         return self.proj_drop(self.proj(x))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .._dispatch import linear_compute_dtype
 from ..ops.attention import draw_seed
-from .attention import FlashAttention
+from .attention import FlashAttention, PackedSequences
 from .block_step import block_step_forward, fast_path_spec
 from .layer_norm import FusedLayerNorm
 from .mlp import FusedMlp
@@ -110,10 +110,11 @@ class FusedBlock(NotScriptable, nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None, gamma: Optional[Tensor] = None,
-                row_scale: Optional[Tensor] = None, *, carry: bool = False):
+                row_scale: Optional[Tensor] = None, *, carry: bool = False, packed: Optional[PackedSequences] = None):
+        """``packed``: x holds several sequences, ``[T, 1, D]`` (PackedSequences), attention within each."""
         if carry:
-            return carried_block_step(self, x, residual, gamma, row_scale)
-        return finish_residual(*carried_block_step(self, x, None, None, None))
+            return carried_block_step(self, x, residual, gamma, row_scale, packed=packed)
+        return finish_residual(*carried_block_step(self, x, None, None, None, packed=packed))
 
 
 def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], row_scale: Optional[Tensor]) -> Tensor:
@@ -126,22 +127,24 @@ def finish_residual(branch: Tensor, residual: Tensor, gamma: Optional[Tensor], r
 
 
 def carried_block_step(block, branch: Tensor, residual: Optional[Tensor], gamma: Optional[Tensor],
-                      row_scale: Optional[Tensor]):
+                      row_scale: Optional[Tensor], packed: Optional[PackedSequences] = None):
     """One block on the carried stream: finish the previous add inside norm1, leave this block's last add pending.
 
-    As one autograd node (nn/block_step.py) where that path reproduces the block exactly."""
-    spec = fast_path_spec(block, branch)
+    As one autograd node (nn/block_step.py) where that path reproduces the block exactly. With
+    `packed`, the stream is packed sequences ([T, 1, D]): attention within each, drop path per sequence."""
+    spec = fast_path_spec(block, branch) if packed is None else None
     if spec is not None:
         return _one_node_block_step(block, spec, branch, residual, gamma, row_scale)
-    batch = branch.shape[0]
+    batch = branch.shape[0] if packed is None else packed.num_sequences
+    per_row = (lambda scale: scale) if packed is None else packed.per_token
     y, residual = block.norm1(branch, residual, gamma=gamma, row_scale=row_scale)
-    attn_out = block.attn(y)
+    attn_out = block.attn(y) if packed is None else block.attn(y, packed=packed)
     gamma = layer_scale_gamma(block.ls1)
-    row_scale = drop_path_row_scale(block.drop_path1, batch, branch.device, attn_out.dtype)
+    row_scale = per_row(drop_path_row_scale(block.drop_path1, batch, branch.device, attn_out.dtype))
     y, residual = block.norm2(attn_out, residual, gamma=gamma, row_scale=row_scale)
     branch = block.mlp(y)
     gamma = layer_scale_gamma(block.ls2)
-    row_scale = drop_path_row_scale(block.drop_path2, batch, branch.device, branch.dtype)
+    row_scale = per_row(drop_path_row_scale(block.drop_path2, batch, branch.device, branch.dtype))
     if gamma is not None:
         # The layer scale leaves with the stream for the next block's norm1. A copy ([D]), because
         # under FSDP2 this block's unsharded parameters are freed once its forward returns.
@@ -171,7 +174,8 @@ def _one_node_block_step(block, spec, branch: Tensor, residual: Optional[Tensor]
     return out, residual, gamma if gamma is None else gamma.clone(), row_scale2
 
 
-def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None, checkpoint: bool = False):
+def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = None, checkpoint: bool = False,
+                     packed: Optional[PackedSequences] = None):
     """Run pre-LN blocks with every residual add fused into the LayerNorm after it.
 
     With a final norm, returns ``final_norm(x_out)``. Without one, returns the pending
@@ -180,16 +184,18 @@ def run_blocks_fused(blocks, x: Tensor, final_norm: Optional[FusedLayerNorm] = N
     Each block must take the carried stream (``block(branch, residual, gamma, row_scale, carry=True)``):
     a `FusedBlock`, or a timm block after `swap_modules`. ``checkpoint=True`` recomputes each block in backward (activation checkpointing):
     only the carried (branch, residual) pair is kept per block. torch's checkpoint restores
-    the RNG state, so drop path and attention dropout draw the same masks again.
+    the RNG state, so drop path and attention dropout draw the same masks again. ``packed``:
+    x holds packed sequences ``[T, 1, D]`` (PackedSequences; `FusedBlock`s only).
     """
     stream = (x, None, None, None)
+    options = {"carry": True} if packed is None else {"carry": True, "packed": packed}
     for block in blocks:
         # Through the block's __call__ (FusedBlock.forward or a swapped block's, with carry=True),
         # so that its hooks run: FSDP2 gathers and frees each block's parameters in them.
         if checkpoint and torch.is_grad_enabled():
-            stream = torch.utils.checkpoint.checkpoint(block, *stream, carry=True, use_reentrant=False)
+            stream = torch.utils.checkpoint.checkpoint(block, *stream, **options, use_reentrant=False)
         else:
-            stream = block(*stream, carry=True)
+            stream = block(*stream, **options)
     branch, residual, gamma, row_scale = stream
     if final_norm is None:
         return branch, residual, gamma, row_scale

@@ -25,8 +25,12 @@
 #   vit_kernels_atomic_dq rows price it).
 # - Measurements against SDPA are in benchmarks/results/ and README, "Measured results".
 #
+# Head dims: every multiple of 8 from 8 to 128, held as two power-of-two column blocks where one
+# would pad more (head_dim_blocks; ops/attention_kernels.py's header). Packed sequences of
+# different lengths: ops/attention_varlen.py, on the same kernels.
+#
 # Not supported: causal or additive masks (the module falls back to the reference when
-# a mask is given), head dims outside {32, 64, 80, 96, 128}, float64 (runs the reference).
+# a mask is given), other head dims, float64 (runs the reference).
 
 from typing import Optional
 
@@ -50,12 +54,13 @@ from .attention_kernels import (
     _dropout_mask_kernel,
 )
 
-HEAD_DIMS = (32, 64, 80, 96, 128)
+HEAD_DIMS = tuple(range(8, 129, 8))
+HEAD_DIMS_TEXT = "a multiple of 8 from 8 to 128"
 LOG2E = 1.4426950408889634
 # The autotune key of every tuned attention kernel (with the tensors' dtypes).
 TUNING_KEY = ("n_bucket", "HEAD_DIM", "HAS_DROPOUT")
-__all__ = ["HEAD_DIMS", "KERNEL_KINDS", "attention_dropout_mask", "attention_probs", "draw_seed", "flash_attention",
-           "flash_attention_qkvpacked", "launch_configs"]
+__all__ = ["HEAD_DIMS", "HEAD_DIMS_TEXT", "KERNEL_KINDS", "attention_dropout_mask", "attention_probs", "draw_seed",
+           "flash_attention", "flash_attention_qkvpacked", "head_dim_blocks", "launch_configs"]
 
 
 def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atomic_dq: bool = False,
@@ -63,7 +68,7 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
     """The triton.Configs a launch of `kind` (one of KERNEL_KINDS) chooses among for `kernel`:
     one (run as is) or several (tuned); see ops/attention_configs.py."""
     tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted(kernel), atomic_dq=atomic_dq, dropout=dropout,
-                      arch_major=arch_major)
+                      arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0)
     return as_configs(tiles)
 
 
@@ -103,13 +108,28 @@ def _n_bucket(n_q: int, n_kv: int) -> int:
     return min(next_power_of_2(max(n_q, n_kv)), 16384)
 
 
+def head_dim_blocks(head_dim: int) -> tuple[int, int]:
+    """The kernels' two column blocks for a head dim (ops/attention_kernels.py's header): (BLOCK_DA,
+    BLOCK_DB), powers of two of at least 16 (a dot operand's minimum; BLOCK_DB 0 for none): the
+    first d's largest power of two, the second covering the rest from the row's end, overlapping
+    the first by what one padded block would pad: 72 -> (64, 16), 96 -> (64, 32), 104 -> (64, 64)."""
+    if head_dim <= 16:
+        return 16, 0
+    block_a = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - block_a
+    return (block_a, 0) if rest == 0 else (block_a, max(16, next_power_of_2(rest)))
+
+
 def _common_constexprs(q: Tensor, kernel) -> dict:
     head_dim = q.shape[-1]
+    block_a, block_b = head_dim_blocks(head_dim)
     return dict(
         HEAD_DIM=head_dim,
-        BLOCK_D=next_power_of_2(head_dim),
+        BLOCK_DA=block_a,
+        BLOCK_DB=block_b,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RNE_BF16_IN_SOFTWARE=interpreted(kernel),
+        VARLEN=False,
     )
 
 
@@ -154,7 +174,8 @@ def _flash_attention_fwd_impl(
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
         lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-         n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), _n_bucket(n_q, n_kv)),
+         n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), None, None, 0,
+         _n_bucket(n_q, n_kv)),
         dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0,
              **_common_constexprs(q, _attn_fwd_kernel)),
         options=_NO_FP_FUSION,
@@ -202,7 +223,7 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
-               _n_bucket(n_q, n_kv))
+               None, None, 0, _n_bucket(n_q, n_kv))
     peel = _peel_tail(_arch_major(q.device), dropout_p)
     tails = dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
     if deterministic:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
@@ -218,8 +239,9 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         pre_block = 32
         launch(
             _attn_bwd_preprocess_kernel, (cdiv(n_q, pre_block), n_heads, batch),
-            out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q,
-            HEAD_DIM=head_dim, BLOCK_D=constexprs["BLOCK_D"], BLOCK_M=pre_block, **LAUNCH_OPTIONS,
+            out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q, None, 0,
+            HEAD_DIM=head_dim, BLOCK_DA=constexprs["BLOCK_DA"], BLOCK_DB=constexprs["BLOCK_DB"], BLOCK_M=pre_block,
+            VARLEN=False, **LAUNCH_OPTIONS,
         )
         # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
         dq_accum = torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
@@ -305,7 +327,7 @@ def _validate(q, k, v, softmax_scale, dropout_p):
             f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim ([B, N, H, d])"
         )
     if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim (q, k and v's last dim) must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+        raise ValueError(f"head dim (q, k and v's last dim) must be {HEAD_DIMS_TEXT}, got {q.shape[-1]}")
     if k.shape[1] == 0 and q.shape[1] > 0 and q.shape[0] > 0:
         raise ValueError("k and v must have at least one token (N_kv >= 1): softmax over nothing is undefined")
     if softmax_scale is not None:
@@ -332,7 +354,7 @@ def flash_attention(
         q: ``[B, N_q, H, d]``; k, v: ``[B, N_kv, H, d]``. Any strides with the last one 1, so
             the views of a packed ``qkv [B, N, 3, H, d]`` are read in place. float16, bfloat16
             or float32 (float32 runs its dots in full IEEE precision, not tf32); all three the
-            same dtype. d in {32, 64, 80, 96, 128}; any N >= 1.
+            same dtype. d a multiple of 8 from 8 to 128; any N >= 1.
         softmax_scale: default ``d ** -0.5``.
         dropout_p: dropout on the attention probabilities (training); the mask comes from a
             Philox seed drawn from torch's default generator and is regenerated in backward.
@@ -376,7 +398,7 @@ def flash_attention_qkvpacked(
         raise ValueError(f"qkv must be [B, N, 3, H, d], got shape {tuple(qkv.shape)}")
     check_float_tensor("qkv", qkv, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     if qkv.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"qkv's head dim (its last dim) must be one of {HEAD_DIMS}, got {qkv.shape[-1]}")
+        raise ValueError(f"qkv's head dim (its last dim) must be {HEAD_DIMS_TEXT}, got {qkv.shape[-1]}")
     q, k, v = qkv.unbind(2)
     return flash_attention(q, k, v, softmax_scale=softmax_scale, dropout_p=dropout_p, deterministic=deterministic)
 

@@ -66,6 +66,10 @@ TILES = {
     "dq": KernelTiles(base=(Tile(128, 32, 8, 2), Tile(64, 32, 4, 2)),
                       wide_step=(Tile(128, 64, 8, 2), Tile(64, 64, 4, 2))),
 }
+# dK/dV at a head dim held as two column blocks (attention.head_dim_blocks): the 8-warp tile
+# alone (at d = 80 the 4-warp one spilled 44 bytes, sm_90), and for atomic dQ a 16 x 64 tile on
+# 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there).
+SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1)}
 INTERPRETER_TILE = Tile(64, 64, 4, 1)
 FLOAT32_TILES = {"fwd": Tile(64, 32, 4, 1), "bwd": Tile(32, 32, 4, 1)}
 ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 128, 8, 2)}
@@ -74,18 +78,22 @@ ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 1
 def every_tile() -> tuple:
     """Every tile any launch may use, for tests that run each shape."""
     tuned = tuple(tile for kernel in TILES.values() for tile in kernel.tiles())
-    return tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
+    return (tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
+            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],))
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
-              dropout: bool = False, arch_major: int = 9) -> tuple:
-    """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several (tuned)."""
+              dropout: bool = False, arch_major: int = 9, split_head: bool = False) -> tuple:
+    """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
+    (tuned). `split_head`: the head dim is held as two column blocks."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
         return (INTERPRETER_TILE,)
     if dtype == torch.float32:
         return (FLOAT32_TILES["fwd" if kind == "fwd" else "bwd"],)
+    if kind == "dkdv" and split_head:
+        return (SPLIT_HEAD_DKDV_TILES["atomic"],) if atomic_dq else SPLIT_HEAD_DKDV_TILES["dkdv"]
     if kind == "dkdv" and atomic_dq:
         return (ATOMIC_DKDV_TILES["narrow_head" if head_dim <= 64 else "wide_head"],)
     kernel = TILES[kind]

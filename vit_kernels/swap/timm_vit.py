@@ -20,7 +20,7 @@ from ..nn.block import carried_block_step, finish_residual, run_blocks_fused
 from ..nn.block_step import REPRODUCED_FORWARDS
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import FusedMlp, gelu_approximation
-from ..ops.attention import HEAD_DIMS
+from ..ops.attention import HEAD_DIMS, HEAD_DIMS_TEXT
 from ..ops.layer_norm import MAX_HIDDEN
 from ..ops.patch_embed import load as load_patch_embed
 from ..ops.patch_embed import patch_embed
@@ -192,7 +192,7 @@ def _attention_reason(attn, timm) -> str:
     if getattr(attn, "gate", None) is not None:
         return "gated attention (timm's gated=True) is not fused"
     if attn.head_dim not in HEAD_DIMS:
-        return f"head dim {attn.head_dim} is not one of {HEAD_DIMS}"
+        return f"head dim {attn.head_dim} is not {HEAD_DIMS_TEXT}"
     if not isinstance(attn.qkv, nn.Linear) or not isinstance(attn.proj, nn.Linear):
         return "qkv and proj are not nn.Linear"
     return ""

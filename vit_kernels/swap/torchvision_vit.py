@@ -16,7 +16,7 @@ from torch import nn
 
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import gelu_approximation
-from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops.attention import HEAD_DIMS, HEAD_DIMS_TEXT, flash_attention
 from ..ops.bias_gelu import bias_gelu
 from ..ops.patch_embed import load as load_patch_embed
 from ..ops.patch_embed import patch_embed
@@ -110,7 +110,7 @@ def _mha_reason(mha) -> str:
         return "an nn.MultiheadAttention layout other than torchvision's (batch_first, packed in_proj, no bias_k/v)"
     head_dim = mha.embed_dim // mha.num_heads
     if head_dim not in HEAD_DIMS:
-        return f"head dim {head_dim} is not one of {HEAD_DIMS}"
+        return f"head dim {head_dim} is not {HEAD_DIMS_TEXT}"
     return ""
 
 

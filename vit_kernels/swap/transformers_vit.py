@@ -30,7 +30,7 @@ from torch import nn
 from ..nn.block import drop_path_row_scale
 from ..nn.layer_norm import FusedLayerNorm
 from ..nn.mlp import gelu_approximation
-from ..ops.attention import HEAD_DIMS, flash_attention
+from ..ops.attention import HEAD_DIMS, HEAD_DIMS_TEXT, flash_attention
 from ..ops.bias_gelu_linear import bias_gelu_linear
 from ..ops.patch_embed import load as load_patch_embed
 from ..ops.patch_embed import patch_embed
@@ -135,7 +135,7 @@ def _attention_reason(attn) -> str:
     if getattr(attn, "is_causal", False):
         return "causal attention is not fused"
     if attn.head_dim not in HEAD_DIMS:
-        return f"head dim {attn.head_dim} is not one of {HEAD_DIMS}"
+        return f"head dim {attn.head_dim} is not {HEAD_DIMS_TEXT}"
     return ""
 
 
