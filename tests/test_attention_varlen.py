@@ -83,7 +83,7 @@ def test_one_sequence_is_flash_attention(seed):
 
 @pytest.mark.parametrize("hint", [1, 10_000], ids=["too_small", "huge"])
 def test_max_seqlen_is_only_a_hint(seed, hint):
-    """Each program strides over its sequence's row blocks: a grid sized from any max_seqlen
+    """The grid has a slot per block of every sequence whatever max_seqlen says: any value
     computes every row, bit for bit the same."""
     cu = cu_seqlens(LENGTHS, DEVICE).clone()  # a tensor the op did not build: read once, no hint from it
     q, k, v = _leaves(sum(LENGTHS), sum(LENGTHS), 2, 32, torch.float32)

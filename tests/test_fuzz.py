@@ -469,7 +469,7 @@ BAD = {
         "dropout_p": ["a", -0.1, 1.0],
     },
     "flash_attention_qkvpacked": {
-        "qkv": [_to_int, _add_dim, lambda t: t[:, :, :2], lambda t: t[..., :24], _as_list],
+        "qkv": [_to_int, _add_dim, lambda t: t[:, :, :2], lambda t: t[..., :20], _as_list],
         "dropout_p": ["a", 1.5],
     },
     "bias_gelu": {

@@ -136,7 +136,7 @@ def _flash_attention_varlen_fwd_impl(
     softmax_scale: float, dropout_p: float, seed: Optional[Tensor], deterministic: bool,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [T_q, H, d] contiguous, lse [H, T_q] float32, base 2). max_seqlen_q/k: the
-    grid's hint (0: none)."""
+    tuning bucket's hint (0: none), nothing else."""
     total_q, n_heads, head_dim = q.shape
     total_k = k.shape[0]
     n_seqs = cu_seqlens_q.shape[0] - 1
