@@ -330,6 +330,11 @@ def _validate(q, k, v, softmax_scale, dropout_p):
         raise ValueError(f"head dim (q, k and v's last dim) must be {HEAD_DIMS_TEXT}, got {q.shape[-1]}")
     if k.shape[1] == 0 and q.shape[1] > 0 and q.shape[0] > 0:
         raise ValueError("k and v must have at least one token (N_kv >= 1): softmax over nothing is undefined")
+    check_attention_options(softmax_scale, dropout_p)
+
+
+def check_attention_options(softmax_scale, dropout_p) -> None:
+    """softmax_scale None or > 0, dropout_p in [0, 1): every attention entry point's options."""
     if softmax_scale is not None:
         check_number("softmax_scale", softmax_scale)
         if not softmax_scale > 0:

@@ -33,11 +33,12 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import reference
 from .._dispatch import define_op, inductor_keeps_launch_options, runs_kernel, tracing
-from .._validate import check_float_tensor, check_number
+from .._validate import check_float_tensor, check_same_device
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
-from .attention import (HEAD_DIMS, LOG2E, _NO_FP_FUSION, _arch_major, _common_constexprs, _launch, _n_bucket,
-                        _narrow_tail, _peel_tail, _seed_on, draw_seed, head_dim_blocks, launch_configs)
+from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _common_constexprs, _launch,
+                        _n_bucket, _narrow_tail, _peel_tail, _seed_on, check_attention_options, draw_seed,
+                        head_dim_blocks, launch_configs)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 __all__ = ["cu_seqlens", "flash_attention_varlen"]
@@ -272,8 +273,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, dropout_p) -> 
             raise ValueError(f"{name} must be [total_tokens, H, d] (3-D), got shape {tuple(t.shape)}")
         if t.stride(-1) != 1 and t.numel() > 0:
             raise ValueError(f"{name}'s last dim (head dim) must be contiguous (stride 1), got stride {t.stride(-1)}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must be on one device")
+    check_same_device("q", q, k=k, v=v)
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
@@ -281,19 +281,13 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, dropout_p) -> 
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in heads and head dim ([T, H, d])")
     if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head dim (q, k and v's last dim) must be a multiple of 8 from 8 to 128, got {q.shape[-1]}")
+        raise ValueError(f"head dim (q, k and v's last dim) must be {HEAD_DIMS_TEXT}, got {q.shape[-1]}")
     _check_cu_seqlens_meta("cu_seqlens_q", cu_seqlens_q, q)
     _check_cu_seqlens_meta("cu_seqlens_k", cu_seqlens_k, q)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have one entry per sequence boundary each, got "
                          f"{cu_seqlens_q.shape[0]} and {cu_seqlens_k.shape[0]}")
-    if softmax_scale is not None:
-        check_number("softmax_scale", softmax_scale)
-        if not softmax_scale > 0:
-            raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
-    check_number("dropout_p", dropout_p, minimum=0.0)
-    if not dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_attention_options(softmax_scale, dropout_p)
 
 
 def flash_attention_varlen(
