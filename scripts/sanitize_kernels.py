@@ -4,7 +4,7 @@
     compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--attention-configs all|first]
 
 Shapes are small (so the instrumented run takes seconds per tool) but never block multiples: 197
-tokens, hidden sizes 768 and 1000, head dims 64 and 80, so every masked tail runs. Attention runs
+tokens (37 in the CPU smoke run), hidden sizes 768 and 1000, head dims 64 and 80, so every masked tail runs. Attention runs
 every config its autotuner may choose, forced one at a time (forward, dQ and dK/dV), with and
 without dropout, and the atomic-dQ backward; add_layer_norm with every optional input (its
 partial-sum reduction included) and a float32 residual stream; bias_gelu; bias_gelu_linear;
@@ -24,6 +24,9 @@ from vit_kernels.ops import add_layer_norm, attention, bias_gelu, bias_gelu_line
 from vit_kernels.testing import forcing_one_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a smoke run under TRITON_INTERPRET=1
+# Tokens per image (and keys of the cross-length case): 197 (130) on the GPU; 37 (29) on the CPU,
+# no block multiples either, so that the interpreter's smoke run of every launch stays short.
+TOKENS, KEY_TOKENS = (197, 130) if DEVICE.type == "cuda" else (37, 29)
 launched = []
 
 
@@ -49,22 +52,23 @@ def run_attention(configs: str):
                 for config in choices if configs == "all" else choices[:1]:
                     attention.launch_configs = forcing_one_config(original, kind, config)
                     try:
-                        qkv = torch.randn(1, 197, 3, 2, head_dim, device=DEVICE, dtype=torch.bfloat16,
+                        qkv = torch.randn(1, TOKENS, 3, 2, head_dim, device=DEVICE, dtype=torch.bfloat16,
                                           requires_grad=True)
                         out = flash_attention(*qkv.unbind(2), dropout_p=dropout_p)
                         _backward(f"attention d={head_dim} p={dropout_p} {kind} {config}", out, [qkv])
                     finally:
                         attention.launch_configs = original
     for dtype in (torch.float32, torch.float16):
-        q, k, v = (torch.randn(1, n, 2, 64, device=DEVICE, dtype=dtype, requires_grad=True) for n in (197, 130, 130))
+        q, k, v = (torch.randn(1, n, 2, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+                   for n in (TOKENS, KEY_TOKENS, KEY_TOKENS))
         _backward(f"attention {dtype} atomic dQ", flash_attention(q, k, v, deterministic=False), [q, k, v])
 
 
 def run_layer_norm():
     for hidden, dtype, residual_dtype in ((768, torch.bfloat16, torch.bfloat16), (1000, torch.float16, torch.float32),
                                           (768, torch.float32, torch.float32)):
-        x = torch.randn(3, 197, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
-        residual = torch.randn(3, 197, hidden, device=DEVICE, dtype=residual_dtype, requires_grad=True)
+        x = torch.randn(3, TOKENS, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+        residual = torch.randn(3, TOKENS, hidden, device=DEVICE, dtype=residual_dtype, requires_grad=True)
         weight, bias, gamma = (torch.randn(hidden, device=DEVICE, requires_grad=True) for _ in range(3))
         row_scale = torch.tensor([0.0, 1.25, 1.25], device=DEVICE, dtype=dtype)
         outputs = add_layer_norm(x, residual, weight, bias, gamma=gamma, row_scale=row_scale)
@@ -75,9 +79,9 @@ def run_layer_norm():
 
 def run_bias_gelu():
     for hidden, dtype in ((3072, torch.bfloat16), (1000, torch.float16), (768, torch.float32)):
-        x = torch.randn(3, 197, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+        x = torch.randn(3, TOKENS, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
         bias = torch.randn(hidden, device=DEVICE, requires_grad=True)
-        for approximate in ("none", "tanh"):
+        for approximate in ("none", "tanh", "quick"):
             _backward(f"bias_gelu {hidden} {dtype} {approximate}", bias_gelu(x, bias, approximate), [x, bias])
         weight = torch.randn(192, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
         linear_bias = torch.randn(192, device=DEVICE, dtype=dtype, requires_grad=True)

@@ -85,6 +85,11 @@ def test_timed_path_fills_the_report(monkeypatch):
 
     monkeypatch.setattr(timing, "time_cuda_ms", host_time_ms)
     monkeypatch.setattr(timing, "time_cuda_graph_ms", host_time_ms)
+    # Inductor compiles the first op's compile provider only: on the CPU each compile takes tens
+    # of seconds, and the bookkeeping under test is the same for every provider.
+    compile_fresh, compiled = timing.compile_fresh, []
+    monkeypatch.setattr(timing, "compile_fresh", lambda fn, **kw: fn if compiled else (
+        compiled.append(fn) or compile_fresh(fn, **kw)))
     report = results.Report("test", "now", "t", "t", "p", copy_bandwidth_gbps=100.0, bf16_matmul_tflops=10.0)
     monkeypatch.setattr(timing, "randn", lambda *shape, device, dtype, scale=1.0, shift=0.0, requires_grad=False: (
         (torch.randn(*shape, device=device) * scale + shift).float().requires_grad_(requires_grad)))

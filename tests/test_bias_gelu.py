@@ -38,8 +38,8 @@ def check_bias_gelu(x, bias, approximate):
         assert_rule(name, g, o, e)
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-@pytest.mark.parametrize("n", [1000, 1536, 3072, 4096, 5120])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
+@pytest.mark.parametrize("n", [1000, 3072, 5120])
 @pytest.mark.parametrize("m", [1, 197, 2 * 197 + 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_rule(seed, dtype, m, n, approximate):
@@ -57,6 +57,7 @@ def test_float32_bias_under_autocast_dtypes(seed, dtype):
 def test_no_bias_and_leading_shapes(seed):
     check_bias_gelu(torch.randn(2, 3, 17, 300, device=DEVICE), None, "none")
     check_bias_gelu(torch.randn(5, 7, device=DEVICE), torch.randn(7, device=DEVICE), "tanh")
+    check_bias_gelu(torch.randn(3, 1, 5, 129, device=DEVICE, dtype=torch.bfloat16), None, "quick")
 
 
 def test_strided_rows(seed):
@@ -72,14 +73,17 @@ def test_saturation_and_specials(dtype):
     x = torch.tensor([[-1e4, -30.0, -5.0, 0.0, 5.0, 30.0, 1e4, float("nan")]], device=DEVICE).to(dtype)
     tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}
     infinities = torch.tensor([-float("inf"), float("inf")], device=DEVICE).to(dtype)
-    for approximate in ("none", "tanh"):
+    for approximate in ("none", "tanh", "quick"):
         got, want = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y, y_eager = bias_gelu(got, None, approximate), torch.nn.functional.gelu(want, approximate=approximate)
+        y, y_eager = bias_gelu(got, None, approximate), reference.gelu(want, approximate)
         y.sum().backward()
         y_eager.sum().backward()
         torch.testing.assert_close(y, y_eager, equal_nan=True, **tolerance)
         # eager's float32 tanh-form gelu' cancels at x = -5 (-2.0e-6, truth -1.5e-6, ours -1.55e-6)
         grad_tolerance = {"rtol": 1e-6, "atol": 1e-5} if dtype == torch.float32 else {}
+        if approximate == "quick" and dtype != torch.float32:
+            # eager's 16-bit sigmoid(1.702 * 5) rounds to 1, dropping the slope term: 1.0 for 1.0015
+            grad_tolerance = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-5}
         torch.testing.assert_close(got.grad, want.grad, equal_nan=True, **grad_tolerance)
         y = bias_gelu(infinities, None, approximate)
         assert y[0].isnan() and y[1] == float("inf"), y
@@ -116,6 +120,36 @@ def test_every_16bit_input(dtype):
     normal = (y_oracle.abs() >= torch.finfo(dtype).tiny) & y_oracle.isfinite() & got[0].isfinite()
     relative = ((y - y_oracle).abs() / y_oracle.abs())[normal]
     assert relative.max() <= torch.finfo(dtype).eps / 2 + 1e-4, relative.max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_quick_gelu_every_16bit_input(dtype):
+    """quick_gelu, z sigmoid(1.702 z), over every finite input of the dtype against float64: y and
+    its derivative (dx for dy = 1) are never further from float64 than eager's worst (transformers'
+    and timm's ``x * torch.sigmoid(1.702 * x)``, which rounds three times), and wherever y or the
+    derivative is a normal number it is within half a unit in the last place (plus float32's
+    rounding of the slope product), the negative tail included: sigmoid' is taken as e r^2, never
+    as s (1 - s)."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x[torch.isfinite(x)].to(DEVICE)
+
+    def y_and_grad(fn, t):
+        t = t.detach().requires_grad_()
+        y = fn(t)
+        return y.detach(), torch.autograd.grad(y, t, torch.ones_like(y))[0]
+
+    got = y_and_grad(lambda t: bias_gelu(t, None, "quick"), x)
+    eager = y_and_grad(lambda t: reference.gelu(t, "quick"), x)
+    z = x.double()
+    s, s_minus = torch.sigmoid(1.702 * z), torch.sigmoid(-1.702 * z)
+    oracle = (z * s, s + 1.702 * z * s * s_minus)
+    for name, g, e, o in zip(("y", "quick_gelu'"), got, eager, oracle):
+        compared = e.isfinite() & o.isfinite()
+        error, eager_error = (g.double() - o).abs()[compared], (e.double() - o).abs()[compared]
+        assert error.max() <= eager_error.max(), (name, error.max().item(), eager_error.max().item())
+        normal = (o.abs() >= torch.finfo(dtype).tiny) & o.isfinite() & g.isfinite()
+        relative = ((g.double() - o).abs() / o.abs())[normal]
+        assert relative.max() <= torch.finfo(dtype).eps / 2 + 1e-5, (name, relative.max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -174,6 +208,7 @@ def test_opcheck_and_compile(seed):
     b = torch.randn(96, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_fwd.default, (x, b, "none"))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_fwd.default, (x, None, "tanh"))
+    torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_fwd.default, (x, b, "quick"))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_bwd.default, (torch.randn(9, 96, device=DEVICE), x.detach(), b.detach(), "none"))
     compiled = torch.compile(lambda x, b: bias_gelu(x * 2, b) + 1, fullgraph=True, backend="aot_eager")
     out = compiled(x, b)
@@ -191,9 +226,11 @@ def test_opcheck_and_compile(seed):
 # ---- the module --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act_layer", [nn.GELU, lambda: nn.GELU(approximate="tanh")])
+@pytest.mark.parametrize("act_layer", [nn.GELU, lambda: nn.GELU(approximate="tanh"), "quick_gelu"], ids=str)
 def test_module_matches_timm_mlp(seed, act_layer):
     timm_layers = pytest.importorskip("timm.layers")
+    if isinstance(act_layer, str):
+        act_layer = timm_layers.get_act_layer(act_layer)
     theirs = timm_layers.Mlp(192, 768, act_layer=act_layer).to(DEVICE)
     ours = FusedMlp(192, 768, act_layer=act_layer).to(DEVICE)
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -211,6 +248,7 @@ def test_module_accepts_timm_gelus_and_refuses_others():
     timm_layers = pytest.importorskip("timm.layers")
     assert FusedMlp(8, 16, act_layer=timm_layers.GELU).approximate == "none"
     assert FusedMlp(8, 16, act_layer=timm_layers.GELUTanh).approximate == "tanh"
+    assert FusedMlp(8, 16, act_layer=timm_layers.QuickGELU).approximate == "quick"
     with pytest.raises(ValueError, match="GELU only"):
         FusedMlp(8, 16, act_layer=nn.ReLU)
 

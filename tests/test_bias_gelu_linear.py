@@ -53,7 +53,7 @@ def check(inputs, approximate="none", wanted=None):
         assert_rule(name, g, o, e)
 
 
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("approximate", ["none", "tanh", "quick"])
 @pytest.mark.parametrize("m, hidden, out_features", [(1, 1000, 192), (197, 1536, 384), (2 * 197 + 3, 768, 200)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_rule(seed, dtype, m, hidden, out_features, approximate):
@@ -151,6 +151,7 @@ def test_opcheck_and_compile(seed):
     x, b1, w2, b2 = (t.requires_grad_() for t in make_inputs(9, 96, 40, torch.float32))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_linear_fwd.default, (x, b1, w2, b2, "none"))
     torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_linear_fwd.default, (x, None, w2, None, "tanh"))
+    torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_linear_fwd.default, (x, b1, w2, b2, "quick"))
     dout = torch.randn(9, 40, device=DEVICE)
     for needs_dx, needs_dweight in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(torch.ops.vit_kernels.bias_gelu_linear_bwd.default,

@@ -247,7 +247,7 @@ def _bias_gelu_inputs(data, hidden_sizes):
     if data.draw(st.booleans(), label="bias"):
         bias_dtype = data.draw(st.sampled_from([torch.float32, dtype]), label="bias dtype")
         leaves["bias"] = (0.5 * torch.randn(hidden, device=DEVICE)).to(bias_dtype)
-    approximate = data.draw(st.sampled_from(["none", "tanh"]), label="approximate")
+    approximate = data.draw(st.sampled_from(["none", "tanh", "quick"]), label="approximate")
     row_strided = data.draw(st.booleans(), label="x row-strided")
     return dtype, hidden, leaves, approximate, row_strided
 

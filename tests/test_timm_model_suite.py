@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMM_TESTS = Path(os.environ.get("VIT_KERNELS_TIMM_TESTS", ROOT / ".cache" / "timm-tests" / f"timm-{timm.__version__}"))
 
 CI_MODELS = [
-    "test_vit", "test_vit2", "test_vit3", "test_vit4",  # timm's own test configs
+    "test_vit", "test_vit2", "test_vit3",  # timm's own test configs (test_vit4 is test_vit2 with RmsNorm: full run)
     "vit_tiny_r_s16_p8_224",  # hybrid (HybridEmbed)
     "vit_dwee_patch16_reg1_gap_256",  # DiffAttention, registers
     "deit_tiny_distilled_patch16_224",  # DeiT with its distillation token
 ]
 FULL_MODELS = CI_MODELS + [
-    "test_vit_relpos", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit3_small_patch16_224",
+    "test_vit4", "test_vit_relpos", "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit3_small_patch16_224",
     "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224", "vit_small_patch14_dinov2",
     "vit_small_patch14_reg4_dinov2", "vit_small_patch16_18x2_224", "vit_base_patch16_xp_224",
     "vit_pwee_patch16_reg1_gap_256", "vit_base_patch16_rpn_224", "vit_relpos_small_patch16_224",

@@ -97,11 +97,20 @@ def attention(
     return (attn @ vt).transpose(1, 2).contiguous()
 
 
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """Eager GELU of each form: F.gelu for ``"none"`` and ``"tanh"``; for ``"quick"``,
+    quick_gelu as transformers' QuickGELUActivation and timm's QuickGELU compute it,
+    ``x * sigmoid(1.702 x)`` in x's dtype (three roundings in 16-bit dtypes)."""
+    if approximate == "quick":
+        return x * torch.sigmoid(1.702 * x)
+    return F.gelu(x, approximate=approximate)
+
+
 def bias_gelu(x: Tensor, bias: Optional[Tensor], approximate: str = "none") -> Tensor:
     """``gelu(x + bias)`` as eager computes it after a bias-free Linear: the sum is rounded to
     x's dtype, then GELU (float32 inside PyTorch's kernel) is rounded once more."""
     pre = x if bias is None else (x + bias).to(x.dtype)
-    return F.gelu(pre, approximate=approximate)
+    return gelu(pre, approximate)
 
 
 def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_bias: Optional[Tensor],

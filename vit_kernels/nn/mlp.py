@@ -12,20 +12,26 @@ from ._scripting import NotScriptable
 torch.fx.wrap("bias_gelu_linear")
 
 
+# Classes whose forward is exactly that form (timm.layers.activations, transformers.activations).
+TIMM_GELUS = {"GELU": "none", "GELUTanh": "tanh", "QuickGELU": "quick"}
+TRANSFORMERS_GELUS = {"GELUTanh": "tanh", "PytorchGELUTanh": "tanh", "QuickGELUActivation": "quick"}
+
+
 def gelu_approximation(act: nn.Module) -> str:
-    """The `approximate` of a GELU module: torch's, timm's GELU/GELUTanh, or transformers'
-    GELUActivation (on F.gelu), GELUTanh and PytorchGELUTanh; a ValueError for anything else."""
+    """The `approximate` of a GELU module: torch's, timm's GELU/GELUTanh/QuickGELU, or
+    transformers' GELUActivation (on F.gelu), GELUTanh, PytorchGELUTanh and
+    QuickGELUActivation ("quick": z sigmoid(1.702 z)); a ValueError for anything else."""
     if isinstance(act, nn.GELU):
         return act.approximate
     name, module = type(act).__name__, type(act).__module__
-    if module.startswith("timm.") and name in ("GELU", "GELUTanh"):
-        return "none" if name == "GELU" else "tanh"
+    if module.startswith("timm.") and name in TIMM_GELUS:
+        return TIMM_GELUS[name]
     if module.startswith("transformers."):
         if name == "GELUActivation" and getattr(act, "act", None) is F.gelu:
             return "none"
-        if name in ("GELUTanh", "PytorchGELUTanh"):
-            return "tanh"
-    raise ValueError(f"FusedMlp fuses GELU only (exact or tanh); act_layer made a {name}")
+        if name in TRANSFORMERS_GELUS:
+            return TRANSFORMERS_GELUS[name]
+    raise ValueError(f"FusedMlp fuses GELU only (exact, tanh or quick_gelu); act_layer made a {name}")
 
 
 class FusedMlp(NotScriptable, nn.Module):
@@ -40,7 +46,7 @@ class FusedMlp(NotScriptable, nn.Module):
     drop1.p > 0), a norm there, or hooks on fc1 or fc2 (or on every module), it runs timm's forward (fc1, act, drop1,
     norm, fc2, drop2 as modules): a fused fc1 + bias + GELU was measured slower than eager's
     there (docs/design.md, "Ops that did not earn their place"). The activation
-    must be GELU (exact or tanh); anything else is refused at construction.
+    must be a GELU (exact, tanh or quick_gelu); anything else is refused at construction.
     """
 
     def __init__(

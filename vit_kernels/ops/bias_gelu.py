@@ -9,8 +9,9 @@
 # is saved for backward; x + bias is recomputed, so no second [M, 4D] tensor is kept.
 #
 # Design choices.
-# - Exact erf GELU (timm, transformers and torchvision ViTs use it) or the tanh form,
-#   chosen by a constexpr; math in float32, one rounding at the store.
+# - Three forms, chosen by a constexpr: exact erf GELU (timm, transformers and torchvision
+#   ViTs), the tanh form (SigLIP) and quick_gelu, z sigmoid(1.702 z) (OpenAI's CLIP
+#   checkpoints); math in float32, one rounding at the store.
 # - For bfloat16 and float16 outputs Phi(z) comes from a branch-free polynomial in
 #   1 / (1 + 0.35 |z| / sqrt(2)) times exp(-z^2 / 2), not from libdevice's erf
 #   (_normal_cdf_and_pdf): the kernels are elementwise, so on a GPU they are bound by memory
@@ -22,11 +23,11 @@
 #   Accuracy: the rounded y and gelu' have eager's worst error over every finite input of
 #   both dtypes, and y keeps its relative precision in the tail, which eager's 1 + erf loses.
 # - The tanh form takes (1 + tanh u) / 2 and 1 - tanh^2 u from e = exp(-2|u|) and 1 / (1 + e)
-#   (_gelu_and_grad): exact at both saturations, no cancellation in the negative tail, and
-#   available on every backend, the interpreter included (tl.math.tanh is not). The product
-#   e r is formed once and used by both: written out twice, one ptxas build spilled the
-#   backward (ViT-B's 3072 columns) on sm_90; formed once, it compiles spill-free with every
-#   Triton release tests/gpu_compile_check.py is run against.
+#   (_gelu_and_grad), and quick_gelu its sigmoid(1.702 z) and sigmoid' the same way: exact at
+#   both saturations, no cancellation in the negative tail, and available on every backend,
+#   the interpreter included (tl.math.tanh is not). The product e r is formed once and used by
+#   both: written out twice, one ptxas build spilled the backward (ViT-B's 3072 columns) on
+#   sm_90; so did taking e r^2 first (8 bytes, triton 3.8).
 # - dbias: each backward program owns a group of rows of one column block, adds its
 #   tiles elementwise into a float32 [BLOCK_M, BLOCK_N] accumulator, sums its rows once
 #   at the end and writes one float32 partial row; torch.sum over the partials is the
@@ -50,12 +51,12 @@ from .._validate import check_float_tensor, check_optional_float_tensor, check_s
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
 
-APPROXIMATIONS = ("none", "tanh")
+APPROXIMATIONS = ("none", "tanh", "quick")  # the kernels' FORM is the index
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
 # globals (tests/gpu_compile_check.py caught it) and the interpreter mishandles
 # tl.constexpr globals on the left of a product. 0.7071067811865476 = sqrt(1/2),
 # 0.3989422804014327 = 1/sqrt(2 pi), 0.7978845608028654 = sqrt(2/pi), 0.044715 = the tanh
-# form's cubic coefficient, -0.7213475204444817 = -log2(e) / 2, 0.2474873661994934 =
+# form's cubic coefficient, 1.702 = quick_gelu's slope, -0.7213475204444817 = -log2(e) / 2, 0.2474873661994934 =
 # 0.35 / sqrt(2).
 
 
@@ -90,10 +91,10 @@ def _normal_cdf_and_pdf(z, POLY_CDF: tl.constexpr):
 
 
 @triton.jit
-def _gelu_and_grad(z, TANH: tl.constexpr, POLY_CDF: tl.constexpr):
-    """(gelu(z), gelu'(z)) with their common work done once; what a caller does not use, the
-    compiler removes."""
-    if TANH:
+def _gelu_and_grad(z, FORM: tl.constexpr, POLY_CDF: tl.constexpr):
+    """(gelu(z), gelu'(z)) of the FORM (0: erf, 1: tanh, 2: quick) with their common work done
+    once; what a caller does not use, the compiler removes."""
+    if FORM == 1:
         # With e = exp(-2|u|) in (0, 1] and r = 1 / (1 + e): (1 + tanh u) / 2 is r for u >= 0 and
         # e r below, and 1 - tanh^2 u = 4 e r^2. No exp overflows and nothing cancels, so the
         # negative tail keeps its relative precision; 1 - tanh^2 computed from tanh is 0 in
@@ -105,13 +106,24 @@ def _gelu_and_grad(z, TANH: tl.constexpr, POLY_CDF: tl.constexpr):
         half_one_plus_tanh = tl.where(u >= 0, r, e_r)
         du_dz = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         return z * half_one_plus_tanh, half_one_plus_tanh + 2.0 * z * e_r * r * du_dz
+    if FORM == 2:
+        # quick_gelu (OpenAI's CLIP), z sigmoid(a) with a = 1.702 z, the same way: with
+        # e = exp(-|a|) and r = 1 / (1 + e), sigmoid(a) is r for a >= 0 and e r below, and
+        # sigmoid'(a) = e r^2 on both sides. z e_r r comes first: 1.702 z overflows to inf at
+        # the top of bfloat16's range, where e is 0.
+        a = 1.702 * z
+        e = tl.exp(-tl.abs(a))
+        r = 1.0 / (1.0 + e)
+        e_r = e * r
+        sigmoid = tl.where(a >= 0, r, e_r)
+        return z * sigmoid, sigmoid + z * e_r * r * 1.702
     cdf, pdf = _normal_cdf_and_pdf(z, POLY_CDF)
     return z * cdf, cdf + z * pdf
 
 
 @triton.jit
-def _gelu(z, TANH: tl.constexpr, POLY_CDF: tl.constexpr):
-    y, _ = _gelu_and_grad(z, TANH, POLY_CDF)
+def _gelu(z, FORM: tl.constexpr, POLY_CDF: tl.constexpr):
+    y, _ = _gelu_and_grad(z, FORM, POLY_CDF)
     return y
 
 
@@ -125,7 +137,7 @@ def _bias_gelu_fwd_kernel(
     n_rows,
     n_cols,
     HAS_BIAS: tl.constexpr,
-    TANH: tl.constexpr,
+    FORM: tl.constexpr,
     POLY_CDF: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -139,7 +151,7 @@ def _bias_gelu_fwd_kernel(
     z = tl.load(X + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z = z + tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    y = _gelu(z, TANH, POLY_CDF)
+    y = _gelu(z, FORM, POLY_CDF)
     tl.store(Y + rows64 * stride_y_row + cols[None, :], cast_for_store(y, Y.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
 
 
@@ -160,7 +172,7 @@ def _bias_gelu_bwd_kernel(
     rows_per_program,
     HAS_BIAS: tl.constexpr,
     STORE_Y: tl.constexpr,
-    TANH: tl.constexpr,
+    FORM: tl.constexpr,
     POLY_CDF: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -185,7 +197,7 @@ def _bias_gelu_bwd_kernel(
         if HAS_BIAS:
             z = z + bias[None, :]
         dy = tl.load(DY + rows64 * stride_dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        y, grad = _gelu_and_grad(z, TANH, POLY_CDF)
+        y, grad = _gelu_and_grad(z, FORM, POLY_CDF)
         dz = tl.where(mask, dy * grad, 0.0)
         tl.store(DX + rows64 * stride_dx_row + cols[None, :], cast_for_store(dz, DX.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=mask)
         if STORE_Y:
@@ -223,7 +235,7 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
     launch(
         _bias_gelu_fwd_kernel, grid,
         x2, bias, y, x_stride, n_cols, n_rows, n_cols,
-        HAS_BIAS=bias is not None, TANH=approximate == "tanh", POLY_CDF=_poly_cdf(y.dtype), BLOCK_M=block_m,
+        HAS_BIAS=bias is not None, FORM=APPROXIMATIONS.index(approximate), POLY_CDF=_poly_cdf(y.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
         **LAUNCH_OPTIONS,
     )
@@ -251,7 +263,7 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
             _bias_gelu_bwd_kernel, (n_groups, n_col_blocks),
             dy2, x2, bias, dx2, y2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0),
             y2.stride(0) if y2 is not None else 0, n_rows, n_cols, rows_per_program,
-            HAS_BIAS=bias is not None, STORE_Y=y2 is not None, TANH=approximate == "tanh",
+            HAS_BIAS=bias is not None, STORE_Y=y2 is not None, FORM=APPROXIMATIONS.index(approximate),
             POLY_CDF=_poly_cdf(dx2.dtype), BLOCK_M=block_m,
             BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
             **LAUNCH_OPTIONS,
@@ -313,7 +325,8 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
         x: ``[..., N]``, float32, float16 or bfloat16 (the bias-free output of fc1).
         bias: ``[N]`` in float32 or x's dtype, or None.
         approximate: ``"none"`` (exact erf GELU, the default, as in timm, transformers and
-            torchvision ViTs) or ``"tanh"``.
+            torchvision ViTs), ``"tanh"`` (SigLIP) or ``"quick"`` (quick_gelu,
+            ``z * sigmoid(1.702 z)``, OpenAI's CLIP).
 
     Returns y in x's dtype. Backward gives dx and dbias; dbias is reduced in two
     deterministic stages (bitwise reproducible). Only x is saved for backward.

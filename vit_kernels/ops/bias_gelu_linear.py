@@ -135,7 +135,8 @@ def bias_gelu_linear(x: Tensor, bias: Optional[Tensor], weight: Tensor, linear_b
             (``F.linear(input, fc1.weight)``).
         bias: fc1's bias ``[H]`` (float32 or x's dtype), added in float32 inside the pass, or None.
         weight: fc2's weight ``[O, H]``; linear_bias: fc2's bias ``[O]`` or None.
-        approximate: ``"none"`` (exact erf GELU, the default) or ``"tanh"``.
+        approximate: ``"none"`` (exact erf GELU, the default), ``"tanh"`` or ``"quick"``
+            (quick_gelu, ``z * sigmoid(1.702 z)``): the forms of `bias_gelu`.
 
     Returns ``[..., O]`` in the compute dtype: under autocast, weight and linear_bias are cast
     to the autocast dtype (as autocast runs a Linear); otherwise to x's dtype. The backward

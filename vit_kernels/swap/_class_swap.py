@@ -145,6 +145,17 @@ class Plan:
     def leave(self, path: str, kind: str, why: str) -> None:
         self.left.append((path, kind, why))
 
+    def merge(self, other: "Plan", prefix: str) -> None:
+        """Take `other`'s changes and lines, planned on the submodule at `prefix`, with their paths under it."""
+        def under(path):
+            return f"{prefix}.{path}" if path else prefix
+
+        for change in other.changes:
+            change.path = under(change.path)
+            self.changes.append(change)
+        self.left += [(under(path), kind, why) for path, kind, why in other.left]
+        self.already += [(under(path), kind) for path, kind in other.already]
+
     def apply(self, summary) -> None:
         done = []
         try:

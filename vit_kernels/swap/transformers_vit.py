@@ -34,7 +34,9 @@ from ..ops.attention import HEAD_DIMS, HEAD_DIMS_TEXT, flash_attention
 from ..ops.bias_gelu_linear import bias_gelu_linear
 from ..ops.patch_embed import load as load_patch_embed
 from ..ops.patch_embed import patch_embed
+from . import transformers_clip as clip
 from ._class_swap import Plan, SwappedModule, fx_tracing, is_swapped
+from ._transformers_calls import KERNEL_DTYPES, asks_for_more, recording_attentions, transformers_class
 from .timm_vit import plan_layer_norm
 
 torch.fx.wrap("flash_attention")
@@ -48,32 +50,10 @@ VIT_LAYER = {f"{p}Layer" for p in ("ViT", "DeiT", "ViTMAE", "ViTMSN")}
 DINOV2_LAYER = {f"{p}Layer" for p in ("Dinov2", "Dinov2WithRegisters")}
 PATCH_EMBEDDINGS = {f"{p}PatchEmbeddings" for p in FAMILIES}
 PATCH_EMBEDDINGS_CAST = {"Dinov2PatchEmbeddings", "Dinov2WithRegistersPatchEmbeddings"}  # cast pixels to the weights'
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _transformers_class(module, names) -> bool:
-    kind = type(module)
-    return kind.__name__ in names and kind.__module__.startswith("transformers.models.")
-
-
-def _recording_attentions() -> bool:
-    """Whether transformers' output capture is collecting attention maps for the running forward."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:
-        return False
-    collected = _active_collector.get()
-    return collected is not None and "attentions" in collected
-
-
-def _asks_for_more(kwargs) -> bool:
-    return any(value is not None and value is not False for value in kwargs.values())
-
-
 class TransformersAttention(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        if (attention_mask is not None or _asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
-                or hidden_states.dtype not in KERNEL_DTYPES or _recording_attentions()):
+        if (attention_mask is not None or asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
+                or hidden_states.dtype not in KERNEL_DTYPES or recording_attentions()):
             return self.base_forward(hidden_states, attention_mask, **kwargs)
         batch, tokens, _ = hidden_states.shape
         shape = (batch, tokens, -1, self.head_dim)
@@ -119,7 +99,7 @@ class TransformersPatchEmbeddings(nn.Module, SwappedModule):
         weight = self.projection.weight
         if type(self).__name__ in PATCH_EMBEDDINGS_CAST and isinstance(pixel_values, torch.Tensor):
             pixel_values = pixel_values.to(weight.dtype)
-        if (args or _asks_for_more(kwargs) or fx_tracing() or pixel_values.dim() != 4
+        if (args or asks_for_more(kwargs) or fx_tracing() or pixel_values.dim() != 4
                 or pixel_values.shape[1] != self.num_channels or pixel_values.dtype != weight.dtype
                 or pixel_values.shape[2] % self.projection.stride[0] or pixel_values.shape[3] % self.projection.stride[1]):
             return self.base_forward(pixel_values, *args, **kwargs)
@@ -129,9 +109,9 @@ class TransformersPatchEmbeddings(nn.Module, SwappedModule):
 # ---- the plan ------------------------------------------------------------------------------------
 
 
-def _attention_reason(attn) -> str:
-    if not all(isinstance(getattr(attn, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-        return "q_proj, k_proj, v_proj, o_proj are not all nn.Linear"
+def _attention_reason(attn, out_proj: str) -> str:
+    if not all(isinstance(getattr(attn, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj", out_proj)):
+        return f"q_proj, k_proj, v_proj, {out_proj} are not all nn.Linear"
     if getattr(attn, "is_causal", False):
         return "causal attention is not fused"
     if attn.head_dim not in HEAD_DIMS:
@@ -152,29 +132,52 @@ def _layer_reason(layer, norms, fused_norms) -> str:
     return ""
 
 
+# The fused layer of each layer class, and its two LayerNorms (the second takes the residual add).
+LAYERS = {**{name: (TransformersViTLayer, ("layernorm_before", "layernorm_after")) for name in VIT_LAYER},
+          **{name: (TransformersDinov2Layer, ("norm1", "norm2")) for name in DINOV2_LAYER},
+          **{name: (clip.ClipEncoderLayer, ("layer_norm1", "layer_norm2")) for name in clip.LAYER}}
+
+
 def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, layer_norm: bool,
                           patch_embed: bool) -> None:
+    """Plan the swaps of a transformers ViT-family model or CLIP/SigLIP/SigLIP2 model (any head);
+    a text tower inside it is left as it is."""
     fused_norms = set()
     layers = []
+    text_towers = []
     for path, module in model.named_modules():
+        if any(path.startswith(f"{tower}.") for tower in text_towers):
+            continue
         if isinstance(module, FusedLayerNorm):
             fused_norms.add(id(module))
         if is_swapped(module) or isinstance(module, FusedLayerNorm):
             plan.already.append((path, _kind(module)))
             continue
         name = type(module).__name__
-        if name.endswith("SelfAttention") and hasattr(module, "query"):
+        if transformers_class(module, clip.TEXT_TOWERS):
+            text_towers.append(path)
+            plan.leave(path, "model", f"{name} is a text tower: left as it is (its causal or padding masks; "
+                                      "the vision tower is what this package swaps)")
+        elif name.endswith("SelfAttention") and hasattr(module, "query"):
             plan.leave(path, "attention", f"{name}: the transformers <= 5.8 layout, which this swap does not know")
-        elif _transformers_class(module, ATTENTION):
+        elif transformers_class(module, clip.ATTENTION) and clip.old_layout(type(module)):
+            plan.leave(path, "attention", f"{name}: the transformers 4.x layout, which this swap does not know")
+        elif transformers_class(module, ATTENTION | clip.ATTENTION):
             if not attention:
                 continue
-            why = _attention_reason(module)
+            clip_family = name in clip.ATTENTION
+            why = _attention_reason(module, "out_proj" if clip_family else "o_proj")
             if why:
                 plan.leave(path, "attention", why)
             else:
-                plan.swap_class(module, TransformersAttention, path, "attention",
-                                "flash_attention (masks, recorded attention maps: the model's own attention)")
-        elif _transformers_class(module, MLP):
+                plan.swap_class(module, clip.ClipAttention if clip_family else TransformersAttention, path,
+                                "attention", "flash_attention (masks, recorded attention maps: the model's own "
+                                "attention)")
+        elif transformers_class(module, clip.POOLING_HEADS):
+            plan.leave(path, "attention", f"{name}: one latent query per image (a [B, 1, N] attention, a few "
+                                          "percent of the tower's FLOPs): its nn.MultiheadAttention is kept; its "
+                                          "MLP and LayerNorm are swapped")
+        elif transformers_class(module, MLP | clip.MLP):
             if not mlp:
                 continue
             try:
@@ -185,15 +188,15 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
                 plan.swap_class(module, TransformersMlp, path, "mlp", "bias + GELU + fc2 fused (module kept)",
                                 _vk_gelu=form)
             else:
-                plan.leave(path, "mlp", "its activation is not GELU (exact or tanh)")
-        elif name.endswith(("FFN", "MLP")) and name not in MLP and mlp:
+                plan.leave(path, "mlp", "its activation is not a GELU (exact, tanh or quick_gelu)")
+        elif name.endswith(("FFN", "MLP")) and mlp:
             plan.leave(path, "mlp", f"{name} is not an fc1 -> GELU -> fc2 MLP")
         elif isinstance(module, nn.LayerNorm) or name.endswith(("LayerNorm", "RMSNorm", "RmsNorm")):
             if layer_norm and plan_layer_norm(plan, module, path):
                 fused_norms.add(id(module))
-        elif _transformers_class(module, VIT_LAYER | DINOV2_LAYER):
+        elif transformers_class(module, set(LAYERS)):
             layers.append((path, module))
-        elif _transformers_class(module, PATCH_EMBEDDINGS) and patch_embed:
+        elif transformers_class(module, PATCH_EMBEDDINGS) and patch_embed:
             projection = getattr(module, "projection", None)
             if isinstance(projection, nn.Conv2d) and projection.stride == projection.kernel_size \
                     and projection.padding == (0, 0) and projection.groups == 1 and projection.dilation == (1, 1):
@@ -203,24 +206,36 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
                                 "stay in transformers' embeddings)")
             else:
                 plan.leave(path, "patch_embed", "its projection is not a patchifying Conv2d")
+        elif transformers_class(module, clip.EMBEDDINGS) and patch_embed:
+            why = clip.embeddings_reason(module)
+            if why:
+                plan.leave(path, "patch_embed", why)
+            else:
+                load_patch_embed()
+                plan.swap_class(module, clip.ClipVisionEmbeddings, path, "patch_embed",
+                                "vit_kernels.ops.patch_embed with the class token and position embeddings (module "
+                                "kept; interpolate_pos_encoding: the model's own embeddings)")
+        elif transformers_class(module, clip.UNFUSED_EMBEDDINGS) and patch_embed:
+            plan.leave(path, "patch_embed", f"{name} embeds patchified pixels with an nn.Linear (a plain GEMM): "
+                                            "nothing to fuse")
     for path, layer in layers:
-        dinov2 = type(layer).__name__ in DINOV2_LAYER
-        norms = ("norm1", "norm2") if dinov2 else ("layernorm_before", "layernorm_after")
+        fused, norms = LAYERS[type(layer).__name__]
         why = _layer_reason(layer, norms, fused_norms)
+        if not why and clip.old_layout(type(layer)):
+            why = "the transformers 4.x layout (layers return tuples), which this swap does not know"
         if why:
             plan.leave(path, "block", why)
         else:
-            plan.swap_class(layer, TransformersDinov2Layer if dinov2 else TransformersViTLayer, path, "block",
-                            f"attention residual add fused into {norms[1]}")
+            plan.swap_class(layer, fused, path, "block", f"attention residual add fused into {norms[1]}")
 
 
 def _kind(module) -> str:
-    if isinstance(module, TransformersAttention):
+    if isinstance(module, (TransformersAttention, clip.ClipAttention)):
         return "attention"
     if isinstance(module, TransformersMlp):
         return "mlp"
     if isinstance(module, nn.LayerNorm):
         return "layer_norm"
-    if isinstance(module, TransformersPatchEmbeddings):
+    if isinstance(module, (TransformersPatchEmbeddings, clip.ClipVisionEmbeddings)):
         return "patch_embed"
     return "block"

@@ -1,0 +1,113 @@
+"""Hugging Face transformers CLIP, SigLIP and SigLIP2 vision towers (5.x layout:
+``encoder.layers[i].self_attn.q_proj/k_proj/v_proj/out_proj``, ``layer_norm1/2``, ``mlp.fc1/fc2``).
+
+The swapped classes here; what is swapped is planned in `transformers_vit.plan_transformers_vit`,
+from the class tables below, and only inside a vision tower (`VISION_TOWERS`): a text tower
+(CLIPModel's, SiglipModel's) is left as it is, with one line in the summary.
+
+- Attention: q, k, v are read as ``[B, N, H, d]`` views of the three projections' outputs (no
+  copy, no fused QKV weight, so the state_dict is untouched) by flash_attention. Any call it
+  does not reproduce takes the class's own forward (the config's attention implementation): an
+  attention mask (SigLIP2's NaFlex padding, a text tower's causal mask), attention maps being
+  recorded, a head dim or dtype the kernel lacks, FX tracing.
+- Layers: the attention residual add runs inside layer_norm2 (the MLP's LayerNorm).
+- Embeddings (CLIP, SigLIP): the patchifying Conv2d, CLIP's class token and the position
+  embeddings in one patch-embedding op; resized images (``interpolate_pos_encoding``) take the
+  class's forward. SigLIP2's embedding is a Linear over patchified pixels: left alone.
+- The MLP (fc1 -> GELU -> fc2: exact, tanh, or CLIP's quick_gelu) is the ViT families' swap.
+- SigLIP's attention-pooling head (one latent query, ``nn.MultiheadAttention``) is left alone:
+  its attention is one query row per image, a few percent of the tower's FLOPs at most, where
+  torch's own kernel already serves; its MLP and LayerNorm are swapped like the encoder's.
+"""
+
+import inspect
+
+import torch
+from torch import nn
+
+from ..ops.attention import flash_attention
+from ..ops.patch_embed import patch_embed
+from ._class_swap import SwappedModule, fx_tracing
+from ._transformers_calls import KERNEL_DTYPES, asks_for_more, recording_attentions, transformers_class
+
+torch.fx.wrap("flash_attention")
+torch.fx.wrap("patch_embed")
+
+FAMILIES = ("CLIP", "Siglip", "Siglip2")
+ATTENTION = {f"{p}Attention" for p in FAMILIES}
+MLP = {f"{p}MLP" for p in FAMILIES}
+LAYER = {f"{p}EncoderLayer" for p in FAMILIES}
+EMBEDDINGS = {"CLIPVisionEmbeddings", "SiglipVisionEmbeddings"}
+UNFUSED_EMBEDDINGS = {"Siglip2VisionEmbeddings"}
+POOLING_HEADS = {"SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead"}
+VISION_TOWERS = {"CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "Siglip2VisionModel"}
+TEXT_TOWERS = {"CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel", "Siglip2TextModel"}
+# transformers' model_type of each vision tower's config: a model of one of these is a tower itself.
+VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "siglip2_vision_model")
+
+
+def old_layout(attention_class: type) -> bool:
+    """transformers 4.x's CLIP/SigLIP attention took output_attentions and returned its maps by
+    itself (its layers returned tuples): not the forwards these classes reproduce."""
+    params = inspect.signature(attention_class.forward).parameters
+    return "output_attentions" in params or "causal_attention_mask" in params
+
+
+class ClipAttention(nn.Module, SwappedModule):
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if (attention_mask is not None or asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
+                or hidden_states.dtype not in KERNEL_DTYPES or recording_attentions()):
+            return self.base_forward(hidden_states, attention_mask, **kwargs)
+        batch, tokens, _ = hidden_states.shape
+        shape = (batch, tokens, -1, self.head_dim)
+        out = flash_attention(self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape),
+                              self.v_proj(hidden_states).view(shape), softmax_scale=self.scale,
+                              dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.reshape(batch, tokens, -1)), None
+
+
+class ClipEncoderLayer(nn.Module, SwappedModule):
+    """CLIP/SigLIP/SigLIP2 pre-LN layer with the attention residual add fused into layer_norm2."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if fx_tracing():
+            return self.base_forward(hidden_states, attention_mask, **kwargs)
+        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                  **kwargs)[0]
+        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
+        return hidden_states + self.mlp(y)
+
+
+class ClipVisionEmbeddings(nn.Module, SwappedModule):
+    """CLIP's and SigLIP's patch embedding, class token (CLIP) and position embeddings in one op."""
+
+    def serves(self, pixel_values, interpolate_pos_encoding) -> bool:
+        conv = self.patch_embedding
+        if interpolate_pos_encoding or fx_tracing() or not isinstance(pixel_values, torch.Tensor):
+            return False
+        return (pixel_values.dim() == 4 and pixel_values.shape[1] == conv.in_channels
+                and tuple(pixel_values.shape[2:]) == (self.image_size, self.image_size)
+                and pixel_values.is_floating_point())
+
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        if not self.serves(pixel_values, interpolate_pos_encoding):
+            return self.base_forward(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        weight = self.patch_embedding.weight
+        cls = getattr(self, "class_embedding", None)
+        return patch_embed(pixel_values.to(weight.dtype), weight, self.patch_embedding.bias,
+                           cls_token=None if cls is None else cls.view(1, 1, -1),
+                           pos_embed=self.position_embedding(self.position_ids))
+
+
+def embeddings_reason(embeddings) -> str:
+    conv = getattr(embeddings, "patch_embedding", None)
+    if not isinstance(conv, nn.Conv2d):
+        return "its patch_embedding is not a Conv2d"
+    if not (conv.stride == conv.kernel_size and conv.padding in ((0, 0), "valid") and conv.groups == 1
+            and conv.dilation == (1, 1) and conv.kernel_size[0] == conv.kernel_size[1]):
+        return "its patch_embedding is not a patchifying Conv2d"
+    if not isinstance(getattr(embeddings, "position_embedding", None), nn.Embedding):
+        return "its position_embedding is not an nn.Embedding"
+    return ""
+
+
