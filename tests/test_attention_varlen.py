@@ -222,3 +222,63 @@ def test_compile_fullgraph_without_a_host_read(seed):
     (want_grad,) = torch.autograd.grad(want, eager_qkv)
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(grad, want_grad)
+
+
+# ---- key-padded batches (SigLIP2's NaFlex): flash_attention_key_padded ---------------------------------
+
+
+def _key_valid(batch, n_k, valid_counts, scattered=False):
+    valid = torch.zeros(batch, n_k, dtype=torch.bool, device=DEVICE)
+    for b, count in enumerate(valid_counts):
+        if scattered:  # not a prefix: every other key, then the rest
+            valid[b, torch.randperm(n_k, generator=torch.Generator().manual_seed(b))[:count].to(DEVICE)] = True
+        else:
+            valid[b, :count] = True
+    return valid
+
+
+@pytest.mark.parametrize("scattered", [False, True], ids=["prefix", "scattered"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padded_matches_masked_attention(seed, dtype, scattered):
+    """Every query row (padded ones too) attends to its batch's valid keys, by the rule against
+    eager masked attention; forward and dq/dk/dv (masked keys get zero dk, dv)."""
+    from vit_kernels.ops import flash_attention_key_padded
+
+    valid = _key_valid(3, 70, [70, 41, 1], scattered)
+    leaves = [torch.randn(3, 70, 2, 72, device=DEVICE).to(dtype).requires_grad_() for _ in range(3)]
+    dout = torch.randn(3, 70, 2, 72, device=DEVICE).to(dtype)
+    with poisoned_allocations():
+        out, grads = _grads(lambda q, k, v: flash_attention_key_padded(q, k, v, valid), leaves, dout)
+    eager = _grads(lambda q, k, v: reference.attention_key_padded(q, k, v, valid), leaves, dout)
+    oracle = _grads(lambda q, k, v: reference.attention_key_padded(q, k, v, valid), leaves, dout, torch.float64)
+    assert out.shape == (3, 70, 2, 72)
+    assert_rule("out", out, oracle[0], eager[0])
+    for name, g, g_eager, g_ref in zip(["dq", "dk", "dv"], grads, eager[1], oracle[1]):
+        assert_rule(name, g, g_ref, g_eager)
+    assert torch.count_nonzero(grads[1][~valid]) == 0 and torch.count_nonzero(grads[2][~valid]) == 0
+
+
+def test_key_padded_never_reads_the_host_and_compiles(seed):
+    from vit_kernels.ops import flash_attention_key_padded
+
+    valid = _key_valid(2, 33, [33, 20])
+    q, k, v = (torch.randn(2, 33, 2, 64, device=DEVICE) for _ in range(3))
+    with no_host_reads():
+        out = flash_attention_key_padded(q, k, v, valid)
+    torch.testing.assert_close(out, reference.attention_key_padded(q, k, v, valid), rtol=1e-4, atol=1e-4)
+    no_keys = flash_attention_key_padded(q, k, v, torch.zeros_like(valid))
+    assert torch.count_nonzero(no_keys) == 0  # a batch with no valid key gets 0
+    compiled = torch.compile(flash_attention_key_padded, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, valid), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key_valid, error, match", [
+    (torch.ones(2, 33, dtype=torch.int64), TypeError, "key_valid must be a bool tensor"),
+    (torch.ones(2, 32, dtype=torch.bool), ValueError, r"key_valid must have shape \(2, 33\)"),
+])
+def test_key_padded_bad_mask_is_named(key_valid, error, match):
+    from vit_kernels.ops import flash_attention_key_padded
+
+    q = torch.randn(2, 33, 2, 64)
+    with pytest.raises(error, match=match):
+        flash_attention_key_padded(q, q, q, key_valid)

@@ -89,6 +89,18 @@ def test_saturation_and_specials(dtype):
         assert y[0].isnan() and y[1] == float("inf"), y
 
 
+def _every_finite(dtype):
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    return x[torch.isfinite(x)].to(DEVICE)
+
+
+def y_and_grad(fn, x):
+    """fn(x) and its derivative (the gradient for dy = 1), elementwise."""
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    return y.detach(), torch.autograd.grad(y, x, torch.ones_like(y))[0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_every_16bit_input(dtype):
     """16-bit outputs take Phi(z) from a polynomial, not erf (bias_gelu's _normal_cdf_and_pdf).
@@ -99,14 +111,7 @@ def test_every_16bit_input(dtype):
 
     The oracle takes Phi from erfc, not 1 + erf: F.gelu in float64 and torch.special.ndtr
     cancel in the tail too (relative error 30% at z = -8.25)."""
-    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    x = x[torch.isfinite(x)].to(DEVICE)
-
-    def y_and_grad(fn, t):
-        t = t.detach().requires_grad_()
-        y = fn(t)
-        return y.detach(), torch.autograd.grad(y, t, torch.ones_like(y))[0]
-
+    x = _every_finite(dtype)
     got = y_and_grad(lambda t: bias_gelu(t, None), x)
     eager = y_and_grad(torch.nn.functional.gelu, x)
     z = x.double()
@@ -130,14 +135,7 @@ def test_quick_gelu_every_16bit_input(dtype):
     derivative is a normal number it is within half a unit in the last place (plus float32's
     rounding of the slope product), the negative tail included: sigmoid' is taken as e r^2, never
     as s (1 - s)."""
-    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
-    x = x[torch.isfinite(x)].to(DEVICE)
-
-    def y_and_grad(fn, t):
-        t = t.detach().requires_grad_()
-        y = fn(t)
-        return y.detach(), torch.autograd.grad(y, t, torch.ones_like(y))[0]
-
+    x = _every_finite(dtype)
     got = y_and_grad(lambda t: bias_gelu(t, None, "quick"), x)
     eager = y_and_grad(lambda t: reference.gelu(t, "quick"), x)
     z = x.double()

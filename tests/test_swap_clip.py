@@ -15,7 +15,8 @@ from torch import nn
 
 import vit_kernels
 from vit_kernels.nn import FusedLayerNorm
-from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
+from swap_checks import check_swap_by_rule, perturbed
+from vit_kernels.testing import kernel_device
 
 transformers = pytest.importorskip("transformers")
 from vit_kernels.swap import transformers_clip  # noqa: E402
@@ -26,14 +27,6 @@ VISION = dict(hidden_size=144, intermediate_size=200, num_hidden_layers=2, num_a
               patch_size=8)
 TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2, vocab_size=50,
             max_position_embeddings=16)
-
-
-def _perturbed(model):
-    """Random non-trivial LayerNorm affines and biases (the inits are 1 and 0)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.to(DEVICE)
 
 
 def _vision(family, act=None, attn_implementation="sdpa", head=True):
@@ -49,7 +42,7 @@ def _vision(family, act=None, attn_implementation="sdpa", head=True):
         config = {k: v for k, v in VISION.items() if k != "image_size"}
         model = t.Siglip2VisionModel(t.Siglip2VisionConfig(num_patches=16, vision_use_head=head, **config, **extra))
     model.set_attn_implementation(attn_implementation)
-    return _perturbed(model)
+    return perturbed(model)
 
 
 def _siglip2_inputs(batch=2, dtype=torch.float32, padded=False):
@@ -79,29 +72,21 @@ def _run(family, batch=2):
 
 
 def _count_kernel_calls(monkeypatch):
-    calls = {"attention": 0, "patch_embed": 0}
-    for name in calls:
-        real = getattr(transformers_clip, name if name == "patch_embed" else "flash_attention")
+    calls = {"attention": 0, "key_padded": 0, "patch_embed": 0}
+    for key, name in (("attention", "flash_attention"), ("key_padded", "flash_attention_key_padded"),
+                      ("patch_embed", "patch_embed")):
+        real = getattr(transformers_clip, name)
 
-        def counted(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
+        def counted(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(transformers_clip, name if name == "patch_embed" else "flash_attention", counted)
+        monkeypatch.setattr(transformers_clip, name, counted)
     return calls
 
 
-def _check_by_rule(original, run, train=True):
-    original.train(train)
-    oracle_model = copy.deepcopy(original).double()
-    state = {k: v.clone() for k, v in original.state_dict().items()}
-    eager = output_and_grads(original, lambda m: run(m, torch.float32))
-    oracle = output_and_grads(oracle_model, lambda m: run(m, torch.float64))
-    model, summary = vit_kernels.swap_modules(original)
-    assert list(model.state_dict()) == list(state)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert_rules(output_and_grads(model, lambda m: run(m, torch.float32)), oracle, eager)
-    return model, summary
+def _check_by_rule(original, run):
+    return check_swap_by_rule(original, run, train=True)
 
 
 CASES = {  # (family, hidden_act): CLIP's OpenAI checkpoints use quick_gelu, SigLIP the tanh GELU
@@ -140,13 +125,13 @@ def _two_tower(family):
     vision = {k: v for k, v in VISION.items()}
     if family == "clip":
         config = t.CLIPConfig(text_config=TEXT, vision_config=dict(vision, hidden_act="quick_gelu"), projection_dim=32)
-        return _perturbed(t.CLIPModel(config))
+        return perturbed(t.CLIPModel(config))
     if family == "siglip":
         text = dict(TEXT, projection_size=VISION["hidden_size"])  # SigLIP compares the two without a projection
-        return _perturbed(t.SiglipModel(t.SiglipConfig(text_config=text, vision_config=vision)))
+        return perturbed(t.SiglipModel(t.SiglipConfig(text_config=text, vision_config=vision)))
     vision = {k: v for k, v in vision.items() if k != "image_size"}
     text = dict(TEXT, projection_size=VISION["hidden_size"])
-    return _perturbed(t.Siglip2Model(t.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=16))))
+    return perturbed(t.Siglip2Model(t.Siglip2Config(text_config=text, vision_config=dict(vision, num_patches=16))))
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip", "siglip2"])
@@ -206,7 +191,7 @@ def test_a_transformers_vision_language_model_swaps_its_vision_tower(seed):
                            text_config=t.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                                      num_attention_heads=2, num_key_value_heads=2, vocab_size=80),
                            image_token_index=79, vision_feature_layer=-1)
-    model = _perturbed(t.LlavaForConditionalGeneration(config)).eval()
+    model = perturbed(t.LlavaForConditionalGeneration(config)).eval()
     tower = model.model.vision_tower
     language = {path: type(m) for path, m in model.model.language_model.named_modules()}
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
@@ -242,20 +227,32 @@ def test_attention_maps_hidden_states_and_resized_images(seed, implementation):
                                rtol=1e-4, atol=1e-5)
 
 
-def test_siglip2_padding_mask_is_honoured(seed, monkeypatch):
-    """NaFlex batches (images of different patch counts, padded, with pixel_attention_mask): a padded
-    batch takes the model's own masked attention; an unpadded one the kernel."""
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_siglip2_padded_batches_match_by_rule(seed, implementation, monkeypatch):
+    """NaFlex batches (images of different patch counts, padded, with pixel_attention_mask): the
+    padded rows of the output too, and every gradient, by the rule against the model's own masked
+    attention (eager: a float mask, SDPA: a bool one), through flash_attention_key_padded."""
     calls = _count_kernel_calls(monkeypatch)
-    original = _vision("siglip2", "gelu_pytorch_tanh").eval()
-    swapped, _ = vit_kernels.swap_modules(copy.deepcopy(original))
     padded = _siglip2_inputs(padded=True)
-    want, got = original(**padded), swapped(**padded)
-    torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got.pooler_output, want.pooler_output, rtol=1e-4, atol=1e-5)
-    assert calls["attention"] == 0
-    full = _siglip2_inputs()
-    torch.testing.assert_close(swapped(**full).pooler_output, original(**full).pooler_output, rtol=1e-4, atol=1e-5)
-    assert calls["attention"] == 2
+
+    def run(model, dtype):
+        out = model(**{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in padded.items()})
+        return torch.cat([out.last_hidden_state.reshape(-1), out.pooler_output.reshape(-1)])
+
+    _check_by_rule(_vision("siglip2", "gelu_pytorch_tanh", attn_implementation=implementation), run)
+    assert calls["key_padded"] == 2 and calls["attention"] == 0
+
+
+def test_siglip2_mask_of_another_form_fails_loudly(seed):
+    """A mask that is not a key padding mask (rows differ) is refused on the device, never
+    silently computed as one."""
+    model = vit_kernels.swap_modules(_vision("siglip2", "gelu_pytorch_tanh").eval())[0]
+    attention = model.encoder.layers[0].self_attn
+    hidden = torch.randn(2, 16, VISION["hidden_size"], device=DEVICE)
+    mask = torch.ones(2, 1, 16, 16, dtype=torch.bool, device=DEVICE)
+    mask[0, 0, 3, 5] = False
+    with pytest.raises(RuntimeError, match="not a key padding mask"):
+        attention(hidden, mask)
 
 
 def test_gradient_checkpointing_is_honoured(seed):
@@ -301,6 +298,6 @@ def test_timm_quick_gelu_vit_fuses_its_mlp(seed):
     model = timm.create_model("vit_base_patch16_clip_quickgelu_224", pretrained=False, embed_dim=144, depth=2,
                               num_heads=2, img_size=32, patch_size=8, num_classes=5)
     images = torch.randn(2, 3, 32, 32, device=DEVICE)
-    model, summary = _check_by_rule(_perturbed(model), lambda m, dtype: m(images.to(dtype)))
+    model, summary = _check_by_rule(perturbed(model), lambda m, dtype: m(images.to(dtype)))
     assert summary.counts()["mlp"] == {"swapped": 2}, str(summary)
     assert {block.mlp.approximate for block in model.blocks} == {"quick"}

@@ -15,37 +15,16 @@ from torch import nn
 
 import vit_kernels
 from vit_kernels.nn import FlashAttention, FusedLayerNorm
-from vit_kernels.testing import assert_rules, kernel_device, output_and_grads
+from swap_checks import check_swap_by_rule, perturbed
+from vit_kernels.testing import kernel_device, output_and_grads
 
 timm = pytest.importorskip("timm")
 DEVICE = kernel_device()
 SMALL = dict(num_classes=10, img_size=64, depth=2)
 
 
-def _perturbed(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.to(DEVICE)
-
-
 def _timm(name="vit_tiny_patch16_224", **config):
-    return _perturbed(timm.create_model(name, pretrained=False, **{**SMALL, **config}))
-
-
-def _check_swap_by_rule(original, run, train=False):
-    """Swap `original`; its outputs and every gradient by the rule against the unswapped model
-    (eager) and a float64 copy; state_dict keys and values unchanged. Returns (model, summary)."""
-    original.train(train)
-    oracle_model = copy.deepcopy(original).double()
-    state = {k: v.clone() for k, v in original.state_dict().items()}
-    eager = output_and_grads(original, lambda m: run(m, torch.float32))
-    oracle = output_and_grads(oracle_model, lambda m: run(m, torch.float64))
-    model, summary = vit_kernels.swap_modules(original)
-    assert list(model.state_dict()) == list(state)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert_rules(output_and_grads(model, lambda m: run(m, torch.float32)), oracle, eager)
-    return model, summary
+    return perturbed(timm.create_model(name, pretrained=False, **{**SMALL, **config}))
 
 
 def _images(batch=2, size=64):
@@ -74,7 +53,7 @@ def test_timm_models_known_in_part_swap_what_they_can(seed, case):
     name, config, left = TIMM_PARTLY_KNOWN[case]
     original = _timm(name, **config)
     keys = list(original.state_dict())
-    model, summary = _check_swap_by_rule(original, _images(), train=True)
+    model, summary = check_swap_by_rule(original, _images(), train=True)
     assert left in str(summary), str(summary)
     assert list(model.state_dict()) == keys
     if case == "diff-attention":
@@ -262,7 +241,7 @@ def _hf(kind, attn_implementation="sdpa", dtype=torch.float32, config=None):
     }
     model = makers[kind]()
     model.set_attn_implementation(attn_implementation)
-    return _perturbed(model).to(dtype)
+    return perturbed(model).to(dtype)
 
 
 HF_KINDS = ["vit", "deit", "dinov2", "dinov2-backbone", "dinov2-registers", "vitmae", "vitmsn"]
@@ -290,7 +269,7 @@ def test_transformers_families_and_heads_match_by_rule(seed, kind):
     images = torch.randn(2, 3, 64, 64, device=DEVICE)
     original = _hf(kind)
     out_type = type(original(pixel_values=images, **({"noise": torch.rand(2, 16)} if kind == "vitmae" else {})))
-    model, summary = _check_swap_by_rule(original, _hf_run(kind, images), train=True)
+    model, summary = check_swap_by_rule(original, _hf_run(kind, images), train=True)
     counts = summary.counts()
     assert counts["attention"] == {"swapped": 2} and counts["block"] == {"swapped": 2}, str(summary)
     model.eval()
@@ -406,7 +385,7 @@ def test_transformers_save_load_and_second_swap(seed):
 
 def _torchvision():
     tv = pytest.importorskip("torchvision.models.vision_transformer")
-    return _perturbed(tv.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192,
+    return perturbed(tv.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=3, hidden_dim=192,
                                            mlp_dim=384, num_classes=10))
 
 

@@ -152,6 +152,18 @@ def patch_embed(
     return tokens
 
 
+def attention_key_padded(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor,
+                         softmax_scale: Optional[float] = None) -> Tensor:
+    """`attention` of ``[B, N, H, d]`` q over the keys where ``key_valid`` ``[B, M]`` is True, as
+    eager attention with a key padding mask computes it (scores of masked keys at -inf); every
+    query row, padded or not, attends to its batch's valid keys. A batch with no valid key gets 0."""
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    attn = ((qt * scale) @ kt.transpose(-2, -1)).masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    attn = attn.softmax(dim=-1).nan_to_num(0.0)
+    return (attn @ vt).transpose(1, 2).contiguous()
+
+
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      softmax_scale: Optional[float] = None, dropout_masks: Optional[list] = None,
                      dropout_p: float = 0.0) -> Tensor:

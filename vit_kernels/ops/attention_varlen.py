@@ -41,7 +41,7 @@ from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_m
                         head_dim_blocks, launch_configs)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
-__all__ = ["cu_seqlens", "flash_attention_varlen"]
+__all__ = ["cu_seqlens", "flash_attention_key_padded", "flash_attention_varlen"]
 
 # cu_seqlens tensors whose values were checked: (their version, token count, number of
 # sequences, longest sequence): built by cu_seqlens() or read once in eager mode.
@@ -346,3 +346,69 @@ def flash_attention_varlen(
     out, _ = _flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, hint_q, hint_k, scale, float(dropout_p),
                                          seed, deterministic)
     return out
+
+
+def key_padded_layout(key_valid: Tensor, n_q: int) -> tuple:
+    """(order, cu_seqlens_q, cu_seqlens_k) that run a key-padded batch as packed sequences, built
+    on the device: `order` puts every batch's valid keys first, batch after batch (a stable sort),
+    so sequence b is all n_q queries of batch b and its valid keys; one last sequence holds no
+    query and the masked keys, so that both offset tensors end at their token counts."""
+    batch, n_k = key_valid.shape
+    device = key_valid.device
+    order = torch.argsort((~key_valid).reshape(-1).to(torch.int8), stable=True)
+    ends = torch.cumsum(key_valid.sum(1, dtype=torch.int32), 0, dtype=torch.int32)
+    zero, total = torch.zeros(1, dtype=torch.int32, device=device), torch.full((1,), batch * n_k, dtype=torch.int32,
+                                                                               device=device)
+    cu_k = torch.cat([zero, ends, total])
+    cu_q = torch.clamp(torch.arange(batch + 2, dtype=torch.int32, device=device), max=batch) * n_q
+    return order, cu_q, cu_k
+
+
+def flash_attention_key_padded(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, *,
+                               softmax_scale: Optional[float] = None, dropout_p: float = 0.0,
+                               deterministic: bool = True) -> Tensor:
+    """Attention of ``[B, N, H, d]`` q over the keys of k, v ``[B, M, H, d]`` where ``key_valid``
+    ``[B, M]`` (bool) is True: what eager attention with a key padding mask (SigLIP2's NaFlex,
+    any padded batch) computes, every query row, padded or not, attending to its batch's valid
+    keys; returns ``[B, N, H, d]``.
+
+    Runs as `flash_attention_varlen` over the valid keys, gathered to the front on the device
+    (`key_padded_layout`): no work on masked keys beyond the gather, and no host sync, so it traces
+    under torch.compile(fullgraph=True) and captures in a CUDA graph. A batch with no valid key
+    gets output 0. Dropout: batch b draws its mask as `flash_attention_varlen`'s sequence b.
+
+    Raises:
+        TypeError: as flash_attention_varlen; key_valid not a bool tensor.
+        ValueError: q, k, v not 4-D or disagreeing in batch, heads or head dim; key_valid not ``[B, M]``
+            or on another device; as flash_attention_varlen otherwise.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_tensor(name, t, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, N, H, d] (4-D), got shape {tuple(t.shape)}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} must be [B, N, H, d], "
+                         "[B, M, H, d], [B, M, H, d]")
+    if not isinstance(key_valid, Tensor) or key_valid.dtype != torch.bool:
+        raise TypeError(f"key_valid must be a bool tensor, got "
+                        f"{key_valid.dtype if isinstance(key_valid, Tensor) else type(key_valid).__name__}")
+    if tuple(key_valid.shape) != tuple(k.shape[:2]):
+        raise ValueError(f"key_valid must have shape {tuple(k.shape[:2])} ([B, M]), got {tuple(key_valid.shape)}")
+    check_same_device("q", q, k=k, v=v, key_valid=key_valid)
+    batch, n_q, heads, head_dim = q.shape
+    n_k = k.shape[1]
+    order, cu_q, cu_k = key_padded_layout(key_valid, n_q)
+    q_packed = q.reshape(batch * n_q, heads, head_dim)
+    k_packed = k.reshape(batch * n_k, heads, head_dim).index_select(0, order)
+    v_packed = v.reshape(batch * n_k, heads, head_dim).index_select(0, order)
+    _validate(q_packed, k_packed, v_packed, cu_q, cu_k, softmax_scale, dropout_p)
+    scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if q.dtype == torch.float64 or not runs_kernel(_attn_fwd_kernel, q):
+        if dropout_p == 0:
+            return reference.attention_key_padded(q, k, v, key_valid, scale)
+        out = reference.attention_varlen(q_packed, k_packed, v_packed, cu_q, cu_k, scale, dropout_p=dropout_p)
+        return out.view(batch, n_q, heads, head_dim)
+    seed = draw_seed(q.device) if dropout_p > 0 else None
+    out, _ = _flash_attention_varlen_fwd(q_packed, k_packed, v_packed, cu_q, cu_k, n_q, n_k, scale,
+                                         float(dropout_p), seed, deterministic)
+    return out.view(batch, n_q, heads, head_dim)

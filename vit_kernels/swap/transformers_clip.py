@@ -8,8 +8,11 @@ from the class tables below, and only inside a vision tower (`VISION_TOWERS`): a
 - Attention: q, k, v are read as ``[B, N, H, d]`` views of the three projections' outputs (no
   copy, no fused QKV weight, so the state_dict is untouched) by flash_attention. Any call it
   does not reproduce takes the class's own forward (the config's attention implementation): an
-  attention mask (SigLIP2's NaFlex padding, a text tower's causal mask), attention maps being
-  recorded, a head dim or dtype the kernel lacks, FX tracing.
+  attention mask other than SigLIP2's key padding, attention maps being recorded, a head dim or
+  dtype the kernel lacks, FX tracing. SigLIP2's NaFlex batches (images of different patch
+  counts, padded, with pixel_attention_mask) run flash_attention_key_padded: the valid keys
+  gathered on the device and attended as packed sequences, padded query rows included, as the
+  model's masked attention computes them.
 - Layers: the attention residual add runs inside layer_norm2 (the MLP's LayerNorm).
 - Embeddings (CLIP, SigLIP): the patchifying Conv2d, CLIP's class token and the position
   embeddings in one patch-embedding op; resized images (``interpolate_pos_encoding``) take the
@@ -26,11 +29,13 @@ import torch
 from torch import nn
 
 from ..ops.attention import flash_attention
+from ..ops.attention_varlen import flash_attention_key_padded
 from ..ops.patch_embed import patch_embed
 from ._class_swap import SwappedModule, fx_tracing
 from ._transformers_calls import KERNEL_DTYPES, asks_for_more, recording_attentions, transformers_class
 
 torch.fx.wrap("flash_attention")
+torch.fx.wrap("flash_attention_key_padded")
 torch.fx.wrap("patch_embed")
 
 FAMILIES = ("CLIP", "Siglip", "Siglip2")
@@ -53,16 +58,45 @@ def old_layout(attention_class: type) -> bool:
     return "output_attentions" in params or "causal_attention_mask" in params
 
 
+def key_padding(mask, batch: int, tokens: int):
+    """The ``[B, N]`` bool of valid keys of a key padding mask as transformers builds it from
+    SigLIP2's pixel_attention_mask (``[B, 1, N, N]``, every query row the same: bool for SDPA,
+    0 / dtype min for eager), or None for a mask of another shape or kind. That the mask is of
+    that form is asserted on the device (torch._assert_async: no host sync; a mask of another
+    form fails loudly instead of giving a wrong result)."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, 1, tokens, tokens):
+        return None
+    row = mask[:, :, :1, :]
+    if mask.dtype == torch.bool:
+        valid = row
+    elif mask.is_floating_point():
+        valid = row == 0
+        torch._assert_async((valid | (row == torch.finfo(mask.dtype).min)).all(),
+                            "vit_kernels: SigLIP2's attention mask holds values other than 0 and the dtype's min")
+    else:
+        return None
+    torch._assert_async((mask == row).all(), "vit_kernels: SigLIP2's attention mask is not a key padding mask")
+    return valid[:, 0, 0, :]
+
+
 class ClipAttention(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        if (attention_mask is not None or asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
+        if (asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
                 or hidden_states.dtype not in KERNEL_DTYPES or recording_attentions()):
             return self.base_forward(hidden_states, attention_mask, **kwargs)
         batch, tokens, _ = hidden_states.shape
+        key_valid = None
+        if attention_mask is not None:
+            key_valid = key_padding(attention_mask, batch, tokens) if self._vk_key_padding else None
+            if key_valid is None:
+                return self.base_forward(hidden_states, attention_mask, **kwargs)
         shape = (batch, tokens, -1, self.head_dim)
-        out = flash_attention(self.q_proj(hidden_states).view(shape), self.k_proj(hidden_states).view(shape),
-                              self.v_proj(hidden_states).view(shape), softmax_scale=self.scale,
-                              dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        dropout_p = self.dropout if self.training else 0.0
+        if key_valid is None:
+            out = flash_attention(q, k, v, softmax_scale=self.scale, dropout_p=dropout_p)
+        else:
+            out = flash_attention_key_padded(q, k, v, key_valid, softmax_scale=self.scale, dropout_p=dropout_p)
         return self.out_proj(out.reshape(batch, tokens, -1)), None
 
 

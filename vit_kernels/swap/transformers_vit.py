@@ -170,9 +170,14 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
             if why:
                 plan.leave(path, "attention", why)
             else:
-                plan.swap_class(module, clip.ClipAttention if clip_family else TransformersAttention, path,
-                                "attention", "flash_attention (masks, recorded attention maps: the model's own "
-                                "attention)")
+                if name == "Siglip2Attention":
+                    plan.swap_class(module, clip.ClipAttention, path, "attention",
+                                    "flash_attention; NaFlex padding masks: flash_attention_key_padded (recorded "
+                                    "attention maps: the model's own attention)", _vk_key_padding=True)
+                else:
+                    plan.swap_class(module, clip.ClipAttention if clip_family else TransformersAttention, path,
+                                    "attention", "flash_attention (masks, recorded attention maps: the model's own "
+                                    "attention)", **({"_vk_key_padding": False} if clip_family else {}))
         elif transformers_class(module, clip.POOLING_HEADS):
             plan.leave(path, "attention", f"{name}: one latent query per image (a [B, 1, N] attention, a few "
                                           "percent of the tower's FLOPs): its nn.MultiheadAttention is kept; its "
