@@ -56,6 +56,7 @@ setup(
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
+            "pytest-xdist>=3",
             "hypothesis>=6",
             "ninja",
             "pybind11",
