@@ -224,7 +224,8 @@ def test_opcheck_and_compile(seed):
 # ---- the module --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("act_layer", [nn.GELU, lambda: nn.GELU(approximate="tanh"), "quick_gelu"], ids=str)
+@pytest.mark.parametrize("act_layer", [nn.GELU, lambda: nn.GELU(approximate="tanh"), "quick_gelu"],
+                         ids=["erf", "tanh", "quick_gelu"])
 def test_module_matches_timm_mlp(seed, act_layer):
     timm_layers = pytest.importorskip("timm.layers")
     if isinstance(act_layer, str):
