@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vit_kernels.benchmarking import attention, layer_norm
+from vit_kernels.benchmarking.vit import VIT_SMALL_MODELS
 from vit_kernels.testing import kernel_device
 
 
@@ -30,9 +31,11 @@ def test_main_job_without_cuda(tmp_path):
     assert "| add_layer_norm |" in table
     # How busy the host was: host-bound timings depend on it.
     assert report["host_load"].startswith("load average") and report["host_load"] in table.splitlines()[0]
-    # End to end: a tiny timm ViT after swap_modules and the reference ViT fused, by the rule.
-    assert {row["provider"] for row in report["rows"] if row["mode"] == "train step"} == {"timm_swapped",
-                                                                                          "reference_fused"}
+    # End to end: a tiny timm ViT after swap_modules, the reference ViT fused and tiny SigLIP and CLIP
+    # towers after swap_modules, by the rule.
+    assert {row["provider"] for row in report["rows"] if row["mode"] == "train step"} == {
+        "timm_swapped", "reference_fused", "transformers_swapped"}
+    assert {row["op"] for row in report["rows"] if row["mode"] == "train step"} == set(VIT_SMALL_MODELS)
     assert "End to end" in table
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -129,18 +132,53 @@ def test_vit_flops_match_the_published_count():
 
 @pytest.mark.parametrize("mode", ["inference", "train"])
 def test_vit_cases_run(mode):
-    """The end-to-end closures the benchmarks time run (tiny model; compile is exercised on the GPU)."""
+    """The end-to-end closures the benchmarks time run (tiny models; compile is exercised on the GPU)."""
     pytest.importorskip("timm")
+    pytest.importorskip("transformers")
     from vit_kernels.benchmarking.vit import VIT_SMALL_MODELS, vit_case
 
-    label, spec = next(iter(VIT_SMALL_MODELS.items()))
-    for provider in ("timm", "timm_swapped", "reference_fused", "timm_graph", "timm_swapped_graph",
-                     "reference_fused_graph"):
-        case = vit_case(provider, label, mode, kernel_device(), spec=spec, batch=2)
-        out = case.run()
-        assert case.flops > 0
-        if mode == "inference":
-            assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    ran = set()
+    for label, spec in VIT_SMALL_MODELS.items():
+        family = spec.get("family", "timm")
+        providers = {"timm": ("timm", "timm_swapped", "reference_fused", "timm_graph", "timm_swapped_graph",
+                              "reference_fused_graph"),
+                     "transformers": ("transformers", "transformers_swapped")}[family]
+        for provider in providers:
+            case = vit_case(provider, label, mode, kernel_device(), spec=spec, batch=2)
+            out = case.run()
+            assert case.flops > 0
+            if mode == "inference":
+                assert out.shape == (2, 1000) and torch.isfinite(out).all()
+            ran.add(family)
+    assert ran == {"timm", "transformers"}
+
+
+def test_tower_flops_match_timm_counts_of_the_same_architecture():
+    """A transformers tower's count equals timm's count of the same ViT: CLIP ViT-L/14@336 against
+    timm's vit_large_patch14_clip_336 (577 tokens), SigLIP so400m/14@384 against
+    vit_so400m_patch14_siglip_384 with its attention pool added by hand (timm's count reads the
+    blocks and the classifier only)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    import timm
+
+    from vit_kernels.benchmarking import vit as bench_vit
+
+    def on_meta(make):
+        with torch.device("meta"):
+            return make()
+
+    for label, timm_name in (("CLIP-ViT-L/14@336", "vit_large_patch14_clip_336"),
+                             ("SigLIP-so400m/14@384", "vit_so400m_patch14_siglip_384")):
+        spec = bench_vit.VIT_MODELS[label]
+        tower = on_meta(lambda: bench_vit.base_model(spec, torch.device("meta")))
+        theirs = on_meta(lambda: timm.create_model(timm_name, pretrained=False, num_classes=1000))
+        expected = bench_vit.vit_flops_per_image(theirs)
+        if label.startswith("SigLIP"):
+            width, tokens = 1152, 729
+            expected += 2 * (2 * tokens + 1) * width * width + 4 * tokens * width  # q, k, v of one query
+            expected += 2 * width * width + 2 * 2 * width * 4304  # out projection, MLP on one row
+        assert bench_vit.vit_flops_per_image(tower) == expected, label
 
 
 def test_end_to_end_timed_path_fills_the_report(monkeypatch):
@@ -165,18 +203,16 @@ def test_end_to_end_timed_path_fills_the_report(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 2**30)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(torch, "compile", lambda model, **_: model)
-    tiny = dict(bench_vit.VIT_SMALL_MODELS)
-    for spec in tiny.values():
-        spec["batch"] = {"inference": 2, "train": 2}
-    monkeypatch.setattr(bench_vit, "VIT_MODELS", tiny)
+    monkeypatch.setattr(bench_vit, "VIT_MODELS", dict(bench_vit.VIT_SMALL_MODELS))
     report = results.Report("test", "now", "t", "t", "p", bf16_matmul_tflops=10.0)
     measure = bench_vit.measure_vit
     monkeypatch.setattr(bench_vit, "measure_vit", lambda case, reps: measure(case, reps=reps, warmup=0))
     agreement = bench_vit.vit_agreement  # float32 on the CPU: the interpreter's bf16 dot is wrong
     monkeypatch.setattr(bench_vit, "vit_agreement", lambda spec, device, dtype: agreement(spec, device, None))
     runner.run_vit_timed(report, kernel_device(), reps=1)
-    assert {(r.mode, r.provider) for r in report.rows} == {
-        (mode, provider) for mode in bench_vit.MODES for provider in bench_vit.VIT_PROVIDERS}
+    assert {(r.op, r.mode, r.provider) for r in report.rows} == {
+        (label, mode, provider) for label, spec in bench_vit.VIT_SMALL_MODELS.items() for mode in bench_vit.MODES
+        for provider in bench_vit.family_of(spec).providers}
     for r in report.rows:
         assert r.ms > 0 and r.images_per_s > 0 and r.pct_of_peak > 0 and r.peak_memory_gib == 1.0
         assert r.speedup_vs_eager > 0 and r.speedup_vs_baseline > 0

@@ -91,28 +91,31 @@ def _settle_rows(report: Report, rows: dict, worst: dict, eager: str, baseline: 
 
 
 def run_vit_numerics(report: Report, device: torch.device) -> None:
-    """The end-to-end rule on a tiny ViT in float32 (the no-GPU job; compile providers skipped)."""
+    """The end-to-end rule on tiny models in float32 (the no-GPU job; compile providers skipped)."""
     for label, spec in vit.VIT_SMALL_MODELS.items():
-        for provider, check in vit.vit_agreement(spec, device, None, providers=("timm_swapped", "reference_fused")).items():
+        providers = [p for p in vit.family_of(spec).providers if p in ("timm_swapped", "reference_fused",
+                                                                       "transformers_swapped")]
+        for provider, check in vit.vit_agreement(spec, device, None, providers=providers).items():
             report.rows.append(Row(label, "batch 4 float32", "train step", provider, error_vs_eager=check.ratio,
                                    rule_ok=check.ok, note=f"worst: {check.name}"))
 
 
 def run_vit_timed(report: Report, device: torch.device, *, reps: int, models=None) -> None:
-    """ViT-B/16 and ViT-L/16 (or `models`): agreement, then inference and a training step per
-    provider (bf16 autocast)."""
+    """Every model of vit.VIT_MODELS (or `models`): agreement, then inference and a training step
+    per provider of its family (bf16 autocast)."""
     unknown = set(models or ()) - set(vit.VIT_MODELS)
     if unknown:
         raise ValueError(f"--vit-models: unknown {sorted(unknown)}; choose from {list(vit.VIT_MODELS)}")
     for label, spec in vit.VIT_MODELS.items():
         if models and label not in models:
             continue
-        worst = _agreement_or_failure(lambda: vit.vit_agreement(spec, device, torch.bfloat16),
-                                     vit.VIT_PROVIDERS)
+        family = vit.family_of(spec)
+        worst = _agreement_or_failure(lambda: vit.vit_agreement(spec, device, torch.bfloat16), family.providers)
         for mode in vit.MODES:
             rows = {}
-            for provider in vit.VIT_PROVIDERS:
-                row = Row(label, f"batch {spec['batch'][mode]}, 224px", mode, provider, baseline="timm_compile")
+            for provider in family.providers:
+                size = vit.image_size(spec)
+                row = Row(label, f"batch {spec['batch'][mode]}, {size}px", mode, provider, baseline=family.baseline)
                 try:
                     case = vit.vit_case(provider, label, mode, device)
                     measured = vit.measure_vit(case, reps=reps)
@@ -126,4 +129,4 @@ def run_vit_timed(report: Report, device: torch.device, *, reps: int, models=Non
                     row.note, row.rule_ok = f"failed: {str(err).splitlines()[0][:80]}", False
                 torch.cuda.empty_cache()
                 rows[provider] = row
-            _settle_rows(report, rows, worst, "timm", "timm_compile")
+            _settle_rows(report, rows, worst, family.eager, family.baseline)
