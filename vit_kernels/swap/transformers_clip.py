@@ -1,5 +1,8 @@
-"""Hugging Face transformers CLIP, SigLIP and SigLIP2 vision towers (5.x layout:
-``encoder.layers[i].self_attn.q_proj/k_proj/v_proj/out_proj``, ``layer_norm1/2``, ``mlp.fc1/fc2``).
+"""Hugging Face transformers CLIP, SigLIP and SigLIP2 vision towers (the module layout
+``encoder.layers[i].self_attn.q_proj/k_proj/v_proj/out_proj``, ``layer_norm1/2``, ``mlp.fc1/fc2``
+of 4.x and 5.x; 4.x's call forms by the *4x classes: its attention takes ``output_attentions``
+and returns ``(output, maps)``, its layers take their masks positionally and return tuples, and
+up to 4.47 each attention implementation is a class of its own, ``CLIPSdpaAttention``, ...).
 
 The swapped classes here; what is swapped is planned in `transformers_vit.plan_transformers_vit`,
 from the class tables below, and only inside a vision tower (`VISION_TOWERS`): a text tower
@@ -46,16 +49,35 @@ EMBEDDINGS = {"CLIPVisionEmbeddings", "SiglipVisionEmbeddings"}
 UNFUSED_EMBEDDINGS = {"Siglip2VisionEmbeddings"}
 POOLING_HEADS = {"SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead"}
 VISION_TOWERS = {"CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "Siglip2VisionModel"}
-TEXT_TOWERS = {"CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel", "Siglip2TextModel"}
+# transformers 4.x's two-tower models hold the text transformer itself, not its *TextModel.
+TEXT_TOWERS = {"CLIPTextModel", "CLIPTextModelWithProjection", "SiglipTextModel", "Siglip2TextModel",
+               "CLIPTextTransformer", "SiglipTextTransformer", "Siglip2TextTransformer"}
+# transformers 4.x: up to 4.47 one attention class per implementation (eager, SDPA, flash-attn 2).
+OLD_ATTENTION = {f"{p}{kind}" for p in FAMILIES for kind in ("Attention", "SdpaAttention", "FlashAttention2")}
 # transformers' model_type of each vision tower's config: a model of one of these is a tower itself.
 VISION_MODEL_TYPES = ("clip_vision_model", "siglip_vision_model", "siglip2_vision_model")
 
 
 def old_layout(attention_class: type) -> bool:
     """transformers 4.x's CLIP/SigLIP attention took output_attentions and returned its maps by
-    itself (its layers returned tuples): not the forwards these classes reproduce."""
+    itself, and its layers took their masks positionally and returned tuples (CLIP up to 4.57,
+    SigLIP up to 4.5x): the forwards of the *4x classes below."""
     params = inspect.signature(attention_class.forward).parameters
     return "output_attentions" in params or "causal_attention_mask" in params
+
+
+# The 4.x call forms, by the forward's parameters: CLIP's takes the causal mask too.
+_OLD_CLIP_CALL = ("hidden_states", "attention_mask", "causal_attention_mask", "output_attentions")
+_OLD_SIGLIP_CALL = ("hidden_states", "attention_mask", "output_attentions")
+
+
+def old_layout_class(module_class: type, kind: str):
+    """The swapped mixin for a 4.x attention or layer class (kind "attention" or "block"), or
+    None for a call form this swap does not know."""
+    params = tuple(p for p in inspect.signature(module_class.forward).parameters if p != "self")
+    forms = {"attention": {_OLD_CLIP_CALL: ClipAttention4x, _OLD_SIGLIP_CALL: SiglipAttention4x},
+             "block": {_OLD_CLIP_CALL: ClipEncoderLayer4x, _OLD_SIGLIP_CALL: SiglipEncoderLayer4x}}[kind]
+    return forms.get(params)
 
 
 def key_padding(mask, batch: int, tokens: int):
@@ -79,17 +101,23 @@ def key_padding(mask, batch: int, tokens: int):
     return valid[:, 0, 0, :]
 
 
+def _kernel_serves(hidden_states) -> bool:
+    return not fx_tracing() and hidden_states.dim() == 3 and hidden_states.dtype in KERNEL_DTYPES
+
+
 class ClipAttention(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        if (asks_for_more(kwargs) or fx_tracing() or hidden_states.dim() != 3
-                or hidden_states.dtype not in KERNEL_DTYPES or recording_attentions()):
+        if asks_for_more(kwargs) or not _kernel_serves(hidden_states) or recording_attentions():
             return self.base_forward(hidden_states, attention_mask, **kwargs)
-        batch, tokens, _ = hidden_states.shape
         key_valid = None
         if attention_mask is not None:
-            key_valid = key_padding(attention_mask, batch, tokens) if self._vk_key_padding else None
+            key_valid = key_padding(attention_mask, *hidden_states.shape[:2]) if self._vk_key_padding else None
             if key_valid is None:
                 return self.base_forward(hidden_states, attention_mask, **kwargs)
+        return self._vk_attend(hidden_states, key_valid), None
+
+    def _vk_attend(self, hidden_states, key_valid=None):
+        batch, tokens, _ = hidden_states.shape
         shape = (batch, tokens, -1, self.head_dim)
         q, k, v = (proj(hidden_states).view(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
         dropout_p = self.dropout if self.training else 0.0
@@ -97,7 +125,27 @@ class ClipAttention(nn.Module, SwappedModule):
             out = flash_attention(q, k, v, softmax_scale=self.scale, dropout_p=dropout_p)
         else:
             out = flash_attention_key_padded(q, k, v, key_valid, softmax_scale=self.scale, dropout_p=dropout_p)
-        return self.out_proj(out.reshape(batch, tokens, -1)), None
+        return self.out_proj(out.reshape(batch, tokens, -1))
+
+
+class ClipAttention4x(ClipAttention):
+    """transformers 4.x's CLIP attention call (any of its implementation classes): masks (the text
+    tower's causal one included) and attention maps take the class's own forward."""
+
+    def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None, output_attentions=False):
+        if attention_mask is not None or causal_attention_mask is not None or output_attentions \
+                or not _kernel_serves(hidden_states):
+            return self.base_forward(hidden_states, attention_mask, causal_attention_mask, output_attentions)
+        return self._vk_attend(hidden_states), None
+
+
+class SiglipAttention4x(ClipAttention):
+    """transformers 4.x's SigLIP attention call; as ClipAttention4x without the causal mask."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        if attention_mask is not None or output_attentions or not _kernel_serves(hidden_states):
+            return self.base_forward(hidden_states, attention_mask, output_attentions)
+        return self._vk_attend(hidden_states), None
 
 
 class ClipEncoderLayer(nn.Module, SwappedModule):
@@ -110,6 +158,30 @@ class ClipEncoderLayer(nn.Module, SwappedModule):
                                   **kwargs)[0]
         y, hidden_states = self.layer_norm2(attn_out, hidden_states)
         return hidden_states + self.mlp(y)
+
+
+class ClipEncoderLayer4x(nn.Module, SwappedModule):
+    """transformers 4.x's CLIP layer call (masks positional, as its encoder and gradient
+    checkpointing pass them; a tuple returned), the attention residual add fused into layer_norm2."""
+
+    def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None, output_attentions=False):
+        if output_attentions or fx_tracing():
+            return self.base_forward(hidden_states, attention_mask, causal_attention_mask, output_attentions)
+        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
+                                  causal_attention_mask=causal_attention_mask)[0]
+        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
+        return (hidden_states + self.mlp(y),)
+
+
+class SiglipEncoderLayer4x(nn.Module, SwappedModule):
+    """transformers 4.x's SigLIP layer call; as ClipEncoderLayer4x without the causal mask."""
+
+    def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+        if output_attentions or fx_tracing():
+            return self.base_forward(hidden_states, attention_mask, output_attentions)
+        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask)[0]
+        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
+        return (hidden_states + self.mlp(y),)
 
 
 class ClipVisionEmbeddings(nn.Module, SwappedModule):

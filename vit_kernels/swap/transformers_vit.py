@@ -1,5 +1,6 @@
 """Hugging Face transformers ViT, DeiT, Dinov2, Dinov2WithRegisters, ViTMAE and ViTMSN (5.9+ layout:
-``layers[i].attention.q_proj/k_proj/v_proj/o_proj``, ``mlp.fc1/fc2``), inside any head or wrapper.
+``layers[i].attention.q_proj/k_proj/v_proj/o_proj``, ``mlp.fc1/fc2``), inside any head or wrapper;
+the planner of the CLIP/SigLIP/SigLIP2 swaps too (transformers_clip: 4.x and 5.x).
 
 Modules are swapped by class, from the tables below (their forwards are the same code in
 each family), and only the modules: the model's own forward, its config, transformers'
@@ -160,8 +161,17 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
                                       "the vision tower is what this package swaps)")
         elif name.endswith("SelfAttention") and hasattr(module, "query"):
             plan.leave(path, "attention", f"{name}: the transformers <= 5.8 layout, which this swap does not know")
-        elif transformers_class(module, clip.ATTENTION) and clip.old_layout(type(module)):
-            plan.leave(path, "attention", f"{name}: the transformers 4.x layout, which this swap does not know")
+        elif transformers_class(module, clip.OLD_ATTENTION) and clip.old_layout(type(module)):
+            if not attention:
+                continue
+            mixin = clip.old_layout_class(type(module), "attention")
+            why = _attention_reason(module, "out_proj") or ("" if mixin else f"{name}: a transformers 4.x call "
+                                                            "form this swap does not know")
+            if why:
+                plan.leave(path, "attention", why)
+            else:
+                plan.swap_class(module, mixin, path, "attention", "flash_attention (transformers 4.x call; masks, "
+                                                                  "output_attentions: the model's own attention)")
         elif transformers_class(module, ATTENTION | clip.ATTENTION):
             if not attention:
                 continue
@@ -227,7 +237,8 @@ def plan_transformers_vit(model, plan: Plan, *, attention: bool, mlp: bool, laye
         fused, norms = LAYERS[type(layer).__name__]
         why = _layer_reason(layer, norms, fused_norms)
         if not why and clip.old_layout(type(layer)):
-            why = "the transformers 4.x layout (layers return tuples), which this swap does not know"
+            fused = clip.old_layout_class(type(layer), "block")
+            why = "" if fused else "a transformers 4.x call form this swap does not know"
         if why:
             plan.leave(path, "block", why)
         else:
