@@ -16,7 +16,11 @@ few us more). Its numbers minus the default mode's are Triton's Python cost per 
 whichever Triton is first on the path (e.g. PYTHONPATH=<dir with triton 3.6> for the
 device image's).
 
-    python scripts/host_overhead.py [--reps N] [--no-vit] [--triton-launch] [--profile add_layer_norm|flash_attention|bias_gelu]
+    python scripts/host_overhead.py [--reps N] [--no-vit] [--triton-launch] [--threads N] [--profile add_layer_norm|flash_attention|bias_gelu]
+
+Eager's CPU kernels run on one thread unless --threads says otherwise: a GPU step's host path is
+one thread, and an OpenMP team on 5-row GEMMs times thread wake-ups and contention with other
+processes instead (benchmarks/results/cpu-host-overhead-2026-12-05.md).
     python scripts/host_overhead.py --saved-activations
 
 --saved-activations instead counts what a ViT-B/16 training step keeps for backward per
@@ -160,7 +164,12 @@ def main():
     parser.add_argument("--saved-activations", action="store_true")
     parser.add_argument("--triton-launch", action="store_true",
                         help="keep Triton's Python launch path; fake only the driver, the compile and the C launcher")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for eager's kernels (default 1: a GPU step's host path is one thread)")
     args = parser.parse_args()
+    # OpenMP teams on the tiny CPU GEMMs would time thread wake-ups and contention with other
+    # processes (a 5-row bf16 linear: 20 us on one thread, 160 us on two beside a busy core).
+    torch.set_num_threads(args.threads)
     stub_out_kernels(triton_launch=args.triton_launch)
     torch.manual_seed(0)
     if args.saved_activations:
