@@ -68,7 +68,8 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
     """The triton.Configs a launch of `kind` (one of KERNEL_KINDS) chooses among for `kernel`:
     one (run as is) or several (tuned); see ops/attention_configs.py."""
     tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted(kernel), atomic_dq=atomic_dq, dropout=dropout,
-                      arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0)
+                      arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0,
+                      overlap=head_blocks_overlap(head_dim))
     return as_configs(tiles)
 
 
@@ -98,6 +99,20 @@ def _peel_tail(arch_major: int, dropout_p: float) -> bool:
     return arch_major >= 9 and dropout_p == 0
 
 
+def _backward_tails(arch_major: int, dropout_p: float, head_dim: int) -> tuple[dict, dict]:
+    """(dQ's, dK/dV's) PEEL_TAIL and NARROW_TAIL. The dK/dV kernel is not peeled where the head
+    dim's two column blocks overlap (head_dim_blocks: 24, 40, 56, 72, 88, 104-120): peeled, it holds
+    two copies of its body with three Q-block loops each and spilled on sm_90 at every such dim
+    (72 bytes at d = 72, 92 at 104); unpeeled it does not (tests/gpu_compile_check.py,
+    benchmarks/results/cpu-compile-check-2026-12-05.md). The exact layouts keep it."""
+    peel = _peel_tail(arch_major, dropout_p)
+    return _tails(peel), _tails(peel and not head_blocks_overlap(head_dim))
+
+
+def _tails(peel: bool) -> dict:
+    return dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
+
+
 def _narrow_tail() -> int:
     """The width of the forward's last KV tile when the partial block fits in it (with PEEL_TAIL):
     16, the narrowest dot operand. gpu_diag.py switches times it against 0 (no narrow tile)."""
@@ -118,6 +133,13 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     block_a = 1 << (head_dim.bit_length() - 1)
     rest = head_dim - block_a
     return (block_a, 0) if rest == 0 else (block_a, max(16, next_power_of_2(rest)))
+
+
+def head_blocks_overlap(head_dim: int) -> bool:
+    """Whether the head dim's two column blocks overlap (24, 40, 56, 72, 88, 104-120): the
+    kernels then hold more registers, and some tiles and loop forms spill (attention_configs)."""
+    block_a, block_b = head_dim_blocks(head_dim)
+    return block_b > 0 and block_a + block_b > head_dim
 
 
 def _common_constexprs(q: Tensor, kernel) -> dict:
@@ -224,15 +246,17 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                None, None, 0, _n_bucket(n_q, n_kv))
-    peel = _peel_tail(_arch_major(q.device), dropout_p)
-    tails = dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
-    if deterministic:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
+    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim)
+    # The atomic-dQ dK/dV kernel spills on sm_90 at head dims whose blocks overlap (24-184 bytes at
+    # 88-120, every tile tried): there the deterministic backward runs, the same result.
+    atomic_dq = not deterministic and not head_blocks_overlap(head_dim)
+    if not atomic_dq:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
         _launch(
             _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
             lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, out, dout, lse, delta, dq,
              *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq), *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **tails, **constexprs),
+            dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
         )
         dq_accum = None
     else:
@@ -247,14 +271,14 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         dq_accum = torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     _launch(
         _attn_bwd_dkdv_kernel,
-        launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=not deterministic,
+        launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=atomic_dq,
                        dropout=dropout_p > 0),
         lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
          *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
-        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=not deterministic, **tails, **constexprs),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=atomic_dq, **dkdv_tails, **constexprs),
     )
-    if not deterministic:
+    if atomic_dq:
         dq.copy_(dq_accum)
 
 
@@ -364,7 +388,9 @@ def flash_attention(
         dropout_p: dropout on the attention probabilities (training); the mask comes from a
             Philox seed drawn from torch's default generator and is regenerated in backward.
         deterministic: dQ without atomics (bitwise reproducible gradients; the default).
-            False accumulates dQ with float32 atomics inside the dK/dV pass.
+            False accumulates dQ with float32 atomics inside the dK/dV pass, except at head dims
+            whose two column blocks overlap (24, 40, 56, 72, 88, 104-120), where that kernel
+            spills registers and the deterministic backward runs instead.
 
     CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter
     when TRITON_INTERPRET=1 was set before import, else `vit_kernels.reference.attention`

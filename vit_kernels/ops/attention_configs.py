@@ -68,8 +68,12 @@ TILES = {
 }
 # dK/dV at a head dim held as two column blocks (attention.head_dim_blocks): the 8-warp tile
 # alone (at d = 80 the 4-warp one spilled 44 bytes, sm_90), and for atomic dQ a 16 x 64 tile on
-# 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there).
-SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1)}
+# 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there). Where the two blocks
+# overlap past d = 96 (104-120: two 64-wide blocks) a 16-row Q step, unpipelined: the 32-row one
+# spilled 124 bytes there with dropout. d = 88 spills 40 bytes or more with every tile tried
+# (benchmarks/results/cpu-compile-check-2026-12-05.md).
+SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1),
+                         "wide_overlap": (Tile(16, 128, 8, 1),)}
 INTERPRETER_TILE = Tile(64, 64, 4, 1)
 FLOAT32_TILES = {"fwd": Tile(64, 32, 4, 1), "bwd": Tile(32, 32, 4, 1)}
 ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 128, 8, 2)}
@@ -79,13 +83,17 @@ def every_tile() -> tuple:
     """Every tile any launch may use, for tests that run each shape."""
     tuned = tuple(tile for kernel in TILES.values() for tile in kernel.tiles())
     return (tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
-            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],))
+            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],) + SPLIT_HEAD_DKDV_TILES["wide_overlap"])
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
-              dropout: bool = False, arch_major: int = 9, split_head: bool = False) -> tuple:
+              dropout: bool = False, arch_major: int = 9, split_head: bool = False, overlap: bool = False) -> tuple:
     """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
-    (tuned). `split_head`: the head dim is held as two column blocks."""
+    (tuned). `split_head`: the head dim is held as two column blocks; `overlap`: blocks that overlap
+    (24, 40, 56, 72, 88, 104-120), where the kernels hold more registers: there the forward drops
+    its 4-warp 64-wide step (it spilled 8-484 bytes at 72-120, sm_90) and, with dropout, every
+    64-wide step (128 x 64 spilled 68 bytes at 104 and 120), and past d = 96 dQ drops its 4-warp
+    tile (16 bytes) and dK/dV takes its wide_overlap tile."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
@@ -93,7 +101,9 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
     if dtype == torch.float32:
         return (FLOAT32_TILES["fwd" if kind == "fwd" else "bwd"],)
     if kind == "dkdv" and split_head:
-        return (SPLIT_HEAD_DKDV_TILES["atomic"],) if atomic_dq else SPLIT_HEAD_DKDV_TILES["dkdv"]
+        if atomic_dq:
+            return (SPLIT_HEAD_DKDV_TILES["atomic"],)
+        return SPLIT_HEAD_DKDV_TILES["wide_overlap" if overlap and head_dim > 96 else "dkdv"]
     if kind == "dkdv" and atomic_dq:
         return (ATOMIC_DKDV_TILES["narrow_head" if head_dim <= 64 else "wide_head"],)
     kernel = TILES[kind]
@@ -104,6 +114,10 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
         tiles += kernel.d32
     if kind == "fwd" and arch_major < 9 and head_dim >= 80 and dropout:
         tiles = tuple(tile for tile in tiles if tile.block_n <= 32)
+    if overlap and kind == "fwd":
+        tiles = tuple(tile for tile in tiles if tile.block_n <= 32 or (tile.num_warps == 8 and not dropout))
+    if overlap and kind == "dq" and head_dim > 96:
+        tiles = tuple(tile for tile in tiles if tile.num_warps == 8)
     return tiles
 
 

@@ -36,9 +36,9 @@ from .._dispatch import define_op, inductor_keeps_launch_options, runs_kernel, t
 from .._validate import check_float_tensor, check_same_device
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
-from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _common_constexprs, _launch,
-                        _n_bucket, _narrow_tail, _peel_tail, _seed_on, check_attention_options, draw_seed,
-                        head_dim_blocks, launch_configs)
+from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _backward_tails,
+                        _common_constexprs, _launch, _n_bucket, _narrow_tail, _peel_tail, _seed_on,
+                        check_attention_options, draw_seed, head_dim_blocks, launch_configs)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 __all__ = ["cu_seqlens", "flash_attention_key_padded", "flash_attention_varlen"]
@@ -190,8 +190,7 @@ def _flash_attention_varlen_bwd_impl(
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
                _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs, _n_bucket(len_q, len_k))
-    peel = _peel_tail(_arch_major(q.device), dropout_p)
-    tails = dict(PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0)
+    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim)
     # The atomic-dQ dK/dV kernel spills on sm_90 with every tile tried at a head dim in two column
     # blocks (VARLEN's prologue on top): there the deterministic backward runs, same result.
     if deterministic or head_dim_blocks(head_dim)[1] > 0:
@@ -200,7 +199,7 @@ def _flash_attention_varlen_bwd_impl(
             lambda meta: (_slots(total_q, meta["BLOCK_M"], n_seqs), n_heads, 1),
             (q, k, v, out, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
              *_strides(dout), *_strides(dq), *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **tails, **constexprs),
+            dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
         )
         dq_accum = None
     else:
@@ -219,7 +218,7 @@ def _flash_attention_varlen_bwd_impl(
         lambda meta: (_slots(total_k, meta["BLOCK_N"], n_seqs), n_heads, 1),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
          *_strides(dk), *scalars),
-        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=dq_accum is not None, **tails, **constexprs),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=dq_accum is not None, **dkdv_tails, **constexprs),
     )
     if dq_accum is not None:
         dq.copy_(dq_accum)
