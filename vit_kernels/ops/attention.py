@@ -32,6 +32,7 @@
 # Not supported: causal or additive masks (the module falls back to the reference when
 # a mask is given), other head dims, float64 (runs the reference).
 
+import functools
 from typing import Optional
 
 import torch
@@ -123,6 +124,7 @@ def _n_bucket(n_q: int, n_kv: int) -> int:
     return min(next_power_of_2(max(n_q, n_kv)), 16384)
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch
 def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     """The kernels' two column blocks for a head dim (ops/attention_kernels.py's header): (BLOCK_DA,
     BLOCK_DB), powers of two of at least 16 (a dot operand's minimum; BLOCK_DB 0 for none): the
@@ -135,6 +137,7 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
     return (block_a, 0) if rest == 0 else (block_a, max(16, next_power_of_2(rest)))
 
 
+@functools.lru_cache(maxsize=None)  # asked at every launch
 def head_blocks_overlap(head_dim: int) -> bool:
     """Whether the head dim's two column blocks overlap (24, 40, 56, 72, 88, 104-120): the
     kernels then hold more registers, and some tiles and loop forms spill (attention_configs)."""
