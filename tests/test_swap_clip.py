@@ -283,13 +283,30 @@ def test_half_precision_tower(seed):
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
 
 
-def test_transformers_4_layout_is_left_alone():
+def test_transformers_4_call_forms_pick_their_mixins_and_an_unknown_one_none():
+    """4.x's call forms are told by the forward's parameters (tests/test_swap_transformers4.py runs
+    them under 4.46 and 4.57); a form the swap does not know gets no mixin, so the planner leaves
+    the module alone with its reason."""
     class OldCLIPAttention(nn.Module):
         def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None, output_attentions=False):
             return hidden_states, None
 
+    class OldSiglipAttention(nn.Module):
+        def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+            return hidden_states, None
+
+    class UnknownAttention(nn.Module):
+        def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
+            return hidden_states, None
+
     assert transformers_clip.old_layout(OldCLIPAttention)
     assert not transformers_clip.old_layout(transformers.models.clip.modeling_clip.CLIPAttention)
+    pick = transformers_clip.old_layout_class
+    assert pick(OldCLIPAttention, "attention") is transformers_clip.ClipAttention4x
+    assert pick(OldCLIPAttention, "block") is transformers_clip.ClipEncoderLayer4x
+    assert pick(OldSiglipAttention, "attention") is transformers_clip.SiglipAttention4x
+    assert pick(OldSiglipAttention, "block") is transformers_clip.SiglipEncoderLayer4x
+    assert transformers_clip.old_layout(UnknownAttention) and pick(UnknownAttention, "attention") is None
 
 
 def test_timm_quick_gelu_vit_fuses_its_mlp(seed):

@@ -103,9 +103,10 @@ def _peel_tail(arch_major: int, dropout_p: float) -> bool:
 def _backward_tails(arch_major: int, dropout_p: float, head_dim: int) -> tuple[dict, dict]:
     """(dQ's, dK/dV's) PEEL_TAIL and NARROW_TAIL. The dK/dV kernel is not peeled where the head
     dim's two column blocks overlap (head_dim_blocks: 24, 40, 56, 72, 88, 104-120): peeled, it holds
-    two copies of its body with three Q-block loops each and spilled on sm_90 at every such dim
-    (72 bytes at d = 72, 92 at 104); unpeeled it does not (tests/gpu_compile_check.py,
-    benchmarks/results/cpu-compile-check-2026-12-05.md). The exact layouts keep it."""
+    two copies of its body with three Q-block loops each and spilled on sm_90 at 72, 88, 104 and
+    120 (72-92 bytes); unpeeled it does not but at 88 (tests/gpu_compile_check.py,
+    benchmarks/results/cpu-compile-check-2026-12-05.md). One rule for every overlapping dim; the
+    exact layouts keep the peel."""
     peel = _peel_tail(arch_major, dropout_p)
     return _tails(peel), _tails(peel and not head_blocks_overlap(head_dim))
 
@@ -201,8 +202,7 @@ def _flash_attention_fwd_impl(
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), None, None, 0,
          _n_bucket(n_q, n_kv)),
-        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0,
-             **_common_constexprs(q, _attn_fwd_kernel)),
+        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel), **_common_constexprs(q, _attn_fwd_kernel)),
         options=_NO_FP_FUSION,
     )
     return out, lse
@@ -250,8 +250,9 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                None, None, 0, _n_bucket(n_q, n_kv))
     dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim)
-    # The atomic-dQ dK/dV kernel spills on sm_90 at head dims whose blocks overlap (24-184 bytes at
-    # 88-120, every tile tried): there the deterministic backward runs, the same result.
+    # The atomic-dQ dK/dV kernel's tile spilled on sm_90 at 72, 88, 104, 112 and 120 (24-264 bytes
+    # peeled, 24-184 unpeeled at 88-120): at every overlapping head dim the deterministic backward
+    # runs, the same result.
     atomic_dq = not deterministic and not head_blocks_overlap(head_dim)
     if not atomic_dq:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
         _launch(

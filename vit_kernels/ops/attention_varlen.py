@@ -37,7 +37,7 @@ from .._validate import check_float_tensor, check_same_device
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
 from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _backward_tails,
-                        _common_constexprs, _launch, _n_bucket, _narrow_tail, _peel_tail, _seed_on,
+                        _common_constexprs, _launch, _n_bucket, _peel_tail, _seed_on, _tails,
                         check_attention_options, draw_seed, head_dim_blocks, launch_configs)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
@@ -155,8 +155,7 @@ def _flash_attention_varlen_fwd_impl(
         (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), n_heads, total_q, total_k,
          softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs,
          _n_bucket(len_q, len_k)),
-        dict(HAS_DROPOUT=dropout_p > 0, PEEL_TAIL=peel, NARROW_TAIL=_narrow_tail() if peel else 0,
-             **_varlen_constexprs(q, _attn_fwd_kernel)),
+        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel), **_varlen_constexprs(q, _attn_fwd_kernel)),
         options=_NO_FP_FUSION,
     )
     return out, lse
