@@ -154,10 +154,14 @@ class ClipEncoderLayer(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         if fx_tracing():
             return self.base_forward(hidden_states, attention_mask, **kwargs)
-        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
-                                  **kwargs)[0]
-        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
-        return hidden_states + self.mlp(y)
+        return _fused_layer(self, hidden_states, attention_mask=attention_mask, **kwargs)
+
+
+def _fused_layer(layer, hidden_states, **attention_inputs):
+    """A pre-LN layer with the attention residual add inside layer_norm2 (the MLP's LayerNorm)."""
+    attn_out = layer.self_attn(hidden_states=layer.layer_norm1(hidden_states), **attention_inputs)[0]
+    y, hidden_states = layer.layer_norm2(attn_out, hidden_states)
+    return hidden_states + layer.mlp(y)
 
 
 class ClipEncoderLayer4x(nn.Module, SwappedModule):
@@ -167,10 +171,8 @@ class ClipEncoderLayer4x(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, causal_attention_mask=None, output_attentions=False):
         if output_attentions or fx_tracing():
             return self.base_forward(hidden_states, attention_mask, causal_attention_mask, output_attentions)
-        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask,
-                                  causal_attention_mask=causal_attention_mask)[0]
-        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
-        return (hidden_states + self.mlp(y),)
+        return (_fused_layer(self, hidden_states, attention_mask=attention_mask,
+                             causal_attention_mask=causal_attention_mask),)
 
 
 class SiglipEncoderLayer4x(nn.Module, SwappedModule):
@@ -179,9 +181,7 @@ class SiglipEncoderLayer4x(nn.Module, SwappedModule):
     def forward(self, hidden_states, attention_mask=None, output_attentions=False):
         if output_attentions or fx_tracing():
             return self.base_forward(hidden_states, attention_mask, output_attentions)
-        attn_out = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask)[0]
-        y, hidden_states = self.layer_norm2(attn_out, hidden_states)
-        return (hidden_states + self.mlp(y),)
+        return (_fused_layer(self, hidden_states, attention_mask=attention_mask),)
 
 
 class ClipVisionEmbeddings(nn.Module, SwappedModule):
