@@ -167,6 +167,9 @@ def test_backward_tails_leave_dkdv_unpeeled_where_head_blocks_overlap():
         assert dkdv_tails["PEEL_TAIL"] is not overlapping and (dkdv_tails["NARROW_TAIL"] == 0) is overlapping, head_dim
         assert attention_module._backward_tails(9, 0.1, head_dim) == ({"PEEL_TAIL": False, "NARROW_TAIL": 0},) * 2
         assert attention_module._backward_tails(8, 0.0, head_dim) == ({"PEEL_TAIL": False, "NARROW_TAIL": 0},) * 2
+        # Varlen's dQ (more registers in its prologue) is not peeled there either.
+        varlen_dq, varlen_dkdv = attention_module._backward_tails(9, 0.0, head_dim, varlen=True)
+        assert varlen_dkdv == dkdv_tails and varlen_dq == (dkdv_tails if overlapping else dq_tails), head_dim
     assert [d for d in attention_module.HEAD_DIMS if not attention_module._backward_tails(9, 0.0, d)[1]["PEEL_TAIL"]] \
         == [24, 40, 56, 72, 88, 104, 112, 120]
 

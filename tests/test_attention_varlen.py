@@ -62,6 +62,48 @@ def test_matches_per_sequence_attention(seed, dtype, head_dim):
     check_varlen(LENGTHS, LENGTHS, 2, head_dim, dtype)
 
 
+def test_overlapping_head_dim_runs_both_backward_kernels_unpeeled(seed, monkeypatch):
+    """What Hopper runs for varlen at d = 72 without dropout: neither backward kernel peeled
+    (peeled, varlen's dQ spilled on sm_90 at 88-120), by the rule."""
+    from vit_kernels.ops import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: True)
+    launches = []
+    real_launch = varlen_module._launch
+
+    def recorded(kernel, configs, grid_for, args, constexprs, **kwargs):
+        launches.append((kernel, dict(constexprs)))
+        return real_launch(kernel, configs, grid_for, args, constexprs, **kwargs)
+
+    monkeypatch.setattr(varlen_module, "_launch", recorded)
+    check_varlen(LENGTHS, LENGTHS, 2, 72, torch.float16)
+    backward = [c for kernel, c in launches if kernel is not attention_module._attn_fwd_kernel]
+    assert len(backward) == 2 and not any(c["PEEL_TAIL"] for c in backward)
+    assert all(c["PEEL_TAIL"] for kernel, c in launches if kernel is attention_module._attn_fwd_kernel)
+
+
+def test_dropout_tiles_at_overlapping_head_dims():
+    """Varlen's backward with dropout where the head dim's column blocks overlap takes the tiles
+    that compiled spill-free or spilled least on sm_90 (attention_configs.VARLEN_DROPOUT_OVERLAP_TILES);
+    without dropout, or dense, the usual ones."""
+    from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_DROPOUT_OVERLAP_TILES, tiles_for
+
+    def tiles(kind, head_dim, **kwargs):
+        return tiles_for(kind, head_dim, torch.bfloat16, interpreted=False, split_head=True,
+                         overlap=head_dim not in (80, 96), **kwargs)
+
+    assert tiles("dkdv", 72, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dkdv"]
+    assert tiles("dkdv", 104, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dkdv_wide"]
+    assert tiles("dq", 120, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
+    assert tiles("dkdv", 72, dropout=False, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
+    assert tiles("dkdv", 72, dropout=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
+    assert tiles("dq", 72, dropout=True, varlen=True) == tiles("dq", 72, dropout=True)
+    assert tiles("dq", 120, dropout=True) != VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
+    for head_dim in (80, 96):  # exact layouts: no overlap, the usual tiles
+        for kind in ("dq", "dkdv"):
+            assert tiles(kind, head_dim, dropout=True, varlen=True) == tiles(kind, head_dim, dropout=True)
+
+
 def test_atomic_dq_matches_per_sequence_attention(seed):
     check_varlen(LENGTHS, LENGTHS, 2, 64, torch.float16, deterministic=False)
 
@@ -104,6 +146,27 @@ def test_dropout_masks_match_between_forward_and_backward(seed, monkeypatch):
     masks = [attention_dropout_mask(seed_value + i, 1, 2, n, n, p, DEVICE) for i, n in enumerate(lengths)]
     check_varlen(lengths, lengths, 2, 64, torch.float32, dropout_masks=masks, dropout_p=p)
     check_varlen(lengths, lengths, 2, 64, torch.float16, dropout_masks=masks, dropout_p=p, deterministic=False)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
+@pytest.mark.parametrize("head_dim", [72, 88, 104])
+def test_every_varlen_config_is_correct_on_gpu(seed, monkeypatch, head_dim, dropout):
+    """Each config varlen's launches may pick at the overlapping head dims (its own tiles with
+    dropout there), forced one at a time on the device, by the rule: the interpreter runs one tile."""
+    from vit_kernels.ops.attention import KERNEL_KINDS, _attn_fwd_kernel
+    from vit_kernels.testing import forcing_one_config
+
+    seed_value = torch.tensor(4242)
+    monkeypatch.setattr(varlen_module, "draw_seed", lambda device: seed_value)
+    lengths, p = [17, 1, 197, 65], (0.2 if dropout else 0.0)
+    masks = [attention_dropout_mask(seed_value + i, 1, 2, n, n, p, DEVICE) for i, n in enumerate(lengths)] \
+        if dropout else None
+    original = varlen_module.launch_configs
+    for kind in KERNEL_KINDS:
+        for config in original(kind, head_dim, torch.bfloat16, _attn_fwd_kernel, dropout=dropout, varlen=True):
+            monkeypatch.setattr(varlen_module, "launch_configs", forcing_one_config(original, kind, config))
+            check_varlen(lengths, lengths, 2, head_dim, torch.bfloat16, dropout_masks=masks, dropout_p=p)
 
 
 def test_dropout_draws_new_masks_and_never_reads_the_host(seed):

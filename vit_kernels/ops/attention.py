@@ -65,12 +65,12 @@ __all__ = ["HEAD_DIMS", "HEAD_DIMS_TEXT", "KERNEL_KINDS", "attention_dropout_mas
 
 
 def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atomic_dq: bool = False,
-                   dropout: bool = False, arch_major: int = 9) -> tuple:
+                   dropout: bool = False, arch_major: int = 9, varlen: bool = False) -> tuple:
     """The triton.Configs a launch of `kind` (one of KERNEL_KINDS) chooses among for `kernel`:
     one (run as is) or several (tuned); see ops/attention_configs.py."""
     tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted(kernel), atomic_dq=atomic_dq, dropout=dropout,
                       arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0,
-                      overlap=head_blocks_overlap(head_dim))
+                      overlap=head_blocks_overlap(head_dim), varlen=varlen)
     return as_configs(tiles)
 
 
@@ -100,15 +100,17 @@ def _peel_tail(arch_major: int, dropout_p: float) -> bool:
     return arch_major >= 9 and dropout_p == 0
 
 
-def _backward_tails(arch_major: int, dropout_p: float, head_dim: int) -> tuple[dict, dict]:
+def _backward_tails(arch_major: int, dropout_p: float, head_dim: int, varlen: bool = False) -> tuple[dict, dict]:
     """(dQ's, dK/dV's) PEEL_TAIL and NARROW_TAIL. The dK/dV kernel is not peeled where the head
     dim's two column blocks overlap (head_dim_blocks: 24, 40, 56, 72, 88, 104-120): peeled, it holds
     two copies of its body with three Q-block loops each and spilled on sm_90 at 72, 88, 104 and
     120 (72-92 bytes); unpeeled it does not but at 88 (tests/gpu_compile_check.py,
-    benchmarks/results/cpu-compile-check-2026-12-05.md). One rule for every overlapping dim; the
-    exact layouts keep the peel."""
+    benchmarks/results/cpu-compile-check-2026-12-05.md). Varlen's dQ, whose prologue holds more
+    registers, is not peeled there either (peeled it spilled 48 bytes at 88, 16 at 104 and 120).
+    One rule for every overlapping dim; the exact layouts keep the peel."""
     peel = _peel_tail(arch_major, dropout_p)
-    return _tails(peel), _tails(peel and not head_blocks_overlap(head_dim))
+    overlap = head_blocks_overlap(head_dim)
+    return _tails(peel and not (varlen and overlap)), _tails(peel and not overlap)
 
 
 def _tails(peel: bool) -> dict:

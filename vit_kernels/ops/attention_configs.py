@@ -74,6 +74,12 @@ TILES = {
 # (benchmarks/results/cpu-compile-check-2026-12-05.md).
 SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1),
                          "wide_overlap": (Tile(16, 128, 8, 1),)}
+# Varlen's backward with dropout at overlapping head dims (its prologue holds more registers):
+# dK/dV's 32-row Q step spilled 92 bytes at d = 72 and the 16-row one 60 at 104-120 (sm_90);
+# these are the tiles that did not spill, or spilled least. dQ past d = 96 takes a 16-wide KV
+# step there (its 32-wide step spilled 64 bytes).
+VARLEN_DROPOUT_OVERLAP_TILES = {"dkdv": (Tile(16, 128, 8, 2),), "dkdv_wide": (Tile(16, 64, 4, 1),),
+                                "dq_wide": (Tile(128, 16, 8, 1), Tile(64, 16, 4, 1))}
 INTERPRETER_TILE = Tile(64, 64, 4, 1)
 FLOAT32_TILES = {"fwd": Tile(64, 32, 4, 1), "bwd": Tile(32, 32, 4, 1)}
 ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 128, 8, 2)}
@@ -83,29 +89,37 @@ def every_tile() -> tuple:
     """Every tile any launch may use, for tests that run each shape."""
     tuned = tuple(tile for kernel in TILES.values() for tile in kernel.tiles())
     return (tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
-            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],) + SPLIT_HEAD_DKDV_TILES["wide_overlap"])
+            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],) + SPLIT_HEAD_DKDV_TILES["wide_overlap"]
+            + tuple(tile for tiles in VARLEN_DROPOUT_OVERLAP_TILES.values() for tile in tiles))
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
-              dropout: bool = False, arch_major: int = 9, split_head: bool = False, overlap: bool = False) -> tuple:
+              dropout: bool = False, arch_major: int = 9, split_head: bool = False, overlap: bool = False,
+              varlen: bool = False) -> tuple:
     """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
     (tuned). `split_head`: the head dim is held as two column blocks; `overlap`: blocks that overlap
     (24, 40, 56, 72, 88, 104-120), where the kernels hold more registers: there the forward drops
     its 4-warp 64-wide step (it spilled 8-484 bytes at 72-120, sm_90) and, with dropout, every
     64-wide step (128 x 64 spilled 68 bytes at 104 and 120), and past d = 96 dQ drops its 4-warp
-    tile (16 bytes) and dK/dV takes its wide_overlap tile."""
+    tile (16 bytes) and dK/dV takes its wide_overlap tile. `varlen` with dropout at overlapping
+    dims: VARLEN_DROPOUT_OVERLAP_TILES."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
         return (INTERPRETER_TILE,)
     if dtype == torch.float32:
         return (FLOAT32_TILES["fwd" if kind == "fwd" else "bwd"],)
+    varlen_dropout_overlap = varlen and dropout and overlap
     if kind == "dkdv" and split_head:
         if atomic_dq:
             return (SPLIT_HEAD_DKDV_TILES["atomic"],)
+        if varlen_dropout_overlap:
+            return VARLEN_DROPOUT_OVERLAP_TILES["dkdv_wide" if head_dim > 96 else "dkdv"]
         return SPLIT_HEAD_DKDV_TILES["wide_overlap" if overlap and head_dim > 96 else "dkdv"]
     if kind == "dkdv" and atomic_dq:
         return (ATOMIC_DKDV_TILES["narrow_head" if head_dim <= 64 else "wide_head"],)
+    if kind == "dq" and varlen_dropout_overlap and head_dim > 96:
+        return VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
     kernel = TILES[kind]
     tiles = kernel.wide_head if head_dim > 64 and kernel.wide_head else kernel.base
     if head_dim <= 64 and not dropout:

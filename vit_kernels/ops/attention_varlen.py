@@ -189,12 +189,13 @@ def _flash_attention_varlen_bwd_impl(
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
                _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs, _n_bucket(len_q, len_k))
-    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim)
+    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim, varlen=True)
     # The atomic-dQ dK/dV kernel spills on sm_90 with every tile tried at a head dim in two column
     # blocks (VARLEN's prologue on top): there the deterministic backward runs, same result.
     if deterministic or head_dim_blocks(head_dim)[1] > 0:
         _launch(
-            _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
+            _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0,
+                                                varlen=True),
             lambda meta: (_slots(total_q, meta["BLOCK_M"], n_seqs), n_heads, 1),
             (q, k, v, out, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
              *_strides(dout), *_strides(dq), *scalars),
@@ -213,7 +214,7 @@ def _flash_attention_varlen_bwd_impl(
     _launch(
         _attn_bwd_dkdv_kernel,
         launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=dq_accum is not None,
-                       dropout=dropout_p > 0),
+                       dropout=dropout_p > 0, varlen=True),
         lambda meta: (_slots(total_k, meta["BLOCK_N"], n_seqs), n_heads, 1),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
          *_strides(dk), *scalars),
