@@ -53,8 +53,7 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
     """
     hidden, out_features = x.shape[-1], weight.shape[0]
     dout2, x2 = as_rows(dout, out_features), as_rows(x, hidden)
-    dx, dbias, dweight, dlinear_bias = (x.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
-    y2 = None
+    dx = dbias = dweight = dlinear_bias = y2 = None
     if needs_dx:
         y2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if needs_dweight else None
         dz2 = dout2 @ weight  # dY, overwritten with dz by the pass below
@@ -68,7 +67,11 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
         dweight = as_dtype(dout2.t() @ y2, weight.dtype)
     if has_linear_bias:
         dlinear_bias = dout2.sum(0, dtype=torch.float32)
-    return dx, dbias, dweight, dlinear_bias
+    # An empty tensor, distinct, for each one not computed (a custom op's outputs may not alias);
+    # none where all are, as in a training step.
+    empty = x.new_empty
+    return (dx if dx is not None else empty(0), dbias if dbias is not None else empty(0),
+            dweight if dweight is not None else empty(0), dlinear_bias if dlinear_bias is not None else empty(0))
 
 
 def _bias_gelu_linear_bwd_fake(dout, x, bias, weight, has_linear_bias, approximate, needs_dx, needs_dweight):
