@@ -16,12 +16,16 @@ few us more). Its numbers minus the default mode's are Triton's Python cost per 
 whichever Triton is first on the path (e.g. PYTHONPATH=<dir with triton 3.6> for the
 device image's).
 
-    python scripts/host_overhead.py [--reps N] [--no-vit] [--triton-launch] [--threads N] [--profile add_layer_norm|flash_attention|bias_gelu]
+    python scripts/host_overhead.py [--reps N] [--no-vit] [--triton-launch [--free-launches]] [--threads N] [--profile add_layer_norm|flash_attention|bias_gelu]
 
 Eager's CPU kernels run on one thread unless --threads says otherwise: a GPU step's host path is
 one thread, and an OpenMP team on 5-row GEMMs times thread wake-ups and contention with other
 processes instead (benchmarks/results/cpu-host-overhead-2026-12-05.md).
     python scripts/host_overhead.py --saved-activations
+
+--free-launches (with --triton-launch) makes every Triton launch of the ops return at once, before
+Triton's path and ours (vit_kernels' launch helpers): what the rest of each call costs, the
+bound that a launch path with no host cost at all would reach.
 
 --saved-activations instead counts what a ViT-B/16 training step keeps for backward per
 image (the bytes of the distinct storages autograd saves in the forward, bf16 autocast,
@@ -40,6 +44,20 @@ import torch
 import torch.nn.functional as F
 
 from vit_kernels._fake_launch import stub_out_kernels
+
+
+def free_launches():
+    """Each op module's launch helpers (ops/_launcher.launch, attention's _launch over
+    ops/_tuning) return at once: the op's own Python, its allocations and aten calls are kept."""
+    import importlib
+
+    from vit_kernels._fake_launch import OP_MODULES
+
+    for name in OP_MODULES:
+        module = importlib.import_module(f"vit_kernels.ops.{name}")
+        for helper in ("launch", "_launch"):
+            if hasattr(module, helper):
+                setattr(module, helper, lambda *args, **kwargs: None)
 
 
 def per_call_seconds(fn, reps: int) -> float:
@@ -164,6 +182,8 @@ def main():
     parser.add_argument("--saved-activations", action="store_true")
     parser.add_argument("--triton-launch", action="store_true",
                         help="keep Triton's Python launch path; fake only the driver, the compile and the C launcher")
+    parser.add_argument("--free-launches", action="store_true",
+                        help="with --triton-launch: every launch of the ops returns at once (the bound of a free launch path)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for eager's kernels (default 1: a GPU step's host path is one thread)")
     args = parser.parse_args()
@@ -171,6 +191,8 @@ def main():
     # processes (a 5-row bf16 linear: 20 us on one thread, 160 us on two beside a busy core).
     torch.set_num_threads(args.threads)
     stub_out_kernels(triton_launch=args.triton_launch)
+    if args.free_launches:
+        free_launches()
     torch.manual_seed(0)
     if args.saved_activations:
         report_saved_activations()
@@ -179,6 +201,8 @@ def main():
 
     launches = (f"Triton {triton.__version__}'s launch path kept, its C launcher a no-op" if args.triton_launch
                 else "kernel launches stubbed out")
+    if args.free_launches:
+        launches = "every launch free: the ops' launch helpers return at once"
     print(f"host time per call, us ({launches}; eager runs tiny CPU kernels)")
     print(f"{'op':18s} {'mode':10s} {'ours':>8s} {'eager':>8s} {'ours/eager':>10s}")
     cases = op_cases()
