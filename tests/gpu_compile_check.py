@@ -181,7 +181,8 @@ def main(argv):
 # ones (80 = 64 + 16, 96 = 64 + 32) and an overlapping one (72 = 64 + [56, 72)) on sm_90. sm_80 is
 # held to compiling and to its shared memory, not to the spill and wgmma checks, so one two-block
 # layout serves there. --full: all 16 (32 among them) on both; on sm_90 all are spill-free but
-# d = 88's dK/dV (benchmarks/results/cpu-compile-check-2026-12-05.md).
+# d = 88's dK/dV, dense and varlen, and varlen's dK/dV with dropout at 104 and 120 (12 bytes;
+# benchmarks/results/cpu-compile-check-2026-12-05.md).
 COMPILED_HEAD_DIMS = {"sm_90": (64, 72, 80, 96, 128), "sm_80": (64, 80, 128)}
 
 
