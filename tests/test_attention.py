@@ -14,7 +14,8 @@ from vit_kernels.nn import FlashAttention
 from vit_kernels.ops import attention_probs, flash_attention, flash_attention_qkvpacked
 import vit_kernels.ops.attention as attention_module
 from vit_kernels.ops.attention import attention_dropout_mask
-from vit_kernels.testing import assert_rule, forcing_one_config, kernel_device, no_host_reads, poisoned_allocations
+from vit_kernels.testing import (assert_rule, forcing_one_config, kernel_device, no_host_reads, poisoned_allocations,
+                                 recording_launches)
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -179,14 +180,7 @@ def test_overlapping_head_dim_with_dq_peeled_and_dkdv_not(seed, monkeypatch, det
     """What Hopper runs at d = 72 (SigLIP so400m) without dropout: dQ's loop peeled with its
     16-wide tail, dK/dV's one masked loop (5 rows past a 64-block at N = 197)."""
     monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: True)
-    launches = []
-    real_launch = attention_module._launch
-
-    def recorded(kernel, configs, grid_for, args, constexprs, **kwargs):
-        launches.append((kernel, dict(constexprs)))
-        return real_launch(kernel, configs, grid_for, args, constexprs, **kwargs)
-
-    monkeypatch.setattr(attention_module, "_launch", recorded)
+    launches = recording_launches(monkeypatch, attention_module)
     check_attention(1, 197, 197, 2, 72, torch.float16, packed=False, deterministic=deterministic)
     dkdv = [c for kernel, c in launches if kernel is attention_module._attn_bwd_dkdv_kernel]
     # Atomic dQ spills there: deterministic=False runs the deterministic backward (the same result).

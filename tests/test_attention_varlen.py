@@ -11,7 +11,7 @@ from vit_kernels import reference
 from vit_kernels.ops import cu_seqlens, flash_attention_varlen
 from vit_kernels.ops import attention_varlen as varlen_module
 from vit_kernels.ops.attention import attention_dropout_mask
-from vit_kernels.testing import assert_rule, kernel_device, no_host_reads, poisoned_allocations
+from vit_kernels.testing import assert_rule, kernel_device, no_host_reads, poisoned_allocations, recording_launches
 
 DEVICE = kernel_device()
 ON_GPU = DEVICE.type == "cuda"
@@ -68,14 +68,7 @@ def test_overlapping_head_dim_runs_both_backward_kernels_unpeeled(seed, monkeypa
     from vit_kernels.ops import attention as attention_module
 
     monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: True)
-    launches = []
-    real_launch = varlen_module._launch
-
-    def recorded(kernel, configs, grid_for, args, constexprs, **kwargs):
-        launches.append((kernel, dict(constexprs)))
-        return real_launch(kernel, configs, grid_for, args, constexprs, **kwargs)
-
-    monkeypatch.setattr(varlen_module, "_launch", recorded)
+    launches = recording_launches(monkeypatch, varlen_module)
     check_varlen(LENGTHS, LENGTHS, 2, 72, torch.float16)
     backward = [c for kernel, c in launches if kernel is not attention_module._attn_fwd_kernel]
     assert len(backward) == 2 and not any(c["PEEL_TAIL"] for c in backward)

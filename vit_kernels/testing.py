@@ -186,3 +186,18 @@ def forcing_one_config(launch_configs, kind: str, config):
     def forced(k, *args, **kwargs):
         return (config,) if k == kind else launch_configs(k, *args, **kwargs)[:1]
     return forced
+
+
+def recording_launches(monkeypatch, module) -> list:
+    """`module._launch` (attention's or varlen's tuned launch) wrapped so that each launch, still
+    run, appends (kernel, its constexprs) to the list returned: what the tests read of the
+    kernels' switches (PEEL_TAIL, ATOMIC_DQ, ...) as a device would get them."""
+    launches = []
+    real_launch = module._launch
+
+    def recorded(kernel, configs, grid_for, args, constexprs, **kwargs):
+        launches.append((kernel, dict(constexprs)))
+        return real_launch(kernel, configs, grid_for, args, constexprs, **kwargs)
+
+    monkeypatch.setattr(module, "_launch", recorded)
+    return launches
