@@ -208,6 +208,36 @@ def test_packed_form_reads_in_place(seed):
     torch.testing.assert_close(flash_attention_qkvpacked(qkv), flash_attention(*qkv.unbind(2)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("width", [72, 76], ids=["aligned", "unaligned"])
+def test_aligned_offsets_are_promised_only_where_every_stride_allows(seed, monkeypatch, width):
+    """The kernels promise the compiler offsets that are multiples of 8 elements (STRIDES_ALIGNED)
+    only where every stride is one: here q, k, v are the first 72 columns of rows `width` long, and
+    a head stride of 76 is not. (On a GPU a false promise reads misaligned vectors.)"""
+    launches = recording_launches(monkeypatch, attention_module)
+    leaves = [torch.randn(1, 197, 2, width, device=DEVICE).to(torch.float16) for _ in range(3)]
+    dout = torch.randn(1, 197, 2, 72, device=DEVICE).to(torch.float16)
+
+    def first_72(fn):
+        return lambda q, k, v: fn(q[..., :72], k[..., :72], v[..., :72])
+
+    out, grads = _grads(first_72(flash_attention), leaves, dout)
+    out_eager, grads_eager = _grads(first_72(reference.attention), leaves, dout)
+    out_ref, grads_ref = _grads(first_72(reference.attention), leaves, dout, torch.float64)
+    assert_rule("out", out, out_ref, out_eager)
+    for name, g, g_eager, g_ref in zip("qkv", grads, grads_eager, grads_ref):
+        assert_rule(f"d{name}", g, g_ref, g_eager)
+    assert len(launches) == 3 and all(c["STRIDES_ALIGNED"] == (width == 72) for _, c in launches)
+
+
+def test_strides_aligned():
+    qkv = torch.empty(2, 197, 3, 12, 72)
+    strides = [t.stride()[:-1] for t in (*qkv.unbind(2), torch.empty(5, 3, 72))]
+    assert attention_module.strides_aligned(*(s for t in strides for s in t))
+    assert not attention_module.strides_aligned(*torch.empty(5, 3, 76)[..., :72].stride()[:-1])
+    assert not attention_module.strides_aligned(*torch.empty(4, 3, 2, 12)[:, 1:].stride()[:-1])  # a head stride of 12
+    assert attention_module.strides_aligned(0, 24, 8)  # varlen's batch stride is 0
+
+
 def test_gradients_are_bitwise_reproducible(seed):
     (q, k, v), leaves = _make(2, 197, 197, 2, 64, torch.float16, packed=True)
     dout = torch.randn(2, 197, 2, 64, device=DEVICE).half()

@@ -72,6 +72,7 @@ def test_overlapping_head_dim_runs_both_backward_kernels_unpeeled(seed, monkeypa
     check_varlen(LENGTHS, LENGTHS, 2, 72, torch.float16)
     backward = [c for kernel, c in launches if kernel is not attention_module._attn_fwd_kernel]
     assert len(backward) == 2 and not any(c["PEEL_TAIL"] for c in backward)
+    assert all(c["STRIDES_ALIGNED"] for _, c in launches)  # [T, H, 72] contiguous
     assert all(c["PEEL_TAIL"] for kernel, c in launches if kernel is attention_module._attn_fwd_kernel)
 
 

@@ -102,6 +102,22 @@ def test_attention_dots_run_on_wgmma_on_hopper(launches):
     assert checked > 0
 
 
+def test_attention_moves_16bit_tiles_as_vectors(launches):
+    """With STRIDES_ALIGNED (every stride a multiple of 8 elements, which the host checked) no
+    attention kernel loads or stores a 16-bit element alone: at head dims that are odd multiples
+    of 8 (24-120, SigLIP's 72) the compiler could not prove a head's offset aligned without that
+    promise, and read every tile element by element (ops/attention_kernels.py's header)."""
+    checked = 0
+    for r in launches:
+        constexprs = r["constexprs"]
+        if not (r["kernel"].startswith("_attn_") and constexprs.get("STRIDES_ALIGNED")
+                and constexprs.get("DOT_PRECISION") == "tf32" and constexprs["HEAD_DIM"] >= 16):
+            continue
+        assert r["global_16bit_scalar_accesses"] == 0, r
+        checked += constexprs["HEAD_DIM"] % 16 == 8
+    assert checked > 0  # some head dim that is an odd multiple of 8 was compiled
+
+
 def test_polynomial_gelu_cuts_the_forwards_instructions(launches):
     """bias_gelu's 16-bit outputs take Phi from a polynomial because the erf forward needs 93% of
     an H100's issue rate to keep up with copy bandwidth (its header: 656 -> 520 SASS

@@ -33,6 +33,7 @@
 # a mask is given), other head dims, float64 (runs the reference).
 
 import functools
+import math
 from typing import Optional
 
 import torch
@@ -148,7 +149,7 @@ def head_blocks_overlap(head_dim: int) -> bool:
     return block_b > 0 and block_a + block_b > head_dim
 
 
-def _common_constexprs(q: Tensor, kernel) -> dict:
+def _common_constexprs(q: Tensor, kernel, strides_are_aligned: bool) -> dict:
     head_dim = q.shape[-1]
     block_a, block_b = head_dim_blocks(head_dim)
     return dict(
@@ -158,7 +159,15 @@ def _common_constexprs(q: Tensor, kernel) -> dict:
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         RNE_BF16_IN_SOFTWARE=interpreted(kernel),
         VARLEN=False,
+        STRIDES_ALIGNED=strides_are_aligned,
     )
+
+
+def strides_aligned(*strides: int) -> bool:
+    """Whether every one of a launch's batch, row and head strides is a multiple of 8 elements: the
+    kernels' STRIDES_ALIGNED, which they promise the compiler (ops/attention_kernels.py's header).
+    True for contiguous tensors and for the views of a packed qkv, since d is a multiple of 8."""
+    return math.gcd(*strides) % 8 == 0
 
 
 def _seed_on(seed: Optional[Tensor], dropout_p: float, device: torch.device) -> Optional[Tensor]:
@@ -197,14 +206,16 @@ def _flash_attention_fwd_impl(
         return out, lse
     arch_major = _arch_major(q.device)
     peel = _peel_tail(arch_major, dropout_p)
+    sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
     _launch(
         _attn_fwd_kernel,
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
         lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
-        (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+        (q, k, v, out, lse, *sq, *sk, *sv, *so,
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), None, None, 0,
          _n_bucket(n_q, n_kv)),
-        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel), **_common_constexprs(q, _attn_fwd_kernel)),
+        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel),
+             **_common_constexprs(q, _attn_fwd_kernel, strides_aligned(*sq, *sk, *sv, *so))),
         options=_NO_FP_FUSION,
     )
     return out, lse
@@ -247,7 +258,10 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         return
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel)
+    if dk.stride() != dv.stride():
+        raise ValueError(f"dk and dv must have the same strides, got {dk.stride()} and {dv.stride()}")
+    sq, sk, sv, so, sdo, sdq, sdk = (_strides(t) for t in (q, k, v, out, dout, dq, dk))
+    constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                None, None, 0, _n_bucket(n_q, n_kv))
@@ -261,7 +275,7 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
             _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
             lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, out, dout, lse, delta, dq,
-             *_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(dout), *_strides(dq), *scalars),
+             *sq, *sk, *sv, *so, *sdo, *sdq, *scalars),
             dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
         )
         dq_accum = None
@@ -269,9 +283,9 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         pre_block = 32
         launch(
             _attn_bwd_preprocess_kernel, (cdiv(n_q, pre_block), n_heads, batch),
-            out, dout, delta, *_strides(out), *_strides(dout), n_heads, n_q, None, 0,
+            out, dout, delta, *so, *sdo, n_heads, n_q, None, 0,
             HEAD_DIM=head_dim, BLOCK_DA=constexprs["BLOCK_DA"], BLOCK_DB=constexprs["BLOCK_DB"], BLOCK_M=pre_block,
-            VARLEN=False, **LAUNCH_OPTIONS,
+            VARLEN=False, STRIDES_ALIGNED=constexprs["STRIDES_ALIGNED"], **LAUNCH_OPTIONS,
         )
         # With atomics, dQ accumulates in float32 [B, N_q, H, d] contiguous, zeroed first.
         dq_accum = torch.zeros((batch, n_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
@@ -281,7 +295,7 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
                        dropout=dropout_p > 0),
         lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
-         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *scalars),
+         *sq, *sk, *sv, *sdo, *sdk, *scalars),
         dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=atomic_dq, **dkdv_tails, **constexprs),
     )
     if atomic_dq:

@@ -12,6 +12,17 @@
 #   at 80 (ViT-H/14) on zeros. The host (attention.head_dim_blocks) splits only where that
 #   saves work over one padded block; what is left padded costs at most a quarter (24 as 32,
 #   104 as 128), except d = 8, run as 16: 16 is the narrowest dot operand.
+# - Aligned offsets (STRIDES_ALIGNED): Triton marks an integer argument divisible by 16 when it is
+#   and says nothing otherwise. Where d is an odd multiple of 8 (24, 40, 56, 72, 88, 104, 120) the
+#   head stride (d, in a packed qkv or a contiguous [B, N, H, d]) is not, so the compiler could not
+#   prove any (batch, head) offset 16-byte aligned and loaded and stored every tile element by
+#   element: at those dims twice the SASS instructions, registers at ptxas's limit, and d = 88's
+#   dK/dV spilling with every tile (sm_90, tests/gpu_compile_check.py). The host checks that every
+#   batch, row and head stride of a launch is a multiple of 8 elements (attention.strides_aligned:
+#   so for every contiguous tensor and packed-qkv view, d being one) and the kernels then promise it
+#   (_head_offset's tl.multiple_of): the tiles load as 16-byte vectors again wherever the row
+#   stride is a multiple of 16, as at any even head count (Triton marks that one itself; a promise
+#   on an argument is lost when the jit function is inlined). No promise where a stride is not.
 # - Any N: both sequence dims are masked, no divisibility asserts (197, 257, 577, 1, 17).
 # - VARLEN: packed sequences of different lengths, [total_tokens, H, d] with cumulative lengths
 #   (flash-attn's varlen convention). Grid axis 0 holds cdiv(total_tokens, BLOCK) + n_seqs
@@ -67,6 +78,18 @@ def _load_seed(SEED, HAS_DROPOUT: tl.constexpr):
         return tl.load(SEED)
     else:
         return 0
+
+
+@triton.jit
+def _head_offset(b, stride_b, start, stride_n, h, stride_h, STRIDES_ALIGNED: tl.constexpr):
+    """The element offset of (batch b, row start, head h), promised to the compiler to be a multiple
+    of 8 where the host found every stride to be (STRIDES_ALIGNED; the header says why). The
+    promise is made here, on the sum this function computes: made on an argument of a jit
+    function it is lost when the function is inlined."""
+    offset = b * stride_b + start * stride_n + h * stride_h
+    if STRIDES_ALIGNED:
+        offset = tl.multiple_of(offset, 8)
+    return offset
 
 
 @triton.jit
@@ -383,6 +406,7 @@ def _attn_fwd_kernel(
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
     VARLEN: tl.constexpr,
+    STRIDES_ALIGNED: tl.constexpr,
 ):
     """The forward of one Q block of one (batch, head); under VARLEN of the Q block of grid slot
     program_id(0) (_varlen_slot; n_q, n_kv are then the token totals, the batch strides 0)."""
@@ -406,10 +430,10 @@ def _attn_fwd_kernel(
         n_kv_seq = n_kv
         pid_bh = b * n_heads + h
         lse_base = LSE + pid_bh * n_q
-    args = (Q + b * stride_qb + q_start * stride_qn + h * stride_qh,
-            K + b * stride_kb + kv_start * stride_kn + h * stride_kh,
-            V + b * stride_vb + kv_start * stride_vn + h * stride_vh,
-            O + b * stride_ob + q_start * stride_on + h * stride_oh, lse_base,
+    args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
+            K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
+            V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
+            O + _head_offset(b, stride_ob, q_start, stride_on, h, stride_oh, STRIDES_ALIGNED), lse_base,
             stride_qn, stride_kn, stride_vn, stride_on)
     scalars = (n_q_seq, n_kv_seq, qk_scale_log2, dropout_p, seed, pid_bh)
     if VARLEN:
@@ -457,6 +481,7 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_DB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     VARLEN: tl.constexpr,
+    STRIDES_ALIGNED: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -471,8 +496,8 @@ def _attn_bwd_preprocess_kernel(
         q_start = 0
         n_q_seq = n_q
         delta_base = DELTA + (b * n_heads + h) * n_q
-    o_base = O + b * stride_ob + q_start * stride_on + h * stride_oh
-    do_base = DO + b * stride_dob + q_start * stride_don + h * stride_doh
+    o_base = O + _head_offset(b, stride_ob, q_start, stride_on, h, stride_oh, STRIDES_ALIGNED)
+    do_base = DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED)
     if row_start >= 0 and row_start < n_q_seq:
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < n_q_seq
@@ -659,6 +684,7 @@ def _attn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
     VARLEN: tl.constexpr,
+    STRIDES_ALIGNED: tl.constexpr,
 ):
     """dK, dV for one KV block, looping over all Q blocks; with ATOMIC_DQ also dQ's share of this
     block, added with float32 atomics into DQ_ACCUM ([B, N_q, H, d] contiguous, [T, H, d] under
@@ -698,12 +724,12 @@ def _attn_bwd_dkdv_kernel(
         dq_accum_offset = (q_start * n_heads + h) * HEAD_DIM
     else:
         dq_accum_offset = (b * n_q * n_heads + h) * HEAD_DIM
-    args = (Q + b * stride_qb + q_start * stride_qn + h * stride_qh,
-            K + b * stride_kb + kv_start * stride_kn + h * stride_kh,
-            V + b * stride_vb + kv_start * stride_vn + h * stride_vh,
-            DO + b * stride_dob + q_start * stride_don + h * stride_doh, LSE + lse_offset, DELTA + lse_offset,
-            DK + b * stride_dkb + kv_start * stride_dkn + h * stride_dkh,
-            DV + b * stride_dkb + kv_start * stride_dkn + h * stride_dkh,
+    args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
+            K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
+            V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
+            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED), LSE + lse_offset, DELTA + lse_offset,
+            DK + _head_offset(b, stride_dkb, kv_start, stride_dkn, h, stride_dkh, STRIDES_ALIGNED),
+            DV + _head_offset(b, stride_dkb, kv_start, stride_dkn, h, stride_dkh, STRIDES_ALIGNED),
             DQ_ACCUM, dq_accum_offset, stride_qn, stride_kn, stride_vn, stride_don, stride_dkn, n_heads * HEAD_DIM)
     scalars = (n_q_seq, n_kv_seq, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh)
     if VARLEN:
@@ -869,6 +895,7 @@ def _attn_bwd_dq_kernel(
     DOT_PRECISION: tl.constexpr,
     RNE_BF16_IN_SOFTWARE: tl.constexpr,
     VARLEN: tl.constexpr,
+    STRIDES_ALIGNED: tl.constexpr,
 ):
     """dQ for one Q block, looping over all KV blocks: one writer per element, so deterministic.
     Under VARLEN, the Q block of grid slot program_id(0) (_varlen_slot).
@@ -896,12 +923,12 @@ def _attn_bwd_dq_kernel(
         n_kv_seq = n_kv
         pid_bh = b * n_heads + h
         lse_offset = pid_bh * n_q
-    args = (Q + b * stride_qb + q_start * stride_qn + h * stride_qh,
-            K + b * stride_kb + kv_start * stride_kn + h * stride_kh,
-            V + b * stride_vb + kv_start * stride_vn + h * stride_vh,
-            O + b * stride_ob + q_start * stride_on + h * stride_oh,
-            DO + b * stride_dob + q_start * stride_don + h * stride_doh, LSE + lse_offset, DELTA + lse_offset,
-            DQ + b * stride_dqb + q_start * stride_dqn + h * stride_dqh,
+    args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
+            K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
+            V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
+            O + _head_offset(b, stride_ob, q_start, stride_on, h, stride_oh, STRIDES_ALIGNED),
+            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED), LSE + lse_offset, DELTA + lse_offset,
+            DQ + _head_offset(b, stride_dqb, q_start, stride_dqn, h, stride_dqh, STRIDES_ALIGNED),
             stride_qn, stride_kn, stride_vn, stride_on, stride_don, stride_dqn)
     scalars = (n_q_seq, n_kv_seq, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh)
     if VARLEN:

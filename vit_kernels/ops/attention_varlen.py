@@ -38,7 +38,7 @@ from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
 from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _backward_tails,
                         _common_constexprs, _launch, _n_bucket, _peel_tail, _seed_on, _tails,
-                        check_attention_options, draw_seed, head_dim_blocks, launch_configs)
+                        check_attention_options, draw_seed, head_dim_blocks, launch_configs, strides_aligned)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
 
 __all__ = ["cu_seqlens", "flash_attention_key_padded", "flash_attention_varlen"]
@@ -128,8 +128,8 @@ def _strides(t: Tensor) -> tuple:
     return 0, t.stride(0), t.stride(1)
 
 
-def _varlen_constexprs(q: Tensor, kernel) -> dict:
-    return {**_common_constexprs(q, kernel), "VARLEN": True}
+def _varlen_constexprs(q: Tensor, kernel, strides_are_aligned: bool) -> dict:
+    return {**_common_constexprs(q, kernel, strides_are_aligned), "VARLEN": True}
 
 
 def _flash_attention_varlen_fwd_impl(
@@ -148,14 +148,16 @@ def _flash_attention_varlen_fwd_impl(
     len_q, len_k = _grid_len(max_seqlen_q, total_q, n_seqs), _grid_len(max_seqlen_k, total_k, n_seqs)
     arch_major = _arch_major(q.device)
     peel = _peel_tail(arch_major, dropout_p)
+    sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
     _launch(
         _attn_fwd_kernel,
         launch_configs("fwd", head_dim, q.dtype, _attn_fwd_kernel, dropout=dropout_p > 0, arch_major=arch_major),
         lambda meta: (_slots(total_q, meta["BLOCK_M"], n_seqs), n_heads, 1),
-        (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), n_heads, total_q, total_k,
+        (q, k, v, out, lse, *sq, *sk, *sv, *so, n_heads, total_q, total_k,
          softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs,
          _n_bucket(len_q, len_k)),
-        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel), **_varlen_constexprs(q, _attn_fwd_kernel)),
+        dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel),
+             **_varlen_constexprs(q, _attn_fwd_kernel, strides_aligned(*sq, *sk, *sv, *so))),
         options=_NO_FP_FUSION,
     )
     return out, lse
@@ -185,7 +187,8 @@ def _flash_attention_varlen_bwd_impl(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     len_q, len_k = _grid_len(max_seqlen_q, total_q, n_seqs), _grid_len(max_seqlen_k, total_k, n_seqs)
-    constexprs = _varlen_constexprs(q, _attn_bwd_dkdv_kernel)
+    sq, sk, sv, so, sdo, sdq, sdk = (_strides(t) for t in (q, k, v, out, dout, dq, dk))
+    constexprs = _varlen_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
                _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs, _n_bucket(len_q, len_k))
@@ -197,8 +200,7 @@ def _flash_attention_varlen_bwd_impl(
             _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0,
                                                 varlen=True),
             lambda meta: (_slots(total_q, meta["BLOCK_M"], n_seqs), n_heads, 1),
-            (q, k, v, out, dout, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-             *_strides(dout), *_strides(dq), *scalars),
+            (q, k, v, out, dout, lse, delta, dq, *sq, *sk, *sv, *so, *sdo, *sdq, *scalars),
             dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
         )
         dq_accum = None
@@ -206,9 +208,9 @@ def _flash_attention_varlen_bwd_impl(
         pre_block = 32
         launch(
             _attn_bwd_preprocess_kernel, (_slots(total_q, pre_block, n_seqs), n_heads, 1),
-            out, dout, delta, *_strides(out), *_strides(dout), n_heads, total_q, cu_seqlens_q, n_seqs,
+            out, dout, delta, *so, *sdo, n_heads, total_q, cu_seqlens_q, n_seqs,
             HEAD_DIM=head_dim, BLOCK_DA=constexprs["BLOCK_DA"], BLOCK_DB=constexprs["BLOCK_DB"], BLOCK_M=pre_block,
-            VARLEN=True, **LAUNCH_OPTIONS,
+            VARLEN=True, STRIDES_ALIGNED=constexprs["STRIDES_ALIGNED"], **LAUNCH_OPTIONS,
         )
         dq_accum = torch.zeros((total_q, n_heads, head_dim), dtype=torch.float32, device=q.device)
     _launch(
@@ -216,8 +218,7 @@ def _flash_attention_varlen_bwd_impl(
         launch_configs("dkdv", head_dim, q.dtype, _attn_bwd_dkdv_kernel, atomic_dq=dq_accum is not None,
                        dropout=dropout_p > 0, varlen=True),
         lambda meta: (_slots(total_k, meta["BLOCK_N"], n_seqs), n_heads, 1),
-        (q, k, v, dout, lse, delta, dk, dv, dq_accum, *_strides(q), *_strides(k), *_strides(v), *_strides(dout),
-         *_strides(dk), *scalars),
+        (q, k, v, dout, lse, delta, dk, dv, dq_accum, *sq, *sk, *sv, *sdo, *sdk, *scalars),
         dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=dq_accum is not None, **dkdv_tails, **constexprs),
     )
     if dq_accum is not None:
