@@ -172,21 +172,23 @@ def main(argv):
     chosen = [argv[argv.index("--target") + 1]] if "--target" in argv else list(TARGETS)
     JITFunction.run = compile_instead_of_launch
     Autotuner.run = compile_every_config
-    from vit_kernels.ops import attention
+    from vit_kernels.ops import attention, attention_varlen
 
     for arch, target in ((arch, TARGETS[arch]) for arch in chosen):
         _target.clear()
         _target[arch] = target
-        attention._arch_major = lambda device, major=target.arch // 10: major
+        # Both modules ask (varlen imported the name): before it was set on varlen too, varlen's
+        # sm_80 pass compiled Hopper's choices (peeled loops).
+        for module in (attention, attention_varlen):
+            module._arch_major = lambda device, major=target.arch // 10: major
         launch_everything(full, arch)
 
 
 # The head dims CI compiles (ViT-B/L/H, DeiT, CLIP, SigLIP so400m): one block (64, 128), two whole
 # ones (80 = 64 + 16, 96 = 64 + 32) and an overlapping one (72 = 64 + [56, 72)) on sm_90. sm_80 is
 # held to compiling and to its shared memory, not to the spill and wgmma checks, so one two-block
-# layout serves there. --full: all 16 (32 among them) on both; on sm_90 all are spill-free but
-# d = 88's dK/dV, dense and varlen, and varlen's dK/dV with dropout at 104 and 120 (12 bytes;
-# benchmarks/results/cpu-compile-check-2026-12-05.md).
+# layout serves there. --full: all 16 (32 among them) on both; on sm_90 all are spill-free
+# (benchmarks/results/cpu-compile-check-2026-12-05.md).
 COMPILED_HEAD_DIMS = {"sm_90": (64, 72, 80, 96, 128), "sm_80": (64, 80, 128)}
 
 
@@ -204,7 +206,7 @@ def attention_launches(head_dims, dtypes) -> None:
                 out, lse = attention._flash_attention_fwd(q, k, v, 0.1, dropout_p, seed, deterministic)
                 attention._flash_attention_bwd.op(out, q, k, v, out, lse, 0.1, dropout_p, seed, deterministic)
                 # Varlen's prologue holds more registers: where the head dim's column blocks
-                # overlap it spilled where the dense kernels did not, so those dims compile both.
+                # overlap it has spilled where the dense kernels did not, so those dims compile both.
                 if head_dim not in (64, 80) and not attention.head_blocks_overlap(head_dim):
                     continue
                 q, k, v = qkv[0].unbind(1)

@@ -157,35 +157,28 @@ def test_every_kv_loop_form(seed, monkeypatch, loop, n_q, n_kv):
     check_attention(1, n_q, n_kv, 2, 64, torch.float16, packed=False, deterministic=False)
 
 
-def test_backward_tails_leave_dkdv_unpeeled_where_head_blocks_overlap():
-    """Peeled, the dK/dV kernel spilled on sm_90 at every head dim whose two column blocks overlap;
-    dQ stays peeled there, and the exact layouts keep both (tests/gpu_compile_check.py holds the spills)."""
-    for head_dim in attention_module.HEAD_DIMS:
-        block_a, block_b = attention_module.head_dim_blocks(head_dim)
-        overlapping = block_b > 0 and block_a + block_b > head_dim
-        dq_tails, dkdv_tails = attention_module._backward_tails(9, 0.0, head_dim)
-        assert dq_tails == {"PEEL_TAIL": True, "NARROW_TAIL": 16}, head_dim
-        assert dkdv_tails["PEEL_TAIL"] is not overlapping and (dkdv_tails["NARROW_TAIL"] == 0) is overlapping, head_dim
-        assert attention_module._backward_tails(9, 0.1, head_dim) == ({"PEEL_TAIL": False, "NARROW_TAIL": 0},) * 2
-        assert attention_module._backward_tails(8, 0.0, head_dim) == ({"PEEL_TAIL": False, "NARROW_TAIL": 0},) * 2
-        # Varlen's dQ (more registers in its prologue) is not peeled there either.
-        varlen_dq, varlen_dkdv = attention_module._backward_tails(9, 0.0, head_dim, varlen=True)
-        assert varlen_dkdv == dkdv_tails and varlen_dq == (dkdv_tails if overlapping else dq_tails), head_dim
-    assert [d for d in attention_module.HEAD_DIMS if not attention_module._backward_tails(9, 0.0, d)[1]["PEEL_TAIL"]] \
-        == [24, 40, 56, 72, 88, 104, 112, 120]
-
-
 @pytest.mark.parametrize("deterministic", [True, False])
-def test_overlapping_head_dim_with_dq_peeled_and_dkdv_not(seed, monkeypatch, deterministic):
-    """What Hopper runs at d = 72 (SigLIP so400m) without dropout: dQ's loop peeled with its
-    16-wide tail, dK/dV's one masked loop (5 rows past a 64-block at N = 197)."""
+def test_overlapping_head_dim_with_every_loop_peeled(seed, monkeypatch, deterministic):
+    """What Hopper runs at d = 72 (SigLIP so400m) without dropout: every kernel's loop peeled with
+    its 16-wide tail (5 rows past a 64-block at N = 197), and deterministic=False on atomic dQ.
+    (Peeled, dK/dV spilled there until the kernels were told their offsets are aligned.)"""
     monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: True)
     launches = recording_launches(monkeypatch, attention_module)
     check_attention(1, 197, 197, 2, 72, torch.float16, packed=False, deterministic=deterministic)
+    m = attention_module
+    assert {kernel for kernel, _ in launches} == ({m._attn_fwd_kernel, m._attn_bwd_dkdv_kernel}
+                                                  | ({m._attn_bwd_dq_kernel} if deterministic else set()))
+    assert all(c["PEEL_TAIL"] and c["NARROW_TAIL"] == 16 for _, c in launches)
     dkdv = [c for kernel, c in launches if kernel is attention_module._attn_bwd_dkdv_kernel]
-    # Atomic dQ spills there: deterministic=False runs the deterministic backward (the same result).
-    assert dkdv and all(not c["ATOMIC_DQ"] and not c["PEEL_TAIL"] for c in dkdv)
-    assert all(c["PEEL_TAIL"] for kernel, c in launches if kernel is attention_module._attn_bwd_dq_kernel)
+    assert [c["ATOMIC_DQ"] for c in dkdv] == [not deterministic]
+
+
+def test_atomic_dq_runs_but_where_two_64_wide_blocks_overlap(seed, monkeypatch):
+    """Past d = 96 with overlapping blocks (104-120) the atomic-dQ dK/dV tile spilled on sm_90:
+    deterministic=False runs the deterministic backward there, the same result."""
+    launches = recording_launches(monkeypatch, attention_module)
+    check_attention(1, 17, 17, 2, 104, torch.float16, packed=False, deterministic=False)
+    assert [c["ATOMIC_DQ"] for kernel, c in launches if kernel is attention_module._attn_bwd_dkdv_kernel] == [False]
 
 
 def test_non_deterministic_dq_matches_rule(seed):

@@ -62,40 +62,34 @@ def test_matches_per_sequence_attention(seed, dtype, head_dim):
     check_varlen(LENGTHS, LENGTHS, 2, head_dim, dtype)
 
 
-def test_overlapping_head_dim_runs_both_backward_kernels_unpeeled(seed, monkeypatch):
-    """What Hopper runs for varlen at d = 72 without dropout: neither backward kernel peeled
-    (peeled, varlen's dQ spilled on sm_90 at 88-120), by the rule."""
+def test_overlapping_head_dim_runs_every_loop_peeled(seed, monkeypatch):
+    """What Hopper runs for varlen at d = 72 without dropout: every kernel peeled, by the rule."""
     from vit_kernels.ops import attention as attention_module
 
     monkeypatch.setattr(attention_module, "_peel_tail", lambda arch_major, dropout_p: True)
     launches = recording_launches(monkeypatch, varlen_module)
     check_varlen(LENGTHS, LENGTHS, 2, 72, torch.float16)
-    backward = [c for kernel, c in launches if kernel is not attention_module._attn_fwd_kernel]
-    assert len(backward) == 2 and not any(c["PEEL_TAIL"] for c in backward)
+    assert len(launches) == 3 and all(c["PEEL_TAIL"] and c["NARROW_TAIL"] == 16 for _, c in launches)
     assert all(c["STRIDES_ALIGNED"] for _, c in launches)  # [T, H, 72] contiguous
-    assert all(c["PEEL_TAIL"] for kernel, c in launches if kernel is attention_module._attn_fwd_kernel)
 
 
-def test_dropout_tiles_at_overlapping_head_dims():
-    """Varlen's backward with dropout where the head dim's column blocks overlap takes the tiles
-    that compiled spill-free or spilled least on sm_90 (attention_configs.VARLEN_DROPOUT_OVERLAP_TILES);
-    without dropout, or dense, the usual ones."""
-    from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_DROPOUT_OVERLAP_TILES, tiles_for
+def test_dropout_tile_where_two_64_wide_blocks_overlap():
+    """Varlen's dK/dV with dropout at 104-120 takes the one tile that compiled spill-free on sm_90
+    (VARLEN_DROPOUT_WIDE_OVERLAP_TILE); everything else, the usual tiles."""
+    from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_DROPOUT_WIDE_OVERLAP_TILE, tiles_for
 
     def tiles(kind, head_dim, **kwargs):
         return tiles_for(kind, head_dim, torch.bfloat16, interpreted=False, split_head=True,
                          overlap=head_dim not in (80, 96), **kwargs)
 
-    assert tiles("dkdv", 72, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dkdv"]
-    assert tiles("dkdv", 104, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dkdv_wide"]
-    assert tiles("dq", 120, dropout=True, varlen=True) == VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
-    assert tiles("dkdv", 72, dropout=False, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
-    assert tiles("dkdv", 72, dropout=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
-    assert tiles("dq", 72, dropout=True, varlen=True) == tiles("dq", 72, dropout=True)
-    assert tiles("dq", 120, dropout=True) != VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
-    for head_dim in (80, 96):  # exact layouts: no overlap, the usual tiles
-        for kind in ("dq", "dkdv"):
-            assert tiles(kind, head_dim, dropout=True, varlen=True) == tiles(kind, head_dim, dropout=True)
+    for head_dim in (104, 112, 120):
+        assert tiles("dkdv", head_dim, dropout=True, varlen=True) == (VARLEN_DROPOUT_WIDE_OVERLAP_TILE,)
+        assert tiles("dkdv", head_dim, dropout=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
+        assert tiles("dkdv", head_dim, dropout=False, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
+    for head_dim in (72, 80, 88, 96, 104):
+        assert tiles("dq", head_dim, dropout=True, varlen=True) == tiles("dq", head_dim, dropout=True)
+    for head_dim in (72, 80, 88, 96):
+        assert tiles("dkdv", head_dim, dropout=True, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
 
 
 def test_atomic_dq_matches_per_sequence_attention(seed):

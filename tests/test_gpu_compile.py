@@ -103,17 +103,20 @@ def test_attention_dots_run_on_wgmma_on_hopper(launches):
 
 
 def test_attention_moves_16bit_tiles_as_vectors(launches):
-    """With STRIDES_ALIGNED (every stride a multiple of 8 elements, which the host checked) no
-    attention kernel loads or stores a 16-bit element alone: at head dims that are odd multiples
+    """With STRIDES_ALIGNED (every stride a multiple of 8 elements, which the host checked) the
+    attention kernels load and store 16-bit tiles as vectors: at head dims that are odd multiples
     of 8 (24-120, SigLIP's 72) the compiler could not prove a head's offset aligned without that
-    promise, and read every tile element by element (ops/attention_kernels.py's header)."""
+    promise and moved every tile element by element (ops/attention_kernels.py's header; sm_90,
+    triton 3.8: 76-400 such accesses a kernel at d = 24 and 72 without it). At most 16 remain: a
+    16 x 16 block on 8 warps, in the copy of the body for a 16-row last block, holds one element
+    a thread."""
     checked = 0
     for r in launches:
         constexprs = r["constexprs"]
         if not (r["kernel"].startswith("_attn_") and constexprs.get("STRIDES_ALIGNED")
                 and constexprs.get("DOT_PRECISION") == "tf32" and constexprs["HEAD_DIM"] >= 16):
             continue
-        assert r["global_16bit_scalar_accesses"] == 0, r
+        assert r["global_16bit_scalar_accesses"] <= 16, r
         checked += constexprs["HEAD_DIM"] % 16 == 8
     assert checked > 0  # some head dim that is an odd multiple of 8 was compiled
 

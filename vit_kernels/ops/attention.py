@@ -95,23 +95,10 @@ def _arch_major(device: torch.device) -> int:
 
 
 def _peel_tail(arch_major: int, dropout_p: float) -> bool:
-    """The forward's PEEL_TAIL: on Hopper without dropout. Peeling the partial last KV block
+    """PEEL_TAIL of all three kernels: on Hopper without dropout. Peeling the partial last block
     off the loop spills registers on sm_80 at d >= 80 (192-1136 bytes) and with dropout
     (ptxas, tests/gpu_compile_check.py). scripts/gpu_diag.py switches times both ways."""
     return arch_major >= 9 and dropout_p == 0
-
-
-def _backward_tails(arch_major: int, dropout_p: float, head_dim: int, varlen: bool = False) -> tuple[dict, dict]:
-    """(dQ's, dK/dV's) PEEL_TAIL and NARROW_TAIL. The dK/dV kernel is not peeled where the head
-    dim's two column blocks overlap (head_dim_blocks: 24, 40, 56, 72, 88, 104-120): peeled, it holds
-    two copies of its body with three Q-block loops each and spilled on sm_90 at 72, 88, 104 and
-    120 (72-92 bytes); unpeeled it does not but at 88 (tests/gpu_compile_check.py,
-    benchmarks/results/cpu-compile-check-2026-12-05.md). Varlen's dQ, whose prologue holds more
-    registers, is not peeled there either (peeled it spilled 48 bytes at 88, 16 at 104 and 120).
-    One rule for every overlapping dim; the exact layouts keep the peel."""
-    peel = _peel_tail(arch_major, dropout_p)
-    overlap = head_blocks_overlap(head_dim)
-    return _tails(peel and not (varlen and overlap)), _tails(peel and not overlap)
 
 
 def _tails(peel: bool) -> dict:
@@ -143,8 +130,9 @@ def head_dim_blocks(head_dim: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=None)  # asked at every launch
 def head_blocks_overlap(head_dim: int) -> bool:
-    """Whether the head dim's two column blocks overlap (24, 40, 56, 72, 88, 104-120): the
-    kernels then hold more registers, and some tiles and loop forms spill (attention_configs)."""
+    """Whether the head dim's two column blocks overlap (24, 40, 56, 72, 88, 104-120): where two
+    64-wide blocks do (104-120) the kernels hold the most registers, and two tiles spill there
+    (the atomic-dQ dK/dV's; varlen's dK/dV with dropout: attention_configs)."""
     block_a, block_b = head_dim_blocks(head_dim)
     return block_b > 0 and block_a + block_b > head_dim
 
@@ -265,18 +253,17 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                None, None, 0, _n_bucket(n_q, n_kv))
-    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim)
-    # The atomic-dQ dK/dV kernel's tile spilled on sm_90 at 72, 88, 104, 112 and 120 (24-264 bytes
-    # peeled, 24-184 unpeeled at 88-120): at every overlapping head dim the deterministic backward
-    # runs, the same result.
-    atomic_dq = not deterministic and not head_blocks_overlap(head_dim)
+    tails = _tails(_peel_tail(_arch_major(q.device), dropout_p))
+    # The atomic-dQ dK/dV kernel's tile spilled on sm_90 where two 64-wide column blocks overlap
+    # (104-120: 24 bytes peeled): there the deterministic backward runs, the same result.
+    atomic_dq = not deterministic and not (head_dim > 96 and head_blocks_overlap(head_dim))
     if not atomic_dq:  # dQ first: its kernel writes delta, which the dK/dV kernel reads
         _launch(
             _attn_bwd_dq_kernel, launch_configs("dq", head_dim, q.dtype, _attn_bwd_dq_kernel, dropout=dropout_p > 0),
             lambda meta: (cdiv(n_q, meta["BLOCK_M"]), n_heads, batch),
             (q, k, v, out, dout, lse, delta, dq,
              *sq, *sk, *sv, *so, *sdo, *sdq, *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
+            dict(HAS_DROPOUT=dropout_p > 0, **tails, **constexprs),
         )
         dq_accum = None
     else:
@@ -296,7 +283,7 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         lambda meta: (cdiv(n_kv, meta["BLOCK_N"]), n_heads, batch),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum,
          *sq, *sk, *sv, *sdo, *sdk, *scalars),
-        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=atomic_dq, **dkdv_tails, **constexprs),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=atomic_dq, **tails, **constexprs),
     )
     if atomic_dq:
         dq.copy_(dq_accum)
@@ -409,8 +396,8 @@ def flash_attention(
             Philox seed drawn from torch's default generator and is regenerated in backward.
         deterministic: dQ without atomics (bitwise reproducible gradients; the default).
             False accumulates dQ with float32 atomics inside the dK/dV pass, except at head dims
-            whose two column blocks overlap (24, 40, 56, 72, 88, 104-120), where that kernel
-            spills registers and the deterministic backward runs instead.
+            104-120 (two overlapping 64-wide column blocks), where that kernel spills registers
+            and the deterministic backward runs instead.
 
     CUDA tensors run the Triton kernels; CPU tensors run them through Triton's interpreter
     when TRITON_INTERPRET=1 was set before import, else `vit_kernels.reference.attention`

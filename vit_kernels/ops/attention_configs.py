@@ -68,18 +68,11 @@ TILES = {
 }
 # dK/dV at a head dim held as two column blocks (attention.head_dim_blocks): the 8-warp tile
 # alone (at d = 80 the 4-warp one spilled 44 bytes, sm_90), and for atomic dQ a 16 x 64 tile on
-# 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there). Where the two blocks
-# overlap past d = 96 (104-120: two 64-wide blocks) a 16-row Q step, unpipelined: the 32-row one
-# spilled 124 bytes there with dropout. d = 88 spills 40 bytes or more with every tile tried
-# (benchmarks/results/cpu-compile-check-2026-12-05.md).
-SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1),
-                         "wide_overlap": (Tile(16, 128, 8, 1),)}
-# Varlen's backward with dropout at overlapping head dims (its prologue holds more registers):
-# dK/dV's 32-row Q step spilled 92 bytes at d = 72 and the 16-row one 60 at 104-120 (sm_90);
-# these are the tiles that did not spill, or spilled least. dQ past d = 96 takes a 16-wide KV
-# step there (its 32-wide step spilled 64 bytes).
-VARLEN_DROPOUT_OVERLAP_TILES = {"dkdv": (Tile(16, 128, 8, 2),), "dkdv_wide": (Tile(16, 64, 4, 1),),
-                                "dq_wide": (Tile(128, 16, 8, 1), Tile(64, 16, 4, 1))}
+# 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there).
+SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1)}
+# Varlen's dK/dV with dropout where two 64-wide column blocks overlap (104-120; its prologue holds
+# more registers): a 16-row Q step on 64 KV rows, unpipelined (32 x 128 on 8 warps spilled 52 bytes).
+VARLEN_DROPOUT_WIDE_OVERLAP_TILE = Tile(16, 64, 4, 1)
 INTERPRETER_TILE = Tile(64, 64, 4, 1)
 FLOAT32_TILES = {"fwd": Tile(64, 32, 4, 1), "bwd": Tile(32, 32, 4, 1)}
 ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 128, 8, 2)}
@@ -89,8 +82,7 @@ def every_tile() -> tuple:
     """Every tile any launch may use, for tests that run each shape."""
     tuned = tuple(tile for kernel in TILES.values() for tile in kernel.tiles())
     return (tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
-            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],) + SPLIT_HEAD_DKDV_TILES["wide_overlap"]
-            + tuple(tile for tiles in VARLEN_DROPOUT_OVERLAP_TILES.values() for tile in tiles))
+            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"], VARLEN_DROPOUT_WIDE_OVERLAP_TILE))
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
@@ -98,28 +90,22 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
               varlen: bool = False) -> tuple:
     """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
     (tuned). `split_head`: the head dim is held as two column blocks; `overlap`: blocks that overlap
-    (24, 40, 56, 72, 88, 104-120), where the kernels hold more registers: there the forward drops
-    its 4-warp 64-wide step (it spilled 8-484 bytes at 72-120, sm_90) and, with dropout, every
-    64-wide step (128 x 64 spilled 68 bytes at 104 and 120), and past d = 96 dQ drops its 4-warp
-    tile (16 bytes) and dK/dV takes its wide_overlap tile. `varlen` with dropout at overlapping
-    dims: VARLEN_DROPOUT_OVERLAP_TILES."""
+    (24, 40, 56, 72, 88, 104-120), where `varlen` dK/dV with dropout past d = 96 takes
+    VARLEN_DROPOUT_WIDE_OVERLAP_TILE."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
         return (INTERPRETER_TILE,)
     if dtype == torch.float32:
         return (FLOAT32_TILES["fwd" if kind == "fwd" else "bwd"],)
-    varlen_dropout_overlap = varlen and dropout and overlap
     if kind == "dkdv" and split_head:
         if atomic_dq:
             return (SPLIT_HEAD_DKDV_TILES["atomic"],)
-        if varlen_dropout_overlap:
-            return VARLEN_DROPOUT_OVERLAP_TILES["dkdv_wide" if head_dim > 96 else "dkdv"]
-        return SPLIT_HEAD_DKDV_TILES["wide_overlap" if overlap and head_dim > 96 else "dkdv"]
+        if varlen and dropout and overlap and head_dim > 96:
+            return (VARLEN_DROPOUT_WIDE_OVERLAP_TILE,)
+        return SPLIT_HEAD_DKDV_TILES["dkdv"]
     if kind == "dkdv" and atomic_dq:
         return (ATOMIC_DKDV_TILES["narrow_head" if head_dim <= 64 else "wide_head"],)
-    if kind == "dq" and varlen_dropout_overlap and head_dim > 96:
-        return VARLEN_DROPOUT_OVERLAP_TILES["dq_wide"]
     kernel = TILES[kind]
     tiles = kernel.wide_head if head_dim > 64 and kernel.wide_head else kernel.base
     if head_dim <= 64 and not dropout:
@@ -128,10 +114,6 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
         tiles += kernel.d32
     if kind == "fwd" and arch_major < 9 and head_dim >= 80 and dropout:
         tiles = tuple(tile for tile in tiles if tile.block_n <= 32)
-    if overlap and kind == "fwd":
-        tiles = tuple(tile for tile in tiles if tile.block_n <= 32 or (tile.num_warps == 8 and not dropout))
-    if overlap and kind == "dq" and head_dim > 96:
-        tiles = tuple(tile for tile in tiles if tile.num_warps == 8)
     return tiles
 
 

@@ -36,7 +36,7 @@ from .._dispatch import define_op, inductor_keeps_launch_options, runs_kernel, t
 from .._validate import check_float_tensor, check_same_device
 from ._launcher import launch
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
-from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major, _backward_tails,
+from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major,
                         _common_constexprs, _launch, _n_bucket, _peel_tail, _seed_on, _tails,
                         check_attention_options, draw_seed, head_dim_blocks, launch_configs, strides_aligned)
 from .attention_kernels import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_bwd_preprocess_kernel, _attn_fwd_kernel
@@ -192,7 +192,7 @@ def _flash_attention_varlen_bwd_impl(
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
                _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs, _n_bucket(len_q, len_k))
-    dq_tails, dkdv_tails = _backward_tails(_arch_major(q.device), dropout_p, head_dim, varlen=True)
+    tails = _tails(_peel_tail(_arch_major(q.device), dropout_p))
     # The atomic-dQ dK/dV kernel spills on sm_90 with every tile tried at a head dim in two column
     # blocks (VARLEN's prologue on top): there the deterministic backward runs, same result.
     if deterministic or head_dim_blocks(head_dim)[1] > 0:
@@ -201,7 +201,7 @@ def _flash_attention_varlen_bwd_impl(
                                                 varlen=True),
             lambda meta: (_slots(total_q, meta["BLOCK_M"], n_seqs), n_heads, 1),
             (q, k, v, out, dout, lse, delta, dq, *sq, *sk, *sv, *so, *sdo, *sdq, *scalars),
-            dict(HAS_DROPOUT=dropout_p > 0, **dq_tails, **constexprs),
+            dict(HAS_DROPOUT=dropout_p > 0, **tails, **constexprs),
         )
         dq_accum = None
     else:
@@ -219,7 +219,7 @@ def _flash_attention_varlen_bwd_impl(
                        dropout=dropout_p > 0, varlen=True),
         lambda meta: (_slots(total_k, meta["BLOCK_N"], n_seqs), n_heads, 1),
         (q, k, v, dout, lse, delta, dk, dv, dq_accum, *sq, *sk, *sv, *sdo, *sdk, *scalars),
-        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=dq_accum is not None, **dkdv_tails, **constexprs),
+        dict(HAS_DROPOUT=dropout_p > 0, ATOMIC_DQ=dq_accum is not None, **tails, **constexprs),
     )
     if dq_accum is not None:
         dq.copy_(dq_accum)
