@@ -231,6 +231,15 @@ def test_strides_aligned():
     assert attention_module.strides_aligned(0, 24, 8)  # varlen's batch stride is 0
 
 
+def test_backward_into_refuses_dk_and_dv_with_different_strides():
+    q = torch.randn(1, 17, 2, 32, device=DEVICE)
+    out, lse = attention_module._flash_attention_fwd(q, q, q, 0.2, 0.0, None, True)
+    dq, dk = torch.empty_like(q), torch.empty_like(q)
+    dv = torch.empty(1, 2, 17, 32, device=DEVICE).transpose(1, 2)
+    with pytest.raises(ValueError, match="dk and dv must have the same strides"):
+        attention_module.flash_attention_bwd_into(dq, dk, dv, out, q, q, q, out, lse, 0.2, 0.0, None, True)
+
+
 def test_gradients_are_bitwise_reproducible(seed):
     (q, k, v), leaves = _make(2, 197, 197, 2, 64, torch.float16, packed=True)
     dout = torch.randn(2, 197, 2, 64, device=DEVICE).half()

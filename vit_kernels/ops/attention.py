@@ -246,9 +246,10 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         return
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    if dk.stride() != dv.stride():
+    sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
+    sdo, sdq, sdk = _strides(dout), _strides(dq), _strides(dk)
+    if sdk != _strides(dv):  # the dK/dV kernel takes one set for both
         raise ValueError(f"dk and dv must have the same strides, got {dk.stride()} and {dv.stride()}")
-    sq, sk, sv, so, sdo, sdq, sdk = (_strides(t) for t in (q, k, v, out, dout, dq, dk))
     constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),

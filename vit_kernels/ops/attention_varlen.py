@@ -187,7 +187,8 @@ def _flash_attention_varlen_bwd_impl(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     len_q, len_k = _grid_len(max_seqlen_q, total_q, n_seqs), _grid_len(max_seqlen_k, total_k, n_seqs)
-    sq, sk, sv, so, sdo, sdq, sdk = (_strides(t) for t in (q, k, v, out, dout, dq, dk))
+    sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
+    sdo, sdq, sdk = _strides(dout), _strides(dq), _strides(dk)
     constexprs = _varlen_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
