@@ -346,7 +346,7 @@ def test_forcing_one_config_forces_one_kind_and_keeps_the_others_first():
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("dropout", [False, True], ids=["no_dropout", "dropout"])
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS + [72, 88, 104])  # and overlapping blocks, aligned offsets
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_dim, dropout):
     """Each config the autotuner may pick, forced one at a time on the device (the other
@@ -363,6 +363,13 @@ def test_every_autotune_config_is_correct_on_gpu(seed, monkeypatch, dtype, head_
                 check_dropout_consistency(monkeypatch, 2, 197, 2, head_dim, dtype, 0.1)
             else:
                 check_attention(2, 197, 197, 2, head_dim, dtype, packed=True)
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("head_dim", attention_module.HEAD_DIMS)
+def test_atomic_dq_at_every_head_dim_on_gpu(seed, head_dim):
+    """deterministic=False at every head dim, bf16, on the device (atomic dQ but at 104-120)."""
+    check_attention(2, 197, 197, 2, head_dim, torch.bfloat16, packed=True, deterministic=False)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")
