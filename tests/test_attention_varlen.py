@@ -73,23 +73,27 @@ def test_overlapping_head_dim_runs_every_loop_peeled(seed, monkeypatch):
     assert all(c["STRIDES_ALIGNED"] for _, c in launches)  # [T, H, 72] contiguous
 
 
-def test_dropout_tile_where_two_64_wide_blocks_overlap():
-    """Varlen's dK/dV with dropout at 104-120 takes the one tile that compiled spill-free on sm_90
-    (VARLEN_DROPOUT_WIDE_OVERLAP_TILE); everything else, the usual tiles."""
-    from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_DROPOUT_WIDE_OVERLAP_TILE, tiles_for
+def test_split_head_dkdv_tiles():
+    """Varlen's dK/dV at a head dim in two column blocks takes the tiles that compiled spill-free
+    on sm_90 with triton 3.6 and 3.8 (VARLEN_SPLIT_HEAD_DKDV_TILES): a 16-row Q step up to d = 96,
+    16 x 64 with dropout at 104-120; dense launches and dQ, the usual tiles."""
+    from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_SPLIT_HEAD_DKDV_TILES, tiles_for
 
     def tiles(kind, head_dim, **kwargs):
         return tiles_for(kind, head_dim, torch.bfloat16, interpreted=False, split_head=True,
                          overlap=head_dim not in (80, 96), **kwargs)
 
+    for head_dim in (72, 80, 88, 96):
+        for dropout in (False, True):
+            assert tiles("dkdv", head_dim, dropout=dropout, varlen=True) == (VARLEN_SPLIT_HEAD_DKDV_TILES["dkdv"],)
+            assert tiles("dkdv", head_dim, dropout=dropout) == SPLIT_HEAD_DKDV_TILES["dkdv"]
     for head_dim in (104, 112, 120):
-        assert tiles("dkdv", head_dim, dropout=True, varlen=True) == (VARLEN_DROPOUT_WIDE_OVERLAP_TILE,)
+        assert tiles("dkdv", head_dim, dropout=True, varlen=True) == (
+            VARLEN_SPLIT_HEAD_DKDV_TILES["wide_overlap_dropout"],)
         assert tiles("dkdv", head_dim, dropout=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
         assert tiles("dkdv", head_dim, dropout=False, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
     for head_dim in (72, 80, 88, 96, 104):
         assert tiles("dq", head_dim, dropout=True, varlen=True) == tiles("dq", head_dim, dropout=True)
-    for head_dim in (72, 80, 88, 96):
-        assert tiles("dkdv", head_dim, dropout=True, varlen=True) == SPLIT_HEAD_DKDV_TILES["dkdv"]
 
 
 def test_atomic_dq_matches_per_sequence_attention(seed):

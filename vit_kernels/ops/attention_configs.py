@@ -70,9 +70,11 @@ TILES = {
 # alone (at d = 80 the 4-warp one spilled 44 bytes, sm_90), and for atomic dQ a 16 x 64 tile on
 # 4 warps, unpipelined (16 x 128 on 8 warps spilled 1276 bytes there).
 SPLIT_HEAD_DKDV_TILES = {"dkdv": (Tile(32, 128, 8, 2),), "atomic": Tile(16, 64, 4, 1)}
-# Varlen's dK/dV with dropout where two 64-wide column blocks overlap (104-120; its prologue holds
-# more registers): a 16-row Q step on 64 KV rows, unpipelined (32 x 128 on 8 warps spilled 52 bytes).
-VARLEN_DROPOUT_WIDE_OVERLAP_TILE = Tile(16, 64, 4, 1)
+# Varlen's dK/dV at a head dim in two column blocks (its prologue holds more registers): up to
+# d = 96 a 16-row Q step (32 x 128 spilled 16 bytes at d = 80 peeled with triton 3.6, sm_90), and
+# with dropout where two 64-wide blocks overlap (104-120) a 16-row step on 64 KV rows, unpipelined
+# (32 x 128 on 8 warps spilled 52 bytes there).
+VARLEN_SPLIT_HEAD_DKDV_TILES = {"dkdv": Tile(16, 128, 8, 2), "wide_overlap_dropout": Tile(16, 64, 4, 1)}
 INTERPRETER_TILE = Tile(64, 64, 4, 1)
 FLOAT32_TILES = {"fwd": Tile(64, 32, 4, 1), "bwd": Tile(32, 32, 4, 1)}
 ATOMIC_DKDV_TILES = {"narrow_head": Tile(32, 128, 8, 2), "wide_head": Tile(16, 128, 8, 2)}
@@ -82,7 +84,8 @@ def every_tile() -> tuple:
     """Every tile any launch may use, for tests that run each shape."""
     tuned = tuple(tile for kernel in TILES.values() for tile in kernel.tiles())
     return (tuned + (INTERPRETER_TILE,) + tuple(FLOAT32_TILES.values()) + tuple(ATOMIC_DKDV_TILES.values())
-            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"], VARLEN_DROPOUT_WIDE_OVERLAP_TILE))
+            + SPLIT_HEAD_DKDV_TILES["dkdv"] + (SPLIT_HEAD_DKDV_TILES["atomic"],)
+            + tuple(VARLEN_SPLIT_HEAD_DKDV_TILES.values()))
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
@@ -90,8 +93,7 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
               varlen: bool = False) -> tuple:
     """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
     (tuned). `split_head`: the head dim is held as two column blocks; `overlap`: blocks that overlap
-    (24, 40, 56, 72, 88, 104-120), where `varlen` dK/dV with dropout past d = 96 takes
-    VARLEN_DROPOUT_WIDE_OVERLAP_TILE."""
+    (24, 40, 56, 72, 88, 104-120). `varlen` dK/dV at a split head dim: VARLEN_SPLIT_HEAD_DKDV_TILES."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
@@ -101,8 +103,10 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
     if kind == "dkdv" and split_head:
         if atomic_dq:
             return (SPLIT_HEAD_DKDV_TILES["atomic"],)
-        if varlen and dropout and overlap and head_dim > 96:
-            return (VARLEN_DROPOUT_WIDE_OVERLAP_TILE,)
+        if varlen and head_dim <= 96:
+            return (VARLEN_SPLIT_HEAD_DKDV_TILES["dkdv"],)
+        if varlen and dropout and overlap:
+            return (VARLEN_SPLIT_HEAD_DKDV_TILES["wide_overlap_dropout"],)
         return SPLIT_HEAD_DKDV_TILES["dkdv"]
     if kind == "dkdv" and atomic_dq:
         return (ATOMIC_DKDV_TILES["narrow_head" if head_dim <= 64 else "wide_head"],)
@@ -114,6 +118,8 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
         tiles += kernel.d32
     if kind == "fwd" and arch_major < 9 and head_dim >= 80 and dropout:
         tiles = tuple(tile for tile in tiles if tile.block_n <= 32)
+    if kind == "dkdv" and head_dim > 64 and dropout:  # 32 x 64 on 4 warps spilled 20 bytes at d = 128 (triton 3.6)
+        tiles = tuple(tile for tile in tiles if tile.num_warps == 8)
     return tiles
 
 
