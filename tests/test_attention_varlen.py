@@ -80,8 +80,7 @@ def test_split_head_dkdv_tiles():
     from vit_kernels.ops.attention_configs import SPLIT_HEAD_DKDV_TILES, VARLEN_SPLIT_HEAD_DKDV_TILES, tiles_for
 
     def tiles(kind, head_dim, **kwargs):
-        return tiles_for(kind, head_dim, torch.bfloat16, interpreted=False, split_head=True,
-                         overlap=head_dim not in (80, 96), **kwargs)
+        return tiles_for(kind, head_dim, torch.bfloat16, interpreted=False, split_head=True, **kwargs)
 
     for head_dim in (72, 80, 88, 96):
         for dropout in (False, True):

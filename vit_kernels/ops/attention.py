@@ -70,8 +70,7 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
     """The triton.Configs a launch of `kind` (one of KERNEL_KINDS) chooses among for `kernel`:
     one (run as is) or several (tuned); see ops/attention_configs.py."""
     tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted(kernel), atomic_dq=atomic_dq, dropout=dropout,
-                      arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0,
-                      overlap=head_blocks_overlap(head_dim), varlen=varlen)
+                      arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0, varlen=varlen)
     return as_configs(tiles)
 
 

@@ -89,11 +89,10 @@ def every_tile() -> tuple:
 
 
 def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool, atomic_dq: bool = False,
-              dropout: bool = False, arch_major: int = 9, split_head: bool = False, overlap: bool = False,
-              varlen: bool = False) -> tuple:
+              dropout: bool = False, arch_major: int = 9, split_head: bool = False, varlen: bool = False) -> tuple:
     """The tiles a launch of `kind` (one of KERNEL_KINDS) chooses among: one (run as is) or several
-    (tuned). `split_head`: the head dim is held as two column blocks; `overlap`: blocks that overlap
-    (24, 40, 56, 72, 88, 104-120). `varlen` dK/dV at a split head dim: VARLEN_SPLIT_HEAD_DKDV_TILES."""
+    (tuned). `split_head`: the head dim is held as two column blocks (past d = 96 two overlapping
+    64-wide ones). `varlen` dK/dV at a split head dim: VARLEN_SPLIT_HEAD_DKDV_TILES."""
     if kind not in KERNEL_KINDS:
         raise ValueError(f"kind must be one of {KERNEL_KINDS}, got {kind!r}")
     if interpreted:
@@ -105,7 +104,7 @@ def tiles_for(kind: str, head_dim: int, dtype: torch.dtype, *, interpreted: bool
             return (SPLIT_HEAD_DKDV_TILES["atomic"],)
         if varlen and head_dim <= 96:
             return (VARLEN_SPLIT_HEAD_DKDV_TILES["dkdv"],)
-        if varlen and dropout and overlap:
+        if varlen and dropout:  # 104-120
             return (VARLEN_SPLIT_HEAD_DKDV_TILES["wide_overlap_dropout"],)
         return SPLIT_HEAD_DKDV_TILES["dkdv"]
     if kind == "dkdv" and atomic_dq:

@@ -727,7 +727,8 @@ def _attn_bwd_dkdv_kernel(
     args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
             K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
             V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
-            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED), LSE + lse_offset, DELTA + lse_offset,
+            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED),
+            LSE + lse_offset, DELTA + lse_offset,
             DK + _head_offset(b, stride_dkb, kv_start, stride_dkn, h, stride_dkh, STRIDES_ALIGNED),
             DV + _head_offset(b, stride_dkb, kv_start, stride_dkn, h, stride_dkh, STRIDES_ALIGNED),
             DQ_ACCUM, dq_accum_offset, stride_qn, stride_kn, stride_vn, stride_don, stride_dkn, n_heads * HEAD_DIM)
@@ -927,7 +928,8 @@ def _attn_bwd_dq_kernel(
             K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
             V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
             O + _head_offset(b, stride_ob, q_start, stride_on, h, stride_oh, STRIDES_ALIGNED),
-            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED), LSE + lse_offset, DELTA + lse_offset,
+            DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED),
+            LSE + lse_offset, DELTA + lse_offset,
             DQ + _head_offset(b, stride_dqb, q_start, stride_dqn, h, stride_dqh, STRIDES_ALIGNED),
             stride_qn, stride_kn, stride_vn, stride_on, stride_don, stride_dqn)
     scalars = (n_q_seq, n_kv_seq, softmax_scale, qk_scale_log2, dropout_p, seed, pid_bh)
