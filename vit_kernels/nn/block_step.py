@@ -190,7 +190,18 @@ class _BlockStep(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         for c, count in zip(ctx.tape, ctx.counts):
             c.saved_tensors = tuple(next(saved) for _ in range(count))
-        y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc = saved
+        try:
+            return _BlockStep._backward(ctx, d_out, d_h2, *saved)
+        finally:
+            # An unpacked output (h2) refers to this node through its grad_fn: left on the tape it
+            # would close a reference cycle, and the block's saved activations would live until
+            # Python's cyclic collector found them (once promoted, hundreds of steps later), its
+            # passes costing the host about a millisecond a step (tests/test_block_step.py).
+            for c in ctx.tape:
+                del c.saved_tensors
+
+    @staticmethod
+    def _backward(ctx, d_out, d_h2, y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc):
         ln1, attn, ln2, mlp = ctx.tape
         (qkv_weight_dtype, qkv_bias_dtype, proj_weight_dtype, proj_bias_dtype, fc1_weight_dtype, fc2_weight_dtype,
          fc2_bias_dtype) = ctx.param_dtypes
