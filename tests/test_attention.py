@@ -372,6 +372,23 @@ def test_atomic_dq_at_every_head_dim_on_gpu(seed, head_dim):
     check_attention(2, 197, 197, 2, head_dim, torch.bfloat16, packed=True, deterministic=False)
 
 
+def test_dkdv_with_dropout_past_64_keeps_only_8_warp_tiles():
+    """dK/dV with dropout past d = 64 (at a head dim in one column block) drops its 4-warp tile,
+    which spilled 20 bytes at d = 128 on sm_90 with triton 3.6 (32 x 64, 4 warps, 1 stage);
+    without dropout, and with dropout up to d = 64, the 4-warp tiles stay candidates."""
+    from vit_kernels.ops.attention_configs import tiles_for
+
+    def warps(head_dim, dropout):
+        tiles = tiles_for("dkdv", head_dim, torch.bfloat16, interpreted=False, dropout=dropout)
+        assert tiles
+        return {tile.num_warps for tile in tiles}
+
+    assert warps(128, dropout=True) == {8}
+    assert warps(128, dropout=False) == {4, 8}
+    for head_dim in (32, 64):
+        assert warps(head_dim, dropout=True) == {4, 8}
+
+
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")
 @pytest.mark.parametrize("block_m, block_n", _gpu_tile_shapes())
 def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, block_m, block_n):
