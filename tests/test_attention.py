@@ -219,16 +219,34 @@ def test_aligned_offsets_are_promised_only_where_every_stride_allows(seed, monke
     assert_rule("out", out, out_ref, out_eager)
     for name, g, g_eager, g_ref in zip("qkv", grads, grads_eager, grads_ref):
         assert_rule(f"d{name}", g, g_ref, g_eager)
-    assert len(launches) == 3 and all(c["STRIDES_ALIGNED"] == (width == 72) for _, c in launches)
+    assert len(launches) == 3 and all(c["STRIDES_ALIGNED"] == (16 if width == 72 else 0) for _, c in launches)
 
 
 def test_strides_aligned():
+    aligned = attention_module.strides_aligned
+
+    def strides(*tensors):
+        return [t.stride()[:-1] for t in tensors]
+
     qkv = torch.empty(2, 197, 3, 12, 72)
-    strides = [t.stride()[:-1] for t in (*qkv.unbind(2), torch.empty(5, 3, 72))]
-    assert attention_module.strides_aligned(*(s for t in strides for s in t))
-    assert not attention_module.strides_aligned(*torch.empty(5, 3, 76)[..., :72].stride()[:-1])
-    assert not attention_module.strides_aligned(*torch.empty(4, 3, 2, 12)[:, 1:].stride()[:-1])  # a head stride of 12
-    assert attention_module.strides_aligned(0, 24, 8)  # varlen's batch stride is 0
+    assert aligned(*strides(*qkv.unbind(2), torch.empty(2, 197, 12, 72))) == 16
+    # Three heads of 72: rows of 648 (packed) and 216, multiples of 8 but not of 16.
+    assert aligned(*strides(*torch.empty(2, 197, 3, 3, 72).unbind(2))) == 8
+    assert aligned(*strides(torch.empty(2, 197, 3, 72))) == 8
+    assert aligned(*strides(torch.empty(2, 197, 3, 72), torch.empty(2, 197, 2, 72))) == 8
+    assert aligned(*strides(torch.empty(2, 197, 3, 64))) == 16
+    assert aligned(*strides(torch.empty(5, 3, 76)[..., :72])) == 0
+    assert aligned(*strides(torch.empty(4, 3, 2, 12)[:, 1:])) == 0  # a head stride of 12
+    assert aligned((0, 24, 8)) == 8 and aligned((0, 48, 24)) == 16  # varlen's batch stride is 0
+
+
+@pytest.mark.parametrize("n_heads, want", [(2, 16), (3, 8)])
+def test_an_odd_head_count_promises_its_row_strides(seed, monkeypatch, n_heads, want):
+    """d = 72 at an odd head count: the row strides are multiples of 8 but not of 16, which the
+    kernels then promise themselves (STRIDES_ALIGNED 8, _row_stride); the results by the rule."""
+    launches = recording_launches(monkeypatch, attention_module)
+    check_attention(2, 197, 197, n_heads, 72, torch.float16, packed=True)
+    assert len(launches) == 3 and all(c["STRIDES_ALIGNED"] == want for _, c in launches)
 
 
 def test_backward_into_refuses_dk_and_dv_with_different_strides():

@@ -107,10 +107,12 @@ def test_attention_moves_16bit_tiles_as_vectors(launches):
     attention kernels load and store 16-bit tiles as vectors: at head dims that are odd multiples
     of 8 (24-120, SigLIP's 72) the compiler could not prove a head's offset aligned without that
     promise and moved every tile element by element (ops/attention_kernels.py's header; sm_90,
-    triton 3.8: 76-400 such accesses a kernel at d = 24 and 72 without it). At most 16 remain: a
-    16 x 16 block on 8 warps, in the copy of the body for a 16-row last block, holds one element
-    a thread."""
-    checked = 0
+    triton 3.8: 76-400 such accesses a kernel at d = 24 and 72 without it). Likewise each row
+    stride, which at an odd head count (3 x 72: 216) is not a multiple of 16 either (_row_stride;
+    190-460 accesses a kernel at d = 72 and three heads without it, and the dK/dV kernel spilled).
+    At most 16 remain: a 16 x 16 block on 8 warps, in the copy of the body for a 16-row last
+    block, holds one element a thread."""
+    checked = odd_heads = 0
     for r in launches:
         constexprs = r["constexprs"]
         if not (r["kernel"].startswith("_attn_") and constexprs.get("STRIDES_ALIGNED")
@@ -118,7 +120,9 @@ def test_attention_moves_16bit_tiles_as_vectors(launches):
             continue
         assert r["global_16bit_scalar_accesses"] <= 16, r
         checked += constexprs["HEAD_DIM"] % 16 == 8
+        odd_heads += r["kernel"] == "_attn_fwd_kernel" and "stride_qn" not in r["divisible_by_16"]
     assert checked > 0  # some head dim that is an odd multiple of 8 was compiled
+    assert odd_heads > 0  # and with a row stride that is not a multiple of 16
 
 
 def test_polynomial_gelu_cuts_the_forwards_instructions(launches):

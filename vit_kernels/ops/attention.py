@@ -33,7 +33,9 @@
 # a mask is given), other head dims, float64 (runs the reference).
 
 import functools
+import itertools
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -136,7 +138,7 @@ def head_blocks_overlap(head_dim: int) -> bool:
     return block_b > 0 and block_a + block_b > head_dim
 
 
-def _common_constexprs(q: Tensor, kernel, strides_are_aligned: bool) -> dict:
+def _common_constexprs(q: Tensor, kernel, strides_are_aligned: int) -> dict:
     head_dim = q.shape[-1]
     block_a, block_b = head_dim_blocks(head_dim)
     return dict(
@@ -150,11 +152,19 @@ def _common_constexprs(q: Tensor, kernel, strides_are_aligned: bool) -> dict:
     )
 
 
-def strides_aligned(*strides: int) -> bool:
-    """Whether every one of a launch's batch, row and head strides is a multiple of 8 elements: the
-    kernels' STRIDES_ALIGNED, which they promise the compiler (ops/attention_kernels.py's header).
-    True for contiguous tensors and for the views of a packed qkv, since d is a multiple of 8."""
-    return math.gcd(*strides) % 8 == 0
+def strides_aligned(*strides: tuple) -> int:
+    """The kernels' STRIDES_ALIGNED for a launch, from each tensor's (batch, row, head) strides: 0
+    unless every stride is a multiple of 8 elements, which the kernels then promise the compiler
+    (ops/attention_kernels.py's header); 16 where every row stride is a multiple of 16 too (Triton
+    marks those itself), else 8 (the kernels promise the row strides as well: _row_stride). Every
+    contiguous tensor and packed-qkv view is aligned, since d is a multiple of 8; its rows are a
+    multiple of 16 but at an odd head count with d an odd multiple of 8."""
+    if math.gcd(*itertools.chain.from_iterable(strides)) % 8:
+        return 0
+    return 16 if math.gcd(*map(_ROW, strides)) % 16 == 0 else 8
+
+
+_ROW = operator.itemgetter(1)
 
 
 def _seed_on(seed: Optional[Tensor], dropout_p: float, device: torch.device) -> Optional[Tensor]:
@@ -202,7 +212,7 @@ def _flash_attention_fwd_impl(
          n_heads, n_q, n_kv, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), None, None, 0,
          _n_bucket(n_q, n_kv)),
         dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel),
-             **_common_constexprs(q, _attn_fwd_kernel, strides_aligned(*sq, *sk, *sv, *so))),
+             **_common_constexprs(q, _attn_fwd_kernel, strides_aligned(sq, sk, sv, so))),
         options=_NO_FP_FUSION,
     )
     return out, lse
@@ -249,7 +259,7 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
     sdo, sdq, sdk = _strides(dout), _strides(dq), _strides(dk)
     if sdk != _strides(dv):  # the dK/dV kernel takes one set for both
         raise ValueError(f"dk and dv must have the same strides, got {dk.stride()} and {dv.stride()}")
-    constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
+    constexprs = _common_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(sq, sk, sv, so, sdo, sdq, sdk))
     delta = torch.empty_like(lse)  # [B, H, N_q] float32
     scalars = (n_heads, n_q, n_kv, softmax_scale, softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device),
                None, None, 0, _n_bucket(n_q, n_kv))

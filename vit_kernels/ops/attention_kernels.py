@@ -19,10 +19,12 @@
 #   element: at those dims twice the SASS instructions, registers at ptxas's limit, and d = 88's
 #   dK/dV spilling with every tile (sm_90, tests/gpu_compile_check.py). The host checks that every
 #   batch, row and head stride of a launch is a multiple of 8 elements (attention.strides_aligned:
-#   so for every contiguous tensor and packed-qkv view, d being one) and the kernels then promise it
-#   (_head_offset's tl.multiple_of): the tiles load as 16-byte vectors again wherever the row
-#   stride is a multiple of 16, as at any even head count (Triton marks that one itself; a promise
-#   on an argument is lost when the jit function is inlined). No promise where a stride is not.
+#   so for every contiguous tensor and packed-qkv view, d being one) and the kernels then promise it:
+#   on each (batch, head) offset (_head_offset's tl.multiple_of) and, where a row stride is not a
+#   multiple of 16 either (an odd head count: STRIDES_ALIGNED 8 rather than 16), on each row stride
+#   (_row_stride rewrites it as (stride // 8) * 8: a tl.multiple_of on an argument is not kept,
+#   neither a kernel's nor, once inlined, a jit function's). The tiles then load as 16-byte vectors
+#   at every head count. STRIDES_ALIGNED 0, no promise, where a stride is not a multiple of 8.
 # - Any N: both sequence dims are masked, no divisibility asserts (197, 257, 577, 1, 17).
 # - VARLEN: packed sequences of different lengths, [total_tokens, H, d] with cumulative lengths
 #   (flash-attn's varlen convention). Grid axis 0 holds cdiv(total_tokens, BLOCK) + n_seqs
@@ -90,6 +92,20 @@ def _head_offset(b, stride_b, start, stride_n, h, stride_h, STRIDES_ALIGNED: tl.
     if STRIDES_ALIGNED:
         offset = tl.multiple_of(offset, 8)
     return offset
+
+
+@triton.jit
+def _row_stride(stride, STRIDES_ALIGNED: tl.constexpr):
+    """A row stride, rewritten where the host found it a multiple of 8 (STRIDES_ALIGNED 8) so that the
+    compiler sees that it is: (stride // 8) * 8 is the same value, and a product with 8 is known
+    divisible by 8. Triton marks an int argument only when it is divisible by 16, which a row stride
+    is not at an odd head count with d an odd multiple of 8 ([B, N, 3, 72]: 216), and every tile was
+    then loaded element by element (d = 72's dK/dV spilled there); tl.multiple_of on the argument
+    is not kept (the header). STRIDES_ALIGNED is 16 where every row stride is a multiple of 16:
+    Triton marks those itself, and the stride is left as it comes."""
+    if STRIDES_ALIGNED == 8:
+        stride = (stride // 8) * 8
+    return stride
 
 
 @triton.jit
@@ -430,6 +446,10 @@ def _attn_fwd_kernel(
         n_kv_seq = n_kv
         pid_bh = b * n_heads + h
         lse_base = LSE + pid_bh * n_q
+    stride_qn = _row_stride(stride_qn, STRIDES_ALIGNED)
+    stride_kn = _row_stride(stride_kn, STRIDES_ALIGNED)
+    stride_vn = _row_stride(stride_vn, STRIDES_ALIGNED)
+    stride_on = _row_stride(stride_on, STRIDES_ALIGNED)
     args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
             K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
             V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
@@ -496,6 +516,8 @@ def _attn_bwd_preprocess_kernel(
         q_start = 0
         n_q_seq = n_q
         delta_base = DELTA + (b * n_heads + h) * n_q
+    stride_on = _row_stride(stride_on, STRIDES_ALIGNED)
+    stride_don = _row_stride(stride_don, STRIDES_ALIGNED)
     o_base = O + _head_offset(b, stride_ob, q_start, stride_on, h, stride_oh, STRIDES_ALIGNED)
     do_base = DO + _head_offset(b, stride_dob, q_start, stride_don, h, stride_doh, STRIDES_ALIGNED)
     if row_start >= 0 and row_start < n_q_seq:
@@ -724,6 +746,11 @@ def _attn_bwd_dkdv_kernel(
         dq_accum_offset = (q_start * n_heads + h) * HEAD_DIM
     else:
         dq_accum_offset = (b * n_q * n_heads + h) * HEAD_DIM
+    stride_qn = _row_stride(stride_qn, STRIDES_ALIGNED)
+    stride_kn = _row_stride(stride_kn, STRIDES_ALIGNED)
+    stride_vn = _row_stride(stride_vn, STRIDES_ALIGNED)
+    stride_don = _row_stride(stride_don, STRIDES_ALIGNED)
+    stride_dkn = _row_stride(stride_dkn, STRIDES_ALIGNED)
     args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
             K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
             V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),
@@ -924,6 +951,12 @@ def _attn_bwd_dq_kernel(
         n_kv_seq = n_kv
         pid_bh = b * n_heads + h
         lse_offset = pid_bh * n_q
+    stride_qn = _row_stride(stride_qn, STRIDES_ALIGNED)
+    stride_kn = _row_stride(stride_kn, STRIDES_ALIGNED)
+    stride_vn = _row_stride(stride_vn, STRIDES_ALIGNED)
+    stride_on = _row_stride(stride_on, STRIDES_ALIGNED)
+    stride_don = _row_stride(stride_don, STRIDES_ALIGNED)
+    stride_dqn = _row_stride(stride_dqn, STRIDES_ALIGNED)
     args = (Q + _head_offset(b, stride_qb, q_start, stride_qn, h, stride_qh, STRIDES_ALIGNED),
             K + _head_offset(b, stride_kb, kv_start, stride_kn, h, stride_kh, STRIDES_ALIGNED),
             V + _head_offset(b, stride_vb, kv_start, stride_vn, h, stride_vh, STRIDES_ALIGNED),

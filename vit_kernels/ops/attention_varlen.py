@@ -128,7 +128,7 @@ def _strides(t: Tensor) -> tuple:
     return 0, t.stride(0), t.stride(1)
 
 
-def _varlen_constexprs(q: Tensor, kernel, strides_are_aligned: bool) -> dict:
+def _varlen_constexprs(q: Tensor, kernel, strides_are_aligned: int) -> dict:
     return {**_common_constexprs(q, kernel, strides_are_aligned), "VARLEN": True}
 
 
@@ -157,7 +157,7 @@ def _flash_attention_varlen_fwd_impl(
          softmax_scale * LOG2E, dropout_p, _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs,
          _n_bucket(len_q, len_k)),
         dict(HAS_DROPOUT=dropout_p > 0, **_tails(peel),
-             **_varlen_constexprs(q, _attn_fwd_kernel, strides_aligned(*sq, *sk, *sv, *so))),
+             **_varlen_constexprs(q, _attn_fwd_kernel, strides_aligned(sq, sk, sv, so))),
         options=_NO_FP_FUSION,
     )
     return out, lse
@@ -189,7 +189,7 @@ def _flash_attention_varlen_bwd_impl(
     len_q, len_k = _grid_len(max_seqlen_q, total_q, n_seqs), _grid_len(max_seqlen_k, total_k, n_seqs)
     sq, sk, sv, so = _strides(q), _strides(k), _strides(v), _strides(out)
     sdo, sdq, sdk = _strides(dout), _strides(dq), _strides(dk)
-    constexprs = _varlen_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(*sq, *sk, *sv, *so, *sdo, *sdq, *sdk))
+    constexprs = _varlen_constexprs(q, _attn_bwd_dkdv_kernel, strides_aligned(sq, sk, sv, so, sdo, sdq, sdk))
     delta = torch.empty_like(lse)  # [H, T_q] float32; every row of every sequence is written
     scalars = (n_heads, total_q, total_k, softmax_scale, softmax_scale * LOG2E, dropout_p,
                _seed_on(seed, dropout_p, q.device), cu_seqlens_q, cu_seqlens_k, n_seqs, _n_bucket(len_q, len_k))
