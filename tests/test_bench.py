@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 
-from vit_kernels.benchmarking import attention, layer_norm
+from vit_kernels.benchmarking import attention, attention_varlen, layer_norm
 from vit_kernels.benchmarking.vit import VIT_SMALL_MODELS
 from vit_kernels.testing import kernel_device
 
@@ -72,6 +72,35 @@ def test_attention_providers_match_each_other():
     assert set(attention.PROVIDERS) >= {"vit_kernels", "eager", "sdpa"}
 
 
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", attention_varlen.PROVIDERS)
+def test_attention_varlen_cases_run(provider, mode):
+    """Every varlen provider runs on the packed [T, H, d] inputs, ends with [T, H*d] and counts the
+    work inside the images only."""
+    lengths = attention_varlen.image_lengths(3, 20)
+    case = attention_varlen.case(provider, "tiny", (3, 20, 2, 32), mode, torch.float32, kernel_device())
+    out = case.run()
+    assert case.flops == int(4 * 2 * 32 * sum(n * n for n in lengths) * (3.5 if mode == "fwd+bwd" else 1))
+    if mode == "fwd+bwd":
+        assert [g.shape for g in out] == [(sum(lengths), 2, 32)] * 3
+    else:
+        assert out.shape == (sum(lengths), 64)
+
+
+def test_attention_varlen_providers_match_each_other():
+    """Each image attends to itself only, whichever provider: against per-image attention."""
+    lengths = attention_varlen.image_lengths(4, 24)
+    assert len(set(lengths)) > 1 and lengths == attention_varlen.image_lengths(4, 24)  # mixed, and a fixed draw
+    device = kernel_device()
+    q, k, v = (torch.randn(sum(lengths), 2, 64, device=device) for _ in range(3))
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    want = torch.cat([attention.provider_fn("eager")(torch.stack([q[a:b], k[a:b], v[a:b]], 1)[None])[0]
+                      for a, b in zip(starts, starts[1:])])
+    for provider in attention_varlen.PROVIDERS:
+        got = attention_varlen.provider_fn(provider, lengths, device)(q, k, v)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=provider)
+
+
 @pytest.mark.inductor
 def test_timed_path_fills_the_report(monkeypatch):
     """The GPU job's bookkeeping (agreement, speedups, GB/s, TFLOP/s, % of peak), run on the CPU
@@ -106,7 +135,7 @@ def test_timed_path_fills_the_report(monkeypatch):
             assert r.rule_ok and r.ms > 0 and r.speedup_vs_eager > 0 and r.pct_of_peak > 0
             assert r.graph_ms > 0 and r.graph_speedup_vs_baseline > 0
     table = results.markdown(report)
-    assert "| flash_attention |" in table and "End to end" not in table  # every provider in the per-op table
+    assert "| flash_attention |" in table and "| flash_attention_varlen |" in table and "End to end" not in table  # every provider in the per-op table
 
 
 def test_plot_draws_speedups_from_a_timed_report(tmp_path):

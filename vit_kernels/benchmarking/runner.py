@@ -7,12 +7,12 @@ from typing import Callable
 import torch
 
 from ..testing import RuleCheck
-from . import attention, bias_gelu, bias_gelu_linear, layer_norm, patch_embed, timing, vit
+from . import attention, attention_varlen, bias_gelu, bias_gelu_linear, layer_norm, patch_embed, timing, vit
 from .case import Case, OpBench
 from .report import Report, Row, progress
 
-OPS = [layer_norm.BENCH, attention.BENCH, bias_gelu.BENCH, bias_gelu_linear.BENCH, patch_embed.BENCH,
-       patch_embed.BENCH_UINT8]
+OPS = [layer_norm.BENCH, attention.BENCH, attention_varlen.BENCH, bias_gelu.BENCH, bias_gelu_linear.BENCH,
+       patch_embed.BENCH, patch_embed.BENCH_UINT8]
 
 
 def _numerics_row(op: OpBench, shape: str, mode: str, provider: str, check: RuleCheck) -> Row:
