@@ -205,6 +205,11 @@ def attention_launches(head_dims, dtypes) -> None:
                 q, k, v = torch.randn(1, 5, 3, 3, head_dim, dtype=dtype).unbind(2)
                 out, lse = attention._flash_attention_fwd(q, k, v, 0.1, 0.0, None, True)
                 attention._flash_attention_bwd.op(out, q, k, v, out, lse, 0.1, 0.0, None, True)
+                q, k, v = q[0], k[0], v[0]  # and packed sequences: [T, 3, d] with rows of 9 * d
+                cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+                out, lse = attention_varlen._flash_attention_varlen_fwd(q, k, v, cu, cu, 3, 3, 0.1, 0.0, None, True)
+                attention_varlen._flash_attention_varlen_bwd.op(out, q, k, v, out, lse, cu, cu, 3, 3, 0.1, 0.0, None,
+                                                                True)
             for dropout_p, deterministic in ((0.0, True), (0.0, False), (0.1, True), (0.1, False)):
                 seed = torch.tensor(3) if dropout_p else None
                 qkv = torch.randn(1, 5, 3, 2, head_dim, dtype=dtype)

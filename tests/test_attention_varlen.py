@@ -73,6 +73,14 @@ def test_overlapping_head_dim_runs_every_loop_peeled(seed, monkeypatch):
     assert all(c["STRIDES_ALIGNED"] for _, c in launches)  # [T, H, 72] contiguous
 
 
+def test_an_odd_head_count_promises_its_row_strides(seed, monkeypatch):
+    """Three heads of 72: rows of 216, a multiple of 8 but not of 16, which the kernels then promise
+    themselves (STRIDES_ALIGNED 8, _row_stride); the results by the rule."""
+    launches = recording_launches(monkeypatch, varlen_module)
+    check_varlen(LENGTHS, LENGTHS, 3, 72, torch.float16)
+    assert len(launches) == 3 and all(c["STRIDES_ALIGNED"] == 8 for _, c in launches)
+
+
 def test_split_head_dkdv_tiles():
     """Varlen's dK/dV at a head dim in two column blocks takes the tiles that compiled spill-free
     on sm_90 with triton 3.6 and 3.8 (VARLEN_SPLIT_HEAD_DKDV_TILES): a 16-row Q step up to d = 96,
