@@ -66,15 +66,19 @@ def _outputs(name: str, timm, images, train: bool, dtype=torch.float32, swap=Non
     return outputs, list(model.state_dict())
 
 
+def _quick_threshold(key: str) -> float:
+    return 1e-4 if key == "logits" else 1e-3
+
+
 def compare(name: str, timm, images, got: dict, want: dict, train: bool) -> tuple:
     """(ok, words): `got` (swapped) against `want` (original), both float32; past the quick
     thresholds, by the numerics rule against a float64 build."""
     if set(got) != set(want):
         return False, f"gradients of {sorted(set(got) ^ set(want))[:3]} differ in presence"
     errors = {key: relative_difference(got[key], want[key]) for key in want}
-    worst = max(errors, key=lambda key: errors[key] / (1e-4 if key == "logits" else 1e-3))
+    worst = max(errors, key=lambda key: errors[key] / _quick_threshold(key))
     words = f"{'train' if train else 'eval'} {errors['logits']:.1e}, worst {worst} {errors[worst]:.1e}"
-    if all(error < (1e-4 if key == "logits" else 1e-3) for key, error in errors.items()):
+    if all(error < _quick_threshold(key) for key, error in errors.items()):
         return True, words
     from vit_kernels.testing import check_rule
 

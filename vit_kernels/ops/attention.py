@@ -159,8 +159,11 @@ def strides_aligned(*strides: tuple) -> int:
     marks those itself), else 8 (the kernels promise the row strides as well: _row_stride). Every
     contiguous tensor and packed-qkv view is aligned, since d is a multiple of 8; its rows are a
     multiple of 16 but at an odd head count with d an odd multiple of 8."""
-    if math.gcd(*itertools.chain.from_iterable(strides)) % 8:
+    every = math.gcd(*itertools.chain.from_iterable(strides))
+    if every % 8:
         return 0
+    if every % 16 == 0:  # every stride, rows among them (d = 64, 128): no second gcd
+        return 16
     return 16 if math.gcd(*map(_ROW, strides)) % 16 == 0 else 8
 
 
