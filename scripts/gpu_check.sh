@@ -4,10 +4,14 @@
 #
 #   OUT=/some/dir bash scripts/gpu_check.sh [STAGE ...]     ($OUT defaults to ./gpu_out)
 #
-# STAGE is one or more of tests, sanitize, bench, vit, main, diag, profile, spread; `all` (the
-# default) is every stage in that order, and `lease` the plan for one call of a 15-minute
+# STAGE is one or more of probe, tests, sanitize, bench, vit, main, diag, profile, spread; `all`
+# (the default) is every stage in that order, and `lease` the plan for one call of a 15-minute
 # lease (below), `bash scripts/gpu_check.sh lease` under the device tool's timeout_s 600. The
 # stages:
+#   probe     scripts/host_probe.py in three fresh processes (probe.txt): the host time of one
+#             launch (a torch op's, a Triton kernel's through Triton's path and through ours,
+#             add_layer_norm's against eager's) and, for timm and timm after swap_modules, the
+#             time to issue a ViT-B/16 training step against its wall time (issue 23's first check)
 #   tests     the test suite on CUDA (TEST_FILES: which files, default all of tests/; in parallel
 #             with pytest-xdist where it is installed: compiling Triton kernels is CPU-bound, and
 #             the tests are not timed)
@@ -40,16 +44,17 @@
 # 30 s, so the script ends, packed, inside the budget. A capped stage is interrupted (SIGINT,
 # so pytest reports what it has; killed 20 s later), and the script goes on to the next.
 #
-# `lease` = tests sanitize bench main profile spread diag, for one call under the 600-s limit: the
-# budget 560 s unless GPU_CHECK_BUDGET_S says otherwise; the kernels' tests on CUDA (TEST_FILES:
+# `lease` = probe tests sanitize bench main profile diag, for one call under the 600-s limit: the
+# budget 560 s unless GPU_CHECK_BUDGET_S says otherwise; the probe first, capped at 100 s (the
+# question at the centre of issue 23, answered even when a later stage runs out of time; its
+# three processes time the swapped step's wall, as the spread stage would); the kernels' tests on CUDA (TEST_FILES:
 # attention, bias_gelu, bias_gelu_linear, layer_norm, patch_embed, cuda_graph, host_sync;
 # test_gpu_compile needs no GPU) capped at 150 s; the sanitizers over each kernel with each
 # attention kind's first config (SANITIZE_ATTN_CONFIGS=first; the kernels compiled by the tests
 # before are cached) at 90 s; `pytest benchmarks/` in short (BENCH_K: one shape per op and the
 # ViT-B/16 training step) at 90 s; the main job for the ops of the open issues (MAIN_OPS:
 # flash_attention, bias_gelu, bias_gelu_linear, vit) and ViT-B/16 capped at 150 s; the step
-# profile at 60 s; the swapped step in three fresh processes at 60 s; then the switches and the
-# dK/dV configs in what is left. A variable
+# profile at 60 s; then the switches and the dK/dV configs in what is left. A variable
 # that is set wins over its default here. These caps are estimates, not yet run on a device:
 # each stage keeps what it measured when stopped (the main job writes its tables and chart).
 #
@@ -65,11 +70,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(tests sanitize bench vit main diag profile spread)
+[ ${#STAGES[@]} -eq 0 ] || [ "${STAGES[0]}" = all ] && STAGES=(probe tests sanitize bench vit main diag profile spread)
 if [ "${STAGES[0]}" = lease ]; then
-    STAGES=(tests sanitize bench main profile spread diag)
-    : "${GPU_CHECK_BUDGET_S:=560}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=150}" "${PROFILE_TIMEOUT_S:=60}"
-    : "${SPREAD_TIMEOUT_S:=60}"
+    STAGES=(probe tests sanitize bench main profile diag)
+    : "${GPU_CHECK_BUDGET_S:=560}" "${PROBE_TIMEOUT_S:=100}" "${TESTS_TIMEOUT_S:=150}" "${MAIN_TIMEOUT_S:=150}"
+    : "${PROFILE_TIMEOUT_S:=60}"
     : "${SANITIZE_TIMEOUT_S:=90}" "${SANITIZE_ATTN_CONFIGS:=first}"
     # pytest benchmarks/ in short: one shape per op (ViT-B's), fwd+bwd, ours and eager, and the
     # ViT-B/16 training step of timm and timm after swap_modules, graphed and not.
@@ -147,13 +152,19 @@ for stage in "${STAGES[@]}"; do
     start=$SECONDS
     # The load says whether leftovers of a capped stage still share the CPU (host-bound timings).
     case "$stage" in
-    tests | sanitize | bench | vit | main | diag | profile | spread) start_stage "$stage" || continue ;;
+    probe | tests | sanitize | bench | vit | main | diag | profile | spread) start_stage "$stage" || continue ;;
     *)
-        echo "unknown stage $stage (tests, sanitize, bench, vit, main, diag, profile, spread; all or lease alone)"
+        echo "unknown stage $stage (probe, tests, sanitize, bench, vit, main, diag, profile, spread; all or lease alone)"
         exit 2
         ;;
     esac
     case "$stage" in
+    probe)
+        for run in 1 2 3; do
+            capped python scripts/host_probe.py >> "$OUT/probe.txt" 2>&1 || status=1
+        done
+        grep -E "^(launch|step):" "$OUT/probe.txt"
+        ;;
     tests)
         workers=()
         python -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")  # TEST_WORKERS=0: one process

@@ -297,6 +297,36 @@ def test_gpu_check_interrupts_a_stage_at_its_cap(tmp_path):
     assert "KeyboardInterrupt" in log, log
 
 
+HOST_PROBE = os.path.join(os.path.dirname(GPU_CHECK), "host_probe.py")
+PROBE_LAUNCHES = ("torch.add(a, b, out=c)", "torch.add(a, b)", "triton kernel[grid](3 args)",
+                  "vit_kernels launch(3 args)", "vit_kernels add_layer_norm", "eager x + r, F.layer_norm")
+
+
+def test_host_probe_times_each_launch_it_lists():
+    """scripts/host_probe.py --stubbed (the CPU, Triton's launch path kept): a line per launch with
+    a positive time. Its step part needs CUDA and is not run here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, HOST_PROBE, "--stubbed"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("launch: ")]
+    assert [line[len("launch: "):].rsplit(None, 2)[0] for line in lines] == list(PROBE_LAUNCHES), result.stdout
+    assert all(float(line.split()[-2]) > 0 for line in lines), result.stdout
+    assert not any(line.startswith("step:") for line in result.stdout.splitlines()), result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the probe's refusal without CUDA")
+def test_gpu_check_probe_stage_without_a_gpu_says_so(tmp_path):
+    """The lease's first stage, on a machine without CUDA: a clear line and a failed stage, and the
+    script goes on (its output packed like any other)."""
+    result = _run_gpu_check(tmp_path / "out", "probe")
+    assert "== probe (load average" in result.stdout, result.stdout
+    assert result.returncode == 1, result.stdout
+    with tarfile.open(tmp_path / "out" / "gpu_check_logs.tar.gz") as archive:
+        log = archive.extractfile("probe.txt").read().decode()
+    assert log.count("host_probe: no CUDA device") == 3, log
+
+
 def test_main_job_cut_short_keeps_its_tables_and_chart(tmp_path, monkeypatch):
     """gpu_check.sh stops a capped main job with SIGINT (KeyboardInterrupt): the rows measured
     so far still reach the JSON, the markdown and the chart, and the exit status is 1."""
