@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vit_kernels
-from vit_kernels.testing import assert_rule, kernel_device
+from vit_kernels.testing import assert_rule, kernel_device, no_host_reads
 
 DEVICE = kernel_device()
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=10)
@@ -93,15 +93,83 @@ def test_a_batch_of_another_shape_is_refused_by_name_and_runs_eagerly_on_request
     (dict(autocast_dtype=torch.float32), ValueError, "autocast_dtype must be"),
     (dict(warmup=0), ValueError, "warmup must be an int >= 1"),
     (dict(max_grad_norm=0.0), ValueError, "max_grad_norm must be > 0"),
+    (dict(grad_scaler="scaler"), TypeError, "grad_scaler must be a torch.amp.GradScaler"),
 ])
 def test_bad_arguments_are_named(bad, error, match):
     model = _model()
-    args = dict(model=model, optimizer=_optimizer(model), loss_fn=F.cross_entropy, images=_batch(0)[0],
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True, capturable=DEVICE.type == "cuda")
+    args = dict(model=model, optimizer=optimizer, loss_fn=F.cross_entropy, images=_batch(0)[0],
                 labels=_batch(0)[1])
-    options = {k: bad.pop(k) for k in ("autocast_dtype", "warmup", "max_grad_norm") if k in bad}
+    options = {k: bad.pop(k) for k in ("autocast_dtype", "warmup", "max_grad_norm", "grad_scaler") if k in bad}
     args.update(bad)
     with pytest.raises(error, match=match):
         vit_kernels.capture_train_step(*args.values(), **options)
+
+
+def _scaler():
+    """A GradScaler whose first step overflows float16 (2^20 times the loss) and that then backs
+    off to 2^12 and doubles after every step without one: each of its paths in a few steps."""
+    return torch.amp.GradScaler(DEVICE.type, init_scale=2.0**20, backoff_factor=2.0**-8, growth_interval=1)
+
+
+def _fused_optimizer(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True, capturable=DEVICE.type == "cuda")
+
+
+def _eager_scaled_steps(model, batches, max_grad_norm):
+    """GradScaler's documented loop, by hand: the step a float16 capture must reproduce."""
+    optimizer, scaler = _fused_optimizer(model), _scaler()
+    losses, scales = [], []
+    for images, labels in batches:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            loss = F.cross_entropy(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(loss.detach())
+        scales.append(scaler.get_scale())
+    return losses, scales
+
+
+def test_float16_with_a_grad_scaler_is_gradscalers_step_and_reads_nothing_on_the_host():
+    """float16 autocast with a GradScaler and a fused AdamW, clipped: on the CPU the step is the
+    hand-written GradScaler loop's, bit for bit (losses, weights, the scale through an overflow
+    that skips the update, a back-off and growth), and no call of it reads a tensor on the host,
+    which is what lets a GPU capture it. On a GPU, test_graphed_float16_steps_match_eager_ones."""
+    if DEVICE.type == "cuda":
+        pytest.skip("the fallback is the CPU's")
+    model, twin = _model(), _model()
+    initial = [p.detach().clone() for p in model.parameters()]
+    batches = [_batch(i) for i in range(3)]
+    scaler = _scaler()
+    step = vit_kernels.capture_train_step(model, _fused_optimizer(model), F.cross_entropy, *batches[0],
+                                          autocast_dtype=torch.float16, max_grad_norm=1.0, grad_scaler=scaler)
+    losses, scales = [], []
+    for images, labels in batches:
+        with no_host_reads():
+            losses.append(step(images, labels))
+        scales.append(scaler.get_scale())
+        if len(scales) == 1:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), initial)), "an overflow must skip"
+    want_losses, want_scales = _eager_scaled_steps(twin, batches, 1.0)
+    assert scales == want_scales == [2.0**12, 2.0**13, 2.0**14]
+    for got, expected in zip(losses, want_losses):
+        assert torch.equal(got, expected)
+    for p, q, p0 in zip(model.parameters(), twin.parameters(), initial):
+        assert torch.equal(p, q)
+    assert not all(torch.equal(p, p0) for p, p0 in zip(model.parameters(), initial)), "later steps must train"
+
+
+def test_a_grad_scaler_needs_a_fused_optimizer():
+    """GradScaler.step reads any other optimizer's found-inf flag on the host: refused on every
+    device, naming the fix."""
+    model = _model()
+    with pytest.raises(ValueError, match="grad_scaler needs a fused optimizer.*fused=True"):
+        vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, *_batch(0),
+                                       autocast_dtype=torch.float16, grad_scaler=_scaler())
 
 
 def test_things_on_two_devices_or_under_ddp_are_refused():
@@ -127,9 +195,51 @@ def test_cuda_refuses_what_it_cannot_capture():
     plain = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="capturable=True"):
         vit_kernels.capture_train_step(model, plain, F.cross_entropy, images, labels)
-    with pytest.raises(ValueError, match="float16 autocast needs a GradScaler"):
+    with pytest.raises(ValueError, match="float16 autocast needs a GradScaler: pass grad_scaler="):
         vit_kernels.capture_train_step(model, _optimizer(model), F.cross_entropy, images, labels,
                                        autocast_dtype=torch.float16)
+    with pytest.raises(ValueError, match="grad_scaler is for cpu but the model is on cuda"):
+        vit_kernels.capture_train_step(model, _fused_optimizer(model), F.cross_entropy, images, labels,
+                                       autocast_dtype=torch.float16, grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.requires_cuda
+def test_graphed_float16_steps_match_eager_ones():
+    """float16 with a GradScaler, clipped: 6 replays against GradScaler's eager loop from the same
+    weights. The scale must follow the same path (an overflow at 2^20 that skips the update, a
+    back-off, then growth: computed on the device inside the graph), the losses and weights
+    agree by the rule against a float64 copy; and the capture itself does not train or move
+    the scale."""
+    model = _model()
+    eager, oracle = copy.deepcopy(model), copy.deepcopy(model).double()
+    batches = [_batch(i) for i in range(6)]
+    scaler = _scaler()
+    step = vit_kernels.capture_train_step(model, _fused_optimizer(model), F.cross_entropy, *batches[0],
+                                          autocast_dtype=torch.float16, max_grad_norm=1.0, grad_scaler=scaler)
+    assert step.graphed
+    assert scaler.get_scale() == 2.0**20, "the capture moved the scale"
+    for p, q in zip(model.parameters(), eager.parameters()):
+        assert torch.equal(p, q), "the capture changed the weights"
+    got, scales = [], []
+    for b in batches:
+        got.append(step(*b))
+        scales.append(scaler.get_scale())
+    want, want_scales = _eager_scaled_steps(eager, batches, 1.0)
+    assert scales == want_scales and scales[0] == 2.0**12, (scales, want_scales)
+    oracle_optimizer = torch.optim.AdamW(oracle.parameters(), lr=1e-3)
+    exact = []
+    for i, (x, y) in enumerate(batches):  # the float64 twin skips the step the scaler skipped
+        oracle_optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(oracle(x.double()), y)
+        exact.append(loss.detach())
+        if i > 0:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(oracle.parameters()), 1.0)
+            oracle_optimizer.step()
+    for i, (g, w, e) in enumerate(zip(got, want, exact)):
+        assert_rule(f"loss {i}", g, e, w)
+    for (name, p), q, r in zip(model.named_parameters(), eager.parameters(), oracle.parameters()):
+        assert_rule(name, p, r, q)
 
 
 @pytest.mark.requires_cuda

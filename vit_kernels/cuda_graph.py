@@ -18,11 +18,18 @@ attention dropout draw new masks on every step.
 
 Before the capture, `warmup` eager steps on the example batch run on a side stream (every
 autotuner chooses its config, the extension is built, the optimizer creates its state); the
-parameters, buffers and optimizer state are then restored to what they were, so capturing
-does not train the model. Needs a capturable optimizer (`capturable=True`: its step count
-stays on the device). Refused with a message: float16 autocast (GradScaler reads its
-found-inf flag on the host), DistributedDataParallel (its all-reduce hooks are not captured
-here), models or batches not on one CUDA device other than the CPU.
+parameters, buffers, optimizer state and GradScaler state are then restored to what they
+were, so capturing does not train the model. Needs a capturable optimizer (`capturable=True`:
+its step count stays on the device).
+
+float16 autocast takes a GradScaler (`grad_scaler=torch.amp.GradScaler("cuda")`) and a fused
+optimizer (`torch.optim.AdamW(params, fused=True, capturable=True)`): GradScaler hands a fused
+optimizer its found-inf flag and scale as device tensors, and the fused kernel skips the update
+on an overflow by itself, so the whole scaled step (scale, backward, unscale for clipping, the
+step, the scale's update) stays on the device and in the graph. With any other optimizer
+GradScaler.step reads the flag on the host (an `.item()`), which a graph would freeze: refused
+with a message, as are float16 without a GradScaler, DistributedDataParallel (its all-reduce
+hooks are not captured here), and models or batches not on one CUDA device other than the CPU.
 
 A learning rate given as a float is frozen into the graph: changing it afterwards (a scheduler)
 is a ValueError at the next call, not a silently stale rate. Give it as a tensor on the
@@ -65,6 +72,27 @@ def _autocast(device: torch.device, dtype):
     # cache_enabled=False, as PyTorch's CUDA-graph notes require: autocast's cache of cast weights
     # would be freed when the captured context exits, leaving the graph reading freed memory.
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
+
+
+def _check_grad_scaler(grad_scaler, optimizer, device: torch.device):
+    """The GradScaler a step runs with (None for none or a disabled one), checked on every device,
+    so that code that runs on the CPU captures on a GPU."""
+    if grad_scaler is None:
+        return None
+    if not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
+    if not grad_scaler.is_enabled():
+        return None
+    scaler_device = getattr(grad_scaler, "_device", device.type)
+    if scaler_device != device.type:
+        raise ValueError(f"grad_scaler is for {scaler_device} but the model is on {device}: "
+                         f"torch.amp.GradScaler({device.type!r})")
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ValueError(f"grad_scaler needs a fused optimizer ({type(optimizer).__name__} is not): GradScaler.step "
+                         "reads the found-inf flag of any other on the host (an .item()), which a CUDA graph would "
+                         "freeze; build it with fused=True, e.g. torch.optim.AdamW(params, fused=True, "
+                         "capturable=True)")
+    return grad_scaler
 
 
 def _state_tensors(optimizer) -> list:
@@ -177,12 +205,15 @@ class GraphedTrainStep(Graphed):
 
 def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable, images: Tensor,
                        labels: Tensor, *, autocast_dtype: Optional[torch.dtype] = torch.bfloat16,
-                       max_grad_norm: Optional[float] = None, warmup: int = 3) -> GraphedTrainStep:
+                       max_grad_norm: Optional[float] = None, grad_scaler: Optional[torch.amp.GradScaler] = None,
+                       warmup: int = 3) -> GraphedTrainStep:
     """Capture one training step of `model` for batches shaped like (`images`, `labels`).
 
     The step: `loss = loss_fn(model(images), labels)` under autocast (`autocast_dtype`, None
     for none), `loss.backward()`, gradient clipping to `max_grad_norm` when given,
-    `optimizer.step()`. `loss_fn` may also return `(loss, *extras)`, tensors computed from the
+    `optimizer.step()`. With `grad_scaler` (float16 needs one on CUDA) it is GradScaler's step:
+    `scale(loss).backward()`, `unscale_` before clipping, `grad_scaler.step(optimizer)`,
+    `grad_scaler.update()`; the optimizer must be fused. `loss_fn` may also return `(loss, *extras)`, tensors computed from the
     output (an accuracy count, say): the step then returns `(loss, *extras)`, detached.
     Returns a GraphedTrainStep; call it with each batch. The model stays in the mode it is in
     (call `model.train()` first). On the CPU the step runs eagerly.
@@ -191,8 +222,10 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         TypeError: model not an nn.Module, optimizer not a torch.optim.Optimizer, loss_fn not
             callable, images or labels not tensors.
         ValueError: things on different devices; on CUDA an optimizer without
-            capturable=True, float16 autocast, a DistributedDataParallel model; warmup < 1;
-            max_grad_norm <= 0.
+            capturable=True, float16 autocast without a grad_scaler; a grad_scaler with an
+            optimizer that is not fused or for another device; a DistributedDataParallel
+            model; warmup < 1; max_grad_norm <= 0.
+        TypeError: grad_scaler not a torch.amp.GradScaler.
     """
     device = _check_common(model, {"images": images, "labels": labels}, autocast_dtype, warmup)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -201,6 +234,7 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    scaler = _check_grad_scaler(grad_scaler, optimizer, device)
     # Clipped in the model's parameter order, as an eager loop's clip_grad_norm_(model.parameters())
     # does: the total norm's float32 sum depends on the order (the optimizer's groups reorder them).
     params = list(model.parameters())
@@ -212,26 +246,42 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         with _autocast(device, autocast_dtype):
             returned = loss_fn(model(x), y)
         loss = returned[0] if isinstance(returned, tuple) else returned
-        loss.backward()
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         if isinstance(returned, tuple):
             return tuple(t.detach() for t in returned)
         return loss.detach()
 
     if device.type != "cuda":
         return GraphedTrainStep(run, (images, labels))
-    if autocast_dtype == torch.float16:
-        raise ValueError("float16 autocast needs a GradScaler, whose step reads its found-inf flag on the host: "
-                         "capture with autocast_dtype=torch.bfloat16 (or None)")
+    if autocast_dtype == torch.float16 and scaler is None:
+        raise ValueError("float16 autocast needs a GradScaler: pass grad_scaler=torch.amp.GradScaler('cuda') with a "
+                         "fused optimizer (torch.optim.AdamW(params, fused=True, capturable=True)), or capture with "
+                         "autocast_dtype=torch.bfloat16 (or None)")
     if not all(group.get("capturable", False) for group in optimizer.param_groups):
         raise ValueError(f"optimizer ({type(optimizer).__name__}) must be built with capturable=True, so that its "
                          "step count stays on the device, e.g. torch.optim.AdamW(params, capturable=True)")
     static_inputs = (images.detach().clone(), labels.detach().clone())
     snapshot = _snapshot(model, optimizer)  # the warm-up trains; this undoes it before the capture
-    graph, static_outputs = _warm_up_and_capture(run, static_inputs, device, warmup,
-                                                 before_capture=lambda: _restore(snapshot, optimizer))
+    # Its scale and growth tracker, which the warm-up moves (and makes, at a scaler's first step).
+    scaler_state = scaler.state_dict() if scaler is not None else None
+
+    def before_capture():
+        _restore(snapshot, optimizer)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
+
+    graph, static_outputs = _warm_up_and_capture(run, static_inputs, device, warmup, before_capture=before_capture)
     del snapshot
     return GraphedTrainStep(run, (images, labels), graph, static_inputs, static_outputs, optimizer)
 

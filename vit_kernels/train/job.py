@@ -7,8 +7,10 @@ state); label smoothing; drop path; gradient clipping; bf16/fp16 autocast (GradS
 fp16); optional activation checkpointing. `--fused` builds the reference ViT with
 fused=True (or applies `swap_modules` to a timm model); `--eager` leaves everything eager.
 `--cuda-graph` replays each step from one CUDA graph (`vit_kernels.capture_train_step`): the
-learning rate is then a device tensor the schedule fills in place; fp16, several processes
-and activation checkpointing (it saves RNG state on the host) are refused with it.
+learning rate is then a device tensor the schedule fills in place, and with fp16 the AdamW is
+fused (GradScaler hands it its found-inf flag on the device, so the scaled step is captured
+whole); several processes and activation checkpointing (it saves RNG state on the host) are
+refused with it.
 `--compile` runs the model through torch.compile.
 """
 
@@ -195,15 +197,18 @@ class TrainJob:
         self.autocast_dtype = AUTOCAST_DTYPES[config["precision"]]
         self.graphed = bool(config.get("cuda_graph"))
         if self.graphed:
-            refused = {"--precision fp16 (GradScaler reads its found-inf flag on the host)": self.autocast_dtype is torch.float16,
-                       "several processes (the gradient all-reduce is not in the graph)": dist_info.world_size > 1,
+            refused = {"several processes (the gradient all-reduce is not in the graph)": dist_info.world_size > 1,
                        "--grad-checkpointing (it saves the RNG state on the host)": config["grad_checkpointing"]}
             for what, applies in refused.items():
                 if applies:
                     raise ConfigError(f"--cuda-graph cannot be used with {what}")
         on_cuda = device.type == "cuda"
+        # Captured with fp16, GradScaler's step must stay on the device: only a fused optimizer
+        # takes its found-inf flag there (vit_kernels.cuda_graph).
+        fused = self.graphed and self.autocast_dtype is torch.float16
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
-                                           betas=(0.9, 0.999), capturable=self.graphed and on_cuda)
+                                           betas=(0.9, 0.999), capturable=self.graphed and on_cuda,
+                                           **({"fused": True} if fused else {}))
         self._graph_step = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
@@ -250,7 +255,8 @@ class TrainJob:
         if self._graph_step is None:
             self._graph_step = capture_train_step(self.model, self.optimizer, self._loss_and_hits, inputs, labels,
                                                   autocast_dtype=self.autocast_dtype,
-                                                  max_grad_norm=self.config["clip_grad"] or None)
+                                                  max_grad_norm=self.config["clip_grad"] or None,
+                                                  grad_scaler=self.scaler)
         loss, hits = self._graph_step(inputs, labels)
         self.step += 1
         return loss, hits
