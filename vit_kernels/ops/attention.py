@@ -77,7 +77,9 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
 
 
 def _launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, options: dict = LAUNCH_OPTIONS) -> None:
-    _tuning.launch(kernel, configs, grid_for, args, kwargs, key=TUNING_KEY, options=options)
+    # args[0] is q: every tensor of an attention launch has q's dtype or a fixed one (float32
+    # statistics and dQ accumulator, int32 sequence offsets, int64 seed), so q's decides them all.
+    _tuning.launch(kernel, configs, grid_for, args, kwargs, key=TUNING_KEY, options=options, dtypes=(args[0].dtype,))
 
 
 # The forward compiles without FMA contraction (PyTorch builds FlashAttention with UNFUSE_FMA
