@@ -48,7 +48,7 @@ setup(
     # csrc/ ships inside the package as vit_kernels._csrc so a wheel can JIT-compile it.
     packages=find_packages(include=["vit_kernels", "vit_kernels.*"]) + ["vit_kernels._csrc"],
     package_dir={"vit_kernels._csrc": "csrc"},
-    package_data={"vit_kernels._csrc": ["*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    package_data={"vit_kernels._csrc": ["*.c", "*.cpp", "*.h", "cuda/*.cu", "cuda/*.cuh"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.6", "triton>=3.6", "numpy", "ninja", "safetensors", "tqdm"],

@@ -18,7 +18,9 @@ each kernel's cache holds afterwards.
 --triton-path sends every launch through Triton's own `kernel[grid](...)` (ops/_launcher.py's
 Launcher bypassed), for comparing what the C launcher gets both ways. Prints one JSON object:
 {"rounds": [{"name", "runs": [[kernel, via_autotuner], ...], "benchmarks": n,
-"launches": [[kernel, grid, args], ...], "cache_sizes": {kernel: n}}, ...]}.
+"launches": [[kernel, grid, args], ...], "cache_sizes": {kernel: n}, "bound_in_c": [kernel, ...]}, ...]}
+(bound_in_c: the kernels whose Launcher hands its launches to csrc/bound_launch.c by then;
+VIT_KERNELS_C_LAUNCH=0 keeps them in Python).
 """
 
 import json
@@ -32,6 +34,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from vit_kernels import _fake_launch  # noqa: E402
+from vit_kernels.ops import _launcher  # noqa: E402
 
 
 def _describe(value):
@@ -109,6 +112,8 @@ def main():
         run()
         rounds[-1]["launches"] = [[kernel, list(grid), [_describe(a) for a in args]] for kernel, grid, args in launches]
         rounds[-1]["cache_sizes"] = {name: len(kernel.device_caches[0][0]) for name, kernel in kernels.items()}
+        rounds[-1]["bound_in_c"] = sorted(launcher.kernel.fn.__name__ for _, launcher in _launcher._LAUNCHERS.values()
+                                          if launcher.call is not launcher)
     print(json.dumps({"rounds": rounds}, default=str))
 
 

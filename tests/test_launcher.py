@@ -10,6 +10,7 @@ and C launcher faked (vit_kernels/_fake_launch.py; tests/launch_path_check.py re
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,9 +154,9 @@ def test_signatures_past_the_cap_are_dropped(counted_launcher, monkeypatch):
     assert len(launcher._bound) <= 4
 
 
-def _launch_path(*args):
+def _launch_path(*args, **env_vars):
     script = Path(__file__).resolve().parent / "launch_path_check.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **env_vars}
     out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout.splitlines()[-1])["rounds"]
@@ -163,7 +164,8 @@ def _launch_path(*args):
 
 @pytest.fixture(scope="module")
 def vit_steps():
-    return _launch_path("vit-step"), _launch_path("vit-step", "--triton-path")
+    return (_launch_path("vit-step"), _launch_path("vit-step", "--triton-path"),
+            _launch_path("vit-step", VIT_KERNELS_C_LAUNCH="0"))
 
 
 def test_training_steps_after_warm_up_launch_only_bound_kernels(vit_steps):
@@ -171,7 +173,7 @@ def test_training_steps_after_warm_up_launch_only_bound_kernels(vit_steps):
     ViT: from the second training step on, no launch goes through Triton's launch path and no
     autotuner benchmarks; each step launches the same kernels with the same grids and arguments
     (dtypes, shapes, strides, scalars, constexprs) as the first."""
-    rounds, _ = vit_steps
+    rounds = vit_steps[0]
     for model in ("timm swapped", "reference"):
         first, *later = [r for r in rounds if r["name"].startswith(model)]
         assert first["launches"], model
@@ -182,11 +184,17 @@ def test_training_steps_after_warm_up_launch_only_bound_kernels(vit_steps):
 
 
 def test_bound_launches_hand_the_c_launcher_what_tritons_path_does(vit_steps):
-    bound, triton_path = vit_steps
-    assert [r["name"] for r in bound] == [r["name"] for r in triton_path]
-    for ours, theirs in zip(bound, triton_path):
-        assert ours["launches"] == theirs["launches"], ours["name"]
+    """The same steps three ways: bound launches made in C (csrc/bound_launch.c), bound launches
+    made in Python (VIT_KERNELS_C_LAUNCH=0), Triton's own path: the same C-launcher calls."""
+    bound, triton_path, bound_in_python = vit_steps
+    assert [r["name"] for r in bound] == [r["name"] for r in triton_path] == [r["name"] for r in bound_in_python]
+    for ours, in_python, theirs in zip(bound, bound_in_python, triton_path):
+        assert ours["launches"] == theirs["launches"] == in_python["launches"], ours["name"]
         assert len(theirs["runs"]) == len(theirs["launches"])  # there, every launch went through Triton
+        assert in_python["bound_in_c"] == theirs["bound_in_c"] == []
+    if shutil.which("cc") and os.environ.get("VIT_KERNELS_C_LAUNCH") != "0":
+        launched = {kernel for r in bound for kernel, _, _ in r["launches"]}
+        assert set(bound[-1]["bound_in_c"]) == launched, (bound[-1]["bound_in_c"], launched)
 
 
 def test_attention_skips_its_autotuner_once_it_has_chosen():
@@ -207,3 +215,180 @@ def test_attention_skips_its_autotuner_once_it_has_chosen():
     for new_key in (new_bucket, new_dtype):
         assert [run[0] for run in new_key["runs"]] == kernels
         assert all(via_autotuner for _, via_autotuner in new_key["runs"])
+
+
+# ---- csrc/bound_launch.c: the bound launch in C ---------------------------------------------------
+
+
+def _c_launch_module():
+    from vit_kernels import _extension
+
+    module = _extension.bound_launch()
+    if module is None:
+        reason = _extension.bound_launch_unavailable()
+        if os.environ.get(_extension.C_LAUNCH_ENV) == "0" or not shutil.which("cc"):
+            pytest.skip(f"csrc/bound_launch.c not in use: {reason}")
+        pytest.fail(f"csrc/bound_launch.c did not build on a machine with a C compiler: {reason}")
+    return module
+
+
+def test_the_c_launch_path_is_built_where_there_is_a_compiler():
+    """A C compiler is there wherever Triton runs on a GPU (it builds its own launchers): the C
+    path must then be in use, not silently replaced by the Python one."""
+    assert hasattr(_c_launch_module(), "BoundLauncher")
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+    def fallback(self, *args, **kwargs):
+        self.calls.append(("fallback", args, kwargs))
+
+
+def _c_launcher(recorder, bound, module_namespace=None, hooks=lambda: False, traced=None):
+    import inspect
+
+    module = _c_launch_module()
+    parameters = inspect.signature(_kernel_source).parameters.values()
+    names = [p.name for p in parameters]
+    defaults = tuple(_launcher._NO_DEFAULT if p.default is inspect.Parameter.empty else p.default
+                     for p in parameters)
+    namespace = module_namespace or SimpleNamespace(driver=SimpleNamespace(active=_Driver()))
+    c_launcher = module.BoundLauncher(recorder.fallback, {name: i for i, name in enumerate(names)}, defaults,
+                                      _launcher._NO_DEFAULT, bound, namespace, hooks,
+                                      traced or SimpleNamespace(on=False))
+    c_launcher.set_roles("".join(_launcher._ROLE_LETTERS.get(ROLES.get(name), "c") for name in names))
+    return c_launcher
+
+
+def test_c_signatures_are_the_binders_exactly():
+    """For every sample launch, the C path finds the entry the Python binder keyed, and launches
+    it with the binder's arguments in order; an entry keyed for any other sample is never taken.
+    So the C signature equals the binder's, which test_signature_is_never_coarser_than_tritons_
+    specialization checks against Triton's own."""
+    bind = _bind()
+    samples = list(_samples())
+    signatures = [bind(*(args[name] for name in ROLES), BLOCK=args["BLOCK"], MODE=args["MODE"], num_warps=4)
+                  for args in samples]
+    recorder, bound = _Recorder(), {}
+    c_launcher = _c_launcher(recorder, bound)
+    for i, (args, (arguments, signature)) in enumerate(zip(samples, signatures)):
+        call = ((2,), *(args[name] for name in ROLES))
+        bound.clear()
+        bound[(0, signature)] = (recorder.run, "handle", "meta")
+        c_launcher(*call, BLOCK=args["BLOCK"], MODE=args["MODE"], num_warps=4)
+        assert recorder.calls[-1] == (2, 1, 1, 7, "handle", "meta", None, None, None, *arguments), args
+        other = signatures[(i + 1) % len(signatures)][1]
+        if other != signature:
+            bound.clear()
+            bound[(0, other)] = (recorder.run, "handle", "meta")
+            c_launcher(*call, BLOCK=args["BLOCK"], MODE=args["MODE"], num_warps=4)
+            assert recorder.calls[-1][0] == "fallback", args
+
+
+def test_c_path_hands_every_call_it_cannot_launch_to_the_launcher():
+    """Unbound, a type the roles do not expect, a missing or doubled argument, a grid that is not a
+    tuple of 1-3, a launch hook, a trace in progress, another device: each reaches the fallback with
+    the call's own arguments (which launches, binds or raises as the Python path does)."""
+    x = torch.empty(4)
+    bind = _bind()
+    _, signature = bind(x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    recorder, bound = _Recorder(), {}
+    hooked, tracing = [False], SimpleNamespace(on=False)
+    c_launcher = _c_launcher(recorder, bound, hooks=lambda: hooked[0], traced=tracing)
+    good = ((3,), x, 5, 0.5, True)
+    c_launcher(*good, BLOCK=16, num_warps=4)  # the table is empty
+    bound[(0, signature)] = (recorder.run, "handle", ())
+    c_launcher(*good, BLOCK=16, num_warps=4)
+    assert [c[0] for c in recorder.calls] == ["fallback", 3]
+    refused = [
+        (((3,), x, 5, 1, True), {"BLOCK": 16, "num_warps": 4}),  # an int where a float was
+        (((3,), x, 5.0, 0.5, True), {"BLOCK": 16, "num_warps": 4}),
+        (((3,), x, 5, 0.5, 1), {"BLOCK": 16, "num_warps": 4}),
+        (((3,), 3, 5, 0.5, True), {"BLOCK": 16, "num_warps": 4}),  # no dtype: not a tensor
+        (((3,), x, 5, 0.5), {"BLOCK": 16, "num_warps": 4}),  # flag missing
+        (((3,), x, 5, 0.5, True), {"BLOCK": 16, "num_warps": 4, "n": 5}),  # n twice
+        (((3,), x, 5, 0.5, True), {"num_warps": 4}),  # BLOCK missing
+        (([3], x, 5, 0.5, True), {"BLOCK": 16, "num_warps": 4}),
+        (((3, 1, 1, 1), x, 5, 0.5, True), {"BLOCK": 16, "num_warps": 4}),
+        (((3,), x, 5, 0.5, True, 16, 2, 9), {"num_warps": 4}),  # too many
+        (((3,), x, 5, 0.5, True), {"BLOCK": 16, "num_warps": 8}),  # another option: not bound
+    ]
+    for args, kwargs in refused:
+        recorder.calls.clear()
+        c_launcher(*args, **kwargs)
+        assert recorder.calls == [("fallback", args, kwargs)], (args, kwargs)
+    for flip in (lambda: hooked.__setitem__(0, True), lambda: setattr(tracing, "on", True)):
+        hooked[0], tracing.on = False, False
+        flip()
+        recorder.calls.clear()
+        c_launcher(*good, BLOCK=16, num_warps=4)
+        assert recorder.calls == [("fallback", good, {"BLOCK": 16, "num_warps": 4})]
+
+
+def test_c_path_propagates_a_launch_error_and_never_launches_twice():
+    x = torch.empty(4)
+    _, signature = _bind()(x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    recorder = _Recorder()
+
+    def failing_run(*args):
+        recorder.calls.append("run")
+        raise RuntimeError("the driver said no")
+
+    c_launcher = _c_launcher(recorder, {(0, signature): (failing_run, "handle", ())})
+    with pytest.raises(RuntimeError, match="the driver said no"):
+        c_launcher((3,), x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    assert recorder.calls == ["run"]
+
+
+def test_c_path_keeps_no_reference_it_does_not_own():
+    """Reference counts of everything a launch touches are where they were after many launches
+    (a leak per launch would hold every activation a step passes; a missing reference would crash)."""
+    x = torch.empty(4)
+    arguments, signature = _bind()(x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    recorder = _Recorder()
+    runs = []
+    bound = {(0, signature): (lambda *args: runs.append(len(args)), "handle", ())}
+    c_launcher = _c_launcher(recorder, bound)
+    grid, flag, value = (3,), True, 0.5
+    c_launcher(grid, x, 5, value, flag, BLOCK=16, num_warps=4)
+    before = [sys.getrefcount(o) for o in (x, grid, value, signature, bound)]
+    for _repeat in range(10000):
+        c_launcher(grid, x, 5, value, flag, BLOCK=16, num_warps=4)
+    assert [sys.getrefcount(o) for o in (x, grid, value, signature, bound)] == before
+    assert len(runs) == 10001 and recorder.calls == []
+
+
+def test_ops_launch_through_the_c_path_once_bound(counted_launcher):
+    """The Launcher hands its `call` to the C path after its first launch (where csrc/bound_launch.c
+    is built), which then launches bound signatures itself and sends the rest back."""
+    _c_launch_module()
+    launcher, calls = counted_launcher
+    x = torch.empty(4)
+    assert launcher.call is launcher
+    launcher.call((3,), x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    assert type(launcher.call).__name__ == "BoundLauncher"
+    launcher.call((3, 2), x, 5, 0.25, True, BLOCK=16, num_warps=4)
+    launcher.call((3,), x, 6, 0.5, True, BLOCK=16, num_warps=4)  # a new signature: Triton's path, bound
+    launcher.call((3,), x, 6, 0.5, True, BLOCK=16, num_warps=4)
+    assert [kind for kind, _ in calls] == ["triton", "bound", "triton", "bound"]
+    assert calls[1][1] == (3, 2, 1, 7, "handle", (), None, None, None, x, 5, 0.25, True, 16, 2)
+
+
+def test_bound_launch_compiles_without_a_warning(tmp_path):
+    """csrc/bound_launch.c under -Wall -Wextra -Werror (what _extension.bound_launch builds it
+    with is plain -O2: a warning there would pass unseen)."""
+    import sysconfig
+
+    compiler = os.environ.get("CC") or shutil.which("cc")
+    if compiler is None:
+        pytest.skip("no C compiler")
+    source = Path(__file__).resolve().parent.parent / "csrc" / "bound_launch.c"
+    result = subprocess.run([compiler, str(source), "-O2", "-Wall", "-Wextra", "-Werror", "-fPIC", "-c",
+                             f"-I{sysconfig.get_paths()['include']}", "-o", str(tmp_path / "bound_launch.o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

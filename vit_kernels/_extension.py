@@ -7,7 +7,14 @@ later process: $VIT_KERNELS_CACHE, default ~/.cache/vit_kernels. The CUDA source
 are included by the same rule as setup.py (torch is a CUDA build and nvcc exists).
 """
 
+import hashlib
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 from pathlib import Path
 
 import torch
@@ -98,3 +105,59 @@ def cuda_version() -> int:
     """CUDA runtime version the extension's CUDA sources were built against; 0 for a CPU-only build."""
     load()
     return int(torch.ops.vit_kernels.extension_cuda_version())
+
+
+# ---- csrc/bound_launch.c: the bound launch path in C ----------------------------------------------
+#
+# A plain CPython extension (no torch, no CUDA headers), compiled on first use with the C compiler
+# Triton itself needs to build its launchers, into the same cache directory, keyed by its source
+# and the interpreter. Setting VIT_KERNELS_C_LAUNCH=0 keeps the Python path (ops/_launcher.py).
+
+C_LAUNCH_ENV = "VIT_KERNELS_C_LAUNCH"
+_bound_launch = None  # the module, or the reason there is none (a str)
+
+
+def _build_bound_launch():
+    source = _csrc_dir() / "bound_launch.c"
+    text = source.read_bytes()
+    tag = hashlib.sha256(text + sys.version.encode() + sysconfig.get_platform().encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("VIT_KERNELS_CACHE", Path.home() / ".cache" / "vit_kernels"))
+    target = cache / f"bound_launch-{tag}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not target.is_file():
+        compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        if compiler is None:
+            return "no C compiler (cc, gcc or clang) on PATH"
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            built = Path(scratch) / target.name
+            command = [compiler, str(source), "-O2", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                       "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                return f"compiling {source.name} failed: {(result.stderr or result.stdout)[-500:]}"
+            os.replace(built, target)  # atomic: processes building at once each land a whole file
+    spec = importlib.util.spec_from_file_location("vit_kernels._bound_launch", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bound_launch():
+    """The compiled csrc/bound_launch.c module, or None where it is turned off (VIT_KERNELS_C_LAUNCH=0)
+    or cannot be built (`bound_launch_unavailable()` says why): callers then keep the Python path."""
+    global _bound_launch
+    if os.environ.get(C_LAUNCH_ENV, "1") == "0":
+        return None
+    if _bound_launch is None:
+        try:
+            _bound_launch = _build_bound_launch()
+        except (OSError, ImportError, RuntimeError, ValueError, subprocess.SubprocessError) as err:
+            _bound_launch = f"{type(err).__name__}: {err}"
+    return None if isinstance(_bound_launch, str) else _bound_launch
+
+
+def bound_launch_unavailable():
+    """Why bound_launch() returned None after it was asked, or None."""
+    if os.environ.get(C_LAUNCH_ENV, "1") == "0":
+        return f"{C_LAUNCH_ENV}=0"
+    return _bound_launch if isinstance(_bound_launch, str) else None

@@ -21,6 +21,10 @@ and launch option (num_warps, ...) by value, with its name.
 tests/test_launcher.py checks this against the installed Triton's own specialization (CI) and
 against 3.6 and 3.9 (scripts/compile_check_tritons.sh runs it there too).
 
+The bound path itself runs in C where csrc/bound_launch.c is built (`Launcher.call`, a
+BoundLauncher): the same signature, built in C from the roles this binder was made with, looked
+up in this Launcher's table; anything it cannot launch comes back here unchanged.
+
 Triton's own path still runs, uncached: under the interpreter; for an argument whose type this
 does not know (a NumPy scalar, say); while a launch hook is installed (a profiler such as proton
 reads the metadata that Triton's path builds for it); for a kernel with pre-run hooks; and for
@@ -35,6 +39,7 @@ wrapper, and nothing is bound here.
 """
 
 import inspect
+import sys
 
 from torch import Tensor
 from triton import knobs
@@ -42,6 +47,7 @@ from triton.knobs import HookChain
 from triton.runtime import driver
 
 from .._dispatch import TRACED_LAUNCHES, inductor_keeps_launch_options, interpreted
+from .._extension import bound_launch
 
 MAX_SIGNATURES = 1024  # per kernel; past it the bound launches are dropped and bound again as they come
 
@@ -122,14 +128,23 @@ def _hooks_installed() -> bool:
         leave.calls if leave.__class__ is HookChain else leave is not None)
 
 
-class Launcher:
-    """`kernel[grid](*args, **kwargs)` with the host cost paid once per signature (module docstring)."""
+_ROLE_LETTERS = {"pointer": "p", "int": "i", "bool": "b", "float": "f"}
+_NO_DEFAULT = object()
 
-    __slots__ = ("kernel", "positions", "_bind", "_bound")
+
+class Launcher:
+    """`kernel[grid](*args, **kwargs)` with the host cost paid once per signature (module docstring).
+
+    `call` is what to call: the Launcher itself, or once its first launch has made the binder and
+    csrc/bound_launch.c is built, that binder and the bound launch in C (BoundLauncher), which
+    reads the same table and hands every call it cannot launch to this Launcher unchanged."""
+
+    __slots__ = ("kernel", "positions", "call", "_bind", "_bound")
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.positions = {name: i for i, name in enumerate(kernel.arg_names)}  # parameter name -> position
+        self.call = self
         self._bind = None  # made at the first launch, from its arguments' types
         self._bound = {}  # (device, signature) -> (C launcher, function handle, packed metadata)
 
@@ -181,7 +196,20 @@ class Launcher:
             self.kernel[grid](*args, **kwargs)
             return
         self._bind = make_binder(self.kernel, roles)
+        self.call = self._bound_in_c(roles) or self
         self(grid, *args, **kwargs)
+
+    def _bound_in_c(self, roles: dict):
+        """The BoundLauncher for these roles (the binder's), or None without csrc/bound_launch.c."""
+        module = bound_launch()
+        if module is None:
+            return None
+        parameters = inspect.signature(self.kernel.fn).parameters.values()
+        defaults = tuple(_NO_DEFAULT if p.default is inspect.Parameter.empty else p.default for p in parameters)
+        c_launcher = module.BoundLauncher(self, self.positions, defaults, _NO_DEFAULT, self._bound,
+                                          sys.modules[__name__], _hooks_installed, TRACED_LAUNCHES)
+        c_launcher.set_roles("".join(_ROLE_LETTERS.get(roles.get(name), "c") for name in self.positions))
+        return c_launcher
 
 
 _LAUNCHERS = {}  # id(kernel) -> (kernel, its Launcher); the kernel kept so that its id stays its own
@@ -197,4 +225,4 @@ def launcher_for(kernel) -> Launcher:
 
 def launch(kernel, grid, *args, **kwargs) -> None:
     """`kernel[grid](*args, **kwargs)` through the kernel's Launcher."""
-    launcher_for(kernel)(grid, *args, **kwargs)
+    launcher_for(kernel).call(grid, *args, **kwargs)
