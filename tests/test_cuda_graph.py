@@ -188,6 +188,51 @@ def test_things_on_two_devices_or_under_ddp_are_refused():
         vit_kernels.capture_train_step(FakeDDP(model), _optimizer(model), F.cross_entropy, images, labels)
 
 
+def test_a_host_sync_in_the_checked_warm_up_step_is_a_value_error_naming_it(monkeypatch):
+    """The plumbing of the check a GPU runs in the last warm-up step (the GPU test below runs it
+    for real): CUDA's sync-debug error becomes a ValueError that says what a graph cannot hold
+    and how to find it, any other error passes unchanged, and the debug mode is put back."""
+    from vit_kernels import cuda_graph
+
+    modes = ["default"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def reads_on_host(x):
+        assert modes[-1] == "error"
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    with pytest.raises(ValueError, match=r"synchronizes the host with the GPU \(called a synchronizing CUDA "
+                                         r"operation\): a CUDA graph cannot hold.*set_sync_debug_mode\('warn'\)"):
+        cuda_graph._run_refusing_host_syncs(reads_on_host, (1,))
+    assert modes[-1] == "default"
+
+    def fails_otherwise(x):
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cuda_graph._run_refusing_host_syncs(fails_otherwise, (1,))
+    assert modes[-1] == "default"
+    assert cuda_graph._run_refusing_host_syncs(lambda x: x + 1, (1,)) == 2
+
+
+@pytest.mark.requires_cuda
+def test_a_step_that_reads_on_the_host_is_refused_with_its_cause():
+    """An .item() in loss_fn: found in the last warm-up step (warmup >= 2), or by the capture
+    itself (warmup = 1), and named either way; never a hang or a graph with a frozen value."""
+    model = _model()
+    images, labels = _batch(0)
+
+    def loss_reading_on_host(logits, labels):
+        loss = F.cross_entropy(logits, labels)
+        return loss * (1.0 if loss.item() > 0 else 2.0)
+
+    with pytest.raises(ValueError, match="synchronizes the host with the GPU"):
+        vit_kernels.capture_train_step(model, _optimizer(model), loss_reading_on_host, images, labels)
+    with pytest.raises(ValueError, match="could not be captured in a CUDA graph"):
+        vit_kernels.capture_train_step(model, _optimizer(model), loss_reading_on_host, images, labels, warmup=1)
+
+
 @pytest.mark.requires_cuda
 def test_cuda_refuses_what_it_cannot_capture():
     model = _model()
@@ -298,7 +343,7 @@ def test_a_learning_rate_changed_after_capture_is_refused_or_read():
     step = vit_kernels.capture_train_step(model, optimizer, F.cross_entropy, images, labels)
     step(images, labels)
     optimizer.param_groups[0]["lr"] = 5e-4
-    with pytest.raises(ValueError, match="lr'\] changed since the step was captured"):
+    with pytest.raises(ValueError, match=r"lr'\] changed since the step was captured"):
         step(images, labels)
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-3, device=DEVICE), capturable=True)

@@ -30,6 +30,9 @@ step, the scale's update) stays on the device and in the graph. With any other o
 GradScaler.step reads the flag on the host (an `.item()`), which a graph would freeze: refused
 with a message, as are float16 without a GradScaler, DistributedDataParallel (its all-reduce
 hooks are not captured here), and models or batches not on one CUDA device other than the CPU.
+A step that reads a device value on the host (an `.item()` in `loss_fn`, say) is a ValueError
+that says so, found in the last warm-up step, where every synchronizing CUDA call is made an
+error, before the capture would freeze the value.
 
 A learning rate given as a float is frozen into the graph: changing it afterwards (a scheduler)
 is a ValueError at the next call, not a silently stale rate. Give it as a tensor on the
@@ -118,21 +121,55 @@ def _restore(snapshot: list, optimizer) -> None:
                 t.zero_()
 
 
+_HOST_SYNC_HELP = ("a CUDA graph cannot hold a read of a device value on the host (an .item(), a .cpu(), "
+                   "a bool() of a tensor, a torch.cuda.synchronize()): captured, it would be frozen at the capture's "
+                   "value. Keep the value on the device (e.g. return it from loss_fn as a tensor), or train this step "
+                   "without capture; torch.cuda.set_sync_debug_mode('warn') shows where it is")
+
+
+def _run_refusing_host_syncs(run: Callable, inputs: tuple):
+    """run(*inputs) with every synchronizing CUDA call an error, raised as a ValueError that names
+    it: a step that reads a device value on the host cannot be captured."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return run(*inputs)
+    except RuntimeError as err:
+        if "synchroniz" not in str(err).lower():
+            raise
+        raise ValueError(f"the step synchronizes the host with the GPU ({str(err).splitlines()[0]}): "
+                         f"{_HOST_SYNC_HELP}") from err
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def _warm_up_and_capture(run: Callable, static_inputs: tuple, device: torch.device, warmup: int,
                          before_capture: Callable = lambda: None):
     """`warmup` calls of run(*static_inputs) on a side stream, as CUDA graphs require (every
-    autotuner chooses, the extension is built, the allocator settles), then `before_capture()`,
-    then run captured; returns (the graph, the outputs it writes)."""
+    autotuner chooses, the extension is built, the allocator settles), the last of several with
+    every host sync an error (the autotuners' own, in the first, are allowed), then
+    `before_capture()`, then run captured; returns (the graph, the outputs it writes). A host
+    sync, or anything else the capture refuses, is a ValueError that says so."""
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(warmup):
-            run(*static_inputs)
+        for i in range(warmup):
+            if i > 0 and i == warmup - 1:
+                _run_refusing_host_syncs(run, static_inputs)
+            else:
+                run(*static_inputs)
     torch.cuda.current_stream(device).wait_stream(side)
     before_capture()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = run(*static_inputs)
+    try:
+        with torch.cuda.graph(graph):
+            outputs = run(*static_inputs)
+    except RuntimeError as err:
+        message = str(err).lower()
+        if "captur" not in message and "synchroniz" not in message:
+            raise
+        raise ValueError(f"the step could not be captured in a CUDA graph ({str(err).splitlines()[0]}); if it "
+                         f"reads a device value on the host, {_HOST_SYNC_HELP}") from err
     return graph, outputs
 
 
@@ -220,12 +257,12 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
 
     Raises:
         TypeError: model not an nn.Module, optimizer not a torch.optim.Optimizer, loss_fn not
-            callable, images or labels not tensors.
+            callable, images or labels not tensors, grad_scaler not a torch.amp.GradScaler.
         ValueError: things on different devices; on CUDA an optimizer without
-            capturable=True, float16 autocast without a grad_scaler; a grad_scaler with an
-            optimizer that is not fused or for another device; a DistributedDataParallel
-            model; warmup < 1; max_grad_norm <= 0.
-        TypeError: grad_scaler not a torch.amp.GradScaler.
+            capturable=True, float16 autocast without a grad_scaler, a step that reads a device
+            value on the host (found in the last warm-up step when warmup >= 2, else by the
+            capture); a grad_scaler with an optimizer that is not fused or for another device;
+            a DistributedDataParallel model; warmup < 1; max_grad_norm <= 0.
     """
     device = _check_common(model, {"images": images, "labels": labels}, autocast_dtype, warmup)
     if not isinstance(optimizer, torch.optim.Optimizer):
@@ -299,7 +336,8 @@ def capture_inference(model: nn.Module, images: Tensor, *, autocast_dtype: Optio
 
     Returns a GraphedForward; call it with each batch. The model stays in the mode it is in
     (call `model.eval()` first). On the CPU it runs eagerly. Raises TypeError/ValueError as
-    capture_train_step does for its model, images, autocast_dtype and warmup.
+    capture_train_step does for its model, images, autocast_dtype and warmup, and for a forward
+    that reads a device value on the host.
     """
     device = _check_common(model, {"images": images}, autocast_dtype, warmup)
 
