@@ -10,8 +10,9 @@
 # stages:
 #   probe     scripts/host_probe.py in three fresh processes (probe.txt): the host time of one
 #             launch (a torch op's, a Triton kernel's through Triton's path and through ours,
-#             add_layer_norm's against eager's) and, for timm and timm after swap_modules, the
-#             time to issue a ViT-B/16 training step against its wall time (issue 23's first check)
+#             add_layer_norm's against eager's) and, for timm, timm after swap_modules and the
+#             latter captured in a CUDA graph, the time to issue a ViT-B/16 training step against
+#             its wall time (issue 23's first check)
 #   tests     the test suite on CUDA (TEST_FILES: which files, default all of tests/; in parallel
 #             with pytest-xdist where it is installed: compiling Triton kernels is CPU-bound, and
 #             the tests are not timed)

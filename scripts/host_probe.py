@@ -15,7 +15,9 @@ launch: the host time per call of one launch, issued without a synchronize insid
     eager's x + r then F.layer_norm, at ViT-B/16's rows (16 rows on the CPU), autograd off.
 step: per provider, the host time to issue one training step from an idle GPU (no synchronize
   inside; median of 5), its wall time (median of 10, each from an idle GPU to a synchronize)
-  and their ratio: near 1 the GPU waits on the host; well under 1 it does not.
+  and their ratio: near 1 the GPU waits on the host; well under 1 it does not. By default timm,
+  timm after swap_modules, and the same step captured in one CUDA graph (the wall time with the
+  host out of the way: what the kernels alone take).
 
 --stubbed runs the launch part on the CPU with Triton's launch path kept and its C launcher a
 no-op (vit_kernels._fake_launch, as scripts/host_overhead.py --triton-launch), for testing
@@ -111,7 +113,7 @@ def step_times(provider: str, device: torch.device) -> tuple:
 
 def main(argv) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--providers", nargs="*", default=["timm", "timm_swapped"],
+    parser.add_argument("--providers", nargs="*", default=["timm", "timm_swapped", "timm_swapped_graph"],
                         help="ViT-B/16 training-step providers (vit_kernels.benchmarking.vit.VIT_PROVIDERS)")
     parser.add_argument("--stubbed", action="store_true", help="the launch part on the CPU, launches stubbed")
     args = parser.parse_args(argv)
