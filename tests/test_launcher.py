@@ -392,3 +392,23 @@ def test_bound_launch_compiles_without_a_warning(tmp_path):
                              f"-I{sysconfig.get_paths()['include']}", "-o", str(tmp_path / "bound_launch.o")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_without_a_working_compiler_the_python_path_runs(tmp_path, monkeypatch, counted_launcher):
+    """A compiler that fails (or none, or VIT_KERNELS_C_LAUNCH=0): bound_launch() says why and
+    returns None, and the Launcher keeps launching bound signatures itself."""
+    from vit_kernels import _extension
+
+    monkeypatch.setattr(_extension, "_bound_launch", None)
+    monkeypatch.setenv("VIT_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", "false")
+    assert _extension.bound_launch() is None
+    assert "compiling bound_launch.c failed" in _extension.bound_launch_unavailable()
+    launcher, calls = counted_launcher
+    x = torch.empty(4)
+    launcher.call((3,), x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    launcher.call((3,), x, 5, 0.5, True, BLOCK=16, num_warps=4)
+    assert launcher.call is launcher and [kind for kind, _ in calls] == ["triton", "bound"]
+    monkeypatch.setattr(_extension, "_bound_launch", None)
+    monkeypatch.setenv("VIT_KERNELS_C_LAUNCH", "0")
+    assert _extension.bound_launch() is None and _extension.bound_launch_unavailable() == "VIT_KERNELS_C_LAUNCH=0"
