@@ -77,15 +77,16 @@ def _autocast(device: torch.device, dtype):
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
 
 
-def _check_grad_scaler(grad_scaler, optimizer, device: torch.device):
-    """The GradScaler a step runs with (None for none or a disabled one), checked on every device,
-    so that code that runs on the CPU captures on a GPU."""
+def _check_grad_scaler(grad_scaler, optimizer, device: torch.device) -> torch.amp.GradScaler:
+    """The GradScaler a step runs with, checked on every device, so that code that runs on the
+    CPU captures on a GPU. Without one, a disabled one: its calls are then the plain step's
+    (scale returns the loss, unscale_ and update do nothing, step calls optimizer.step())."""
     if grad_scaler is None:
-        return None
+        return torch.amp.GradScaler(device.type, enabled=False)
     if not isinstance(grad_scaler, torch.amp.GradScaler):
         raise TypeError(f"grad_scaler must be a torch.amp.GradScaler or None, got {type(grad_scaler).__name__}")
     if not grad_scaler.is_enabled():
-        return None
+        return grad_scaler
     scaler_device = getattr(grad_scaler, "_device", device.type)
     if scaler_device != device.type:
         raise ValueError(f"grad_scaler is for {scaler_device} but the model is on {device}: "
@@ -283,25 +284,19 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
         with _autocast(device, autocast_dtype):
             returned = loss_fn(model(x), y)
         loss = returned[0] if isinstance(returned, tuple) else returned
-        if scaler is None:
-            loss.backward()
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            if max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.scale(loss).backward()
+        if max_grad_norm is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
         if isinstance(returned, tuple):
             return tuple(t.detach() for t in returned)
         return loss.detach()
 
     if device.type != "cuda":
         return GraphedTrainStep(run, (images, labels))
-    if autocast_dtype == torch.float16 and scaler is None:
+    if autocast_dtype == torch.float16 and not scaler.is_enabled():
         raise ValueError("float16 autocast needs a GradScaler: pass grad_scaler=torch.amp.GradScaler('cuda') with a "
                          "fused optimizer (torch.optim.AdamW(params, fused=True, capturable=True)), or capture with "
                          "autocast_dtype=torch.bfloat16 (or None)")
@@ -310,13 +305,13 @@ def capture_train_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_
                          "step count stays on the device, e.g. torch.optim.AdamW(params, capturable=True)")
     static_inputs = (images.detach().clone(), labels.detach().clone())
     snapshot = _snapshot(model, optimizer)  # the warm-up trains; this undoes it before the capture
-    # Its scale and growth tracker, which the warm-up moves (and makes, at a scaler's first step).
-    scaler_state = scaler.state_dict() if scaler is not None else None
+    # Its scale and growth tracker, which the warm-up moves (and makes, at a scaler's first step);
+    # a disabled scaler has none and loads nothing.
+    scaler_state = scaler.state_dict()
 
     def before_capture():
         _restore(snapshot, optimizer)
-        if scaler is not None:
-            scaler.load_state_dict(scaler_state)
+        scaler.load_state_dict(scaler_state)
 
     graph, static_outputs = _warm_up_and_capture(run, static_inputs, device, warmup, before_capture=before_capture)
     del snapshot
