@@ -46,15 +46,6 @@ import torch.nn.functional as F
 from vit_kernels._fake_launch import stub_out_kernels
 
 
-def bound_launch_path() -> str:
-    """Which path a bound launch takes in this process: csrc/bound_launch.c, or Python and why."""
-    from vit_kernels import _extension
-
-    if _extension.bound_launch() is not None:
-        return "in C (csrc/bound_launch.c)"
-    return f"in Python ({_extension.bound_launch_unavailable()})"
-
-
 def free_launches():
     """Each op module's launch helpers (ops/_launcher.launch, attention's _launch over
     ops/_tuning) return at once: the op's own Python, its allocations and aten calls are kept."""
@@ -207,6 +198,8 @@ def main():
         report_saved_activations()
         return
     import triton
+
+    from vit_kernels._extension import bound_launch_path
 
     launches = (f"Triton {triton.__version__}'s launch path kept, its C launcher a no-op, bound launches "
                 f"{bound_launch_path()}" if args.triton_launch else "kernel launches stubbed out")

@@ -127,12 +127,10 @@ def main(argv) -> int:
         return 2
     else:
         device = torch.device("cuda")
-    from vit_kernels import _extension
+    from vit_kernels._extension import bound_launch_path
 
-    c_path = _extension.bound_launch() is not None
     print(f"host_probe: pid {os.getpid()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, triton {triton.__version__}, bound launches "
-          + ("in C" if c_path else f"in Python ({_extension.bound_launch_unavailable()})")
+          f"torch {torch.__version__}, triton {triton.__version__}, bound launches {bound_launch_path()}"
           + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ", CPU, launches stubbed"),
           flush=True)
     for what, us in launch_costs(device).items():

@@ -161,3 +161,10 @@ def bound_launch_unavailable():
     if os.environ.get(C_LAUNCH_ENV, "1") == "0":
         return f"{C_LAUNCH_ENV}=0"
     return _bound_launch if isinstance(_bound_launch, str) else None
+
+
+def bound_launch_path() -> str:
+    """Which path a bound launch takes in this process, for reports: in C, or in Python and why."""
+    if bound_launch() is not None:
+        return "in C (csrc/bound_launch.c)"
+    return f"in Python ({bound_launch_unavailable()})"

@@ -41,7 +41,7 @@ def launch(kernel, configs: tuple, grid_for, args: tuple, kwargs: dict, *, key: 
     if len(configs) == 1:
         config = configs[0]
         launcher.call(grid_for(config.kwargs), *args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                 num_stages=config.num_stages, **options)
+                      num_stages=config.num_stages, **options)
         return
     positions = launcher.positions
     values = tuple(kwargs[name] if name in kwargs else args[positions[name]] for name in key)

@@ -208,7 +208,7 @@ class TrainJob:
         fused = self.graphed and self.autocast_dtype is torch.float16
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config["weight_decay"]), lr=config["lr"],
                                            betas=(0.9, 0.999), capturable=self.graphed and on_cuda,
-                                           **({"fused": True} if fused else {}))
+                                           fused=True if fused else None)
         self._graph_step = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype is torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config["label_smoothing"])
