@@ -117,10 +117,10 @@ def layer_norm_backward():
     x, res = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     w, b = (torch.randn(hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     dy, dres = (torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    _, h, mean, rstd = torch.ops.vit_kernels.add_layer_norm_fwd(x, res, w, b, None, None, 1e-6, torch.bfloat16, True)
+    _, h, stats = torch.ops.vit_kernels.add_layer_norm_fwd(x, res, w, b, None, None, 1e-6, torch.bfloat16, True)
 
     def backward():
-        return torch.ops.vit_kernels.add_layer_norm_bwd(dy, dres, None, h, w, b, None, None, mean, rstd, None)
+        return torch.ops.vit_kernels.add_layer_norm_bwd(dy, dres, None, h, w, b, None, None, stats, None)
 
     want = backward()
     original_config, original_per_sm = ln._block_config, ln._BWD_PROGRAMS_PER_SM

@@ -46,8 +46,14 @@ import torch.nn.functional as F
 from vit_kernels._fake_launch import stub_out_kernels
 
 
+class _FreeLauncher:
+    @staticmethod
+    def call(*args, **kwargs):
+        return None
+
+
 def free_launches():
-    """Each op module's launch helpers (ops/_launcher.launch, attention's _launch over
+    """Each op module's launches (ops/_launcher.launcher_for(kernel).call, attention's _launch over
     ops/_tuning) return at once: the op's own Python, its allocations and aten calls are kept."""
     import importlib
 
@@ -55,9 +61,10 @@ def free_launches():
 
     for name in OP_MODULES:
         module = importlib.import_module(f"vit_kernels.ops.{name}")
-        for helper in ("launch", "_launch"):
-            if hasattr(module, helper):
-                setattr(module, helper, lambda *args, **kwargs: None)
+        if hasattr(module, "launcher_for"):
+            module.launcher_for = lambda kernel: _FreeLauncher
+        if hasattr(module, "_launch"):
+            module._launch = lambda *args, **kwargs: None
 
 
 def per_call_seconds(fn, reps: int) -> float:

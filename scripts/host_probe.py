@@ -67,7 +67,7 @@ def per_call_us(call, device: torch.device, batches: int = 10) -> float:
 def launch_costs(device: torch.device) -> dict:
     """{what: host us per call} for the launches the module docstring lists."""
     from vit_kernels.ops import add_layer_norm
-    from vit_kernels.ops._launcher import launch
+    from vit_kernels.ops._launcher import launcher_for
 
     n = 4096
     a, b, c = (torch.randn(n, device=device) for _ in range(3))
@@ -82,7 +82,7 @@ def launch_costs(device: torch.device) -> dict:
         costs["torch.add(a, b, out=c)"] = per_call_us(lambda: torch.add(a, b, out=c), device)
         costs["torch.add(a, b)"] = per_call_us(lambda: torch.add(a, b), device)
         costs["triton kernel[grid](3 args)"] = per_call_us(lambda: _copy_kernel[grid](a, c, n, BLOCK=1024), device)
-        costs["vit_kernels launch(3 args)"] = per_call_us(lambda: launch(_copy_kernel, grid, a, c, n, BLOCK=1024),
+        costs["vit_kernels launch(3 args)"] = per_call_us(lambda: launcher_for(_copy_kernel).call(grid, a, c, n, BLOCK=1024),
                                                           device)
         costs["vit_kernels add_layer_norm"] = per_call_us(lambda: add_layer_norm(x, r, weight, bias), device)
         costs["eager x + r, F.layer_norm"] = per_call_us(lambda: F.layer_norm(x + r, (width,), weight, bias), device)

@@ -249,9 +249,9 @@ def launch_everything(full: bool, arch: str) -> None:
             row_scale = torch.ones(2, dtype=dtype) if everything else None
             res_dtype = torch.float32 if everything else dtype
             layer_norm._add_layer_norm_fwd(x, residual, params[0], params[1], gamma, row_scale, 1e-6, res_dtype, True)
-            mean, rstd = torch.zeros(6), torch.ones(6)
+            stats = torch.stack([torch.zeros(6), torch.ones(6)])  # mean, rstd
             layer_norm._add_layer_norm_bwd.op(x, x if everything else None, x if everything else None, x, params[0],
-                                           params[1], gamma, row_scale, mean, rstd, res_dtype if everything else None)
+                                           params[1], gamma, row_scale, stats, res_dtype if everything else None)
     attention_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     attention_launches(attention.HEAD_DIMS if full else COMPILED_HEAD_DIMS[arch], attention_dtypes)
     attention.attention_dropout_mask(torch.tensor(3), 1, 1, 5, 5, 0.1, torch.device("cpu"))

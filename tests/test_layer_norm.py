@@ -304,12 +304,11 @@ def test_opcheck(seed):
     torch.library.opcheck(torch.ops.vit_kernels.add_layer_norm_fwd.default, args + (1e-6, torch.float32, True))
     torch.library.opcheck(torch.ops.vit_kernels.add_layer_norm_fwd.default, (inputs["x"], None, None, None, None, None, 1e-5, torch.float32, False))
     x, h = inputs["x"].detach(), inputs["residual"].detach()
-    mean = torch.randn(18, device=DEVICE)
-    rstd = torch.rand(18, device=DEVICE) + 0.5
+    stats = torch.stack([torch.randn(18, device=DEVICE), torch.rand(18, device=DEVICE) + 0.5])  # mean, rstd
     torch.library.opcheck(
         torch.ops.vit_kernels.add_layer_norm_bwd.default,
         (torch.randn_like(x), torch.randn_like(x), x, h, inputs["weight"].detach(), inputs["bias"].detach(),
-         inputs["gamma"].detach(), inputs["row_scale"], mean, rstd, torch.float32),
+         inputs["gamma"].detach(), inputs["row_scale"], stats, torch.float32),
     )
 
 

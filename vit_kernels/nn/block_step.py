@@ -126,8 +126,8 @@ def _block_forward(spec: BlockStepSpec, tape: Optional[list], branch, residual, 
     batch, n_tokens, dim = branch.shape
     residual_dtype = reference.residual_dtype(branch, residual, spec.residual_in_fp32_1)
     store = residual is not None or gamma_in is not None or row_scale_in is not None or residual_dtype != branch.dtype
-    y1, h1, _, _ = _run(_add_layer_norm_fwd, tape, branch, residual, norm1_weight, norm1_bias, gamma_in,
-                        row_scale_in, spec.eps1, residual_dtype, store)
+    y1, h1, _ = _run(_add_layer_norm_fwd, tape, branch, residual, norm1_weight, norm1_bias, gamma_in,
+                     row_scale_in, spec.eps1, residual_dtype, store)
     if not store:
         h1 = branch
     dtype = linear_compute_dtype(y1)
@@ -139,8 +139,8 @@ def _block_forward(spec: BlockStepSpec, tape: Optional[list], branch, residual, 
     proj_wc = as_dtype(proj_weight, dtype)
     proj = F.linear(attn_out, proj_wc, as_dtype(proj_bias, dtype))
     residual_dtype = reference.residual_dtype(proj, h1, spec.residual_in_fp32_2)
-    y2, h2, _, _ = _run(_add_layer_norm_fwd, tape, proj, h1, norm2_weight, norm2_bias, gamma1, row_scale1,
-                        spec.eps2, residual_dtype, True)
+    y2, h2, _ = _run(_add_layer_norm_fwd, tape, proj, h1, norm2_weight, norm2_bias, gamma1, row_scale1,
+                     spec.eps2, residual_dtype, True)
     y2c, fc1_wc = as_dtype(y2, dtype), as_dtype(fc1_weight, dtype)
     hidden = F.linear(y2c, fc1_wc)
     out = _run(_bias_gelu_linear_fwd, tape, hidden, fc1_bias, as_dtype(fc2_weight, dtype).contiguous(),
@@ -212,7 +212,7 @@ class _BlockStep(torch.autograd.Function):
         dy2, d_fc1_weight, _ = _linear_backward(d_hidden, y2c, fc1_wc, ctx.y_dtypes[1], fc1_weight_dtype, None,
                                                 needs[16], False)
         d_proj, d_h1, d_norm2_weight, d_norm2_bias, d_gamma1 = _add_layer_norm_fwd.backward(
-            ln2, dy2, d_h2, None, None)[:5]
+            ln2, dy2, d_h2, None)[:5]
         d_attn, d_proj_weight, d_proj_bias = _linear_backward(d_proj, attn_out, proj_wc, attn_out.dtype,
                                                               proj_weight_dtype, proj_bias_dtype, needs[10], needs[11])
         q, k, v, out, lse, seed = attn.saved_tensors
@@ -224,7 +224,7 @@ class _BlockStep(torch.autograd.Function):
         dy1, d_qkv_weight, d_qkv_bias = _linear_backward(d_qkv, y1c, qkv_wc, ctx.y_dtypes[0], qkv_weight_dtype,
                                                          qkv_bias_dtype, needs[8], needs[9])
         d_branch, d_residual, d_norm1_weight, d_norm1_bias, d_gamma_in = _add_layer_norm_fwd.backward(
-            ln1, dy1, d_h1 if ln1.store_residual else None, None, None)[:5]
+            ln1, dy1, d_h1 if ln1.store_residual else None, None)[:5]
         if not ln1.store_residual:  # h1 was the branch itself
             d_branch = d_branch + d_h1
         return (None, d_branch, d_residual, d_gamma_in, None, None, d_norm1_weight, d_norm1_bias, d_qkv_weight,

@@ -8,7 +8,7 @@ stream and the launch hooks, and calls the compiled kernel's C launcher. That Py
 host time than the GPU spends on a LayerNorm at ViT-B sizes, and a ViT step at a small batch is
 host-bound.
 
-`Launcher(kernel)(grid, *args, **kwargs)` takes the same arguments. Its first call of each
+`launcher_for(kernel).call(grid, *args, **kwargs)` takes the same arguments. Its first call of each
 signature goes through `kernel[grid]` (Triton compiles, or finds the compiled kernel in its own
 cache) and keeps the compiled kernel that launch returns; later calls of that signature call that
 kernel's C launcher directly with the arguments in the kernel's parameter order, which is what
@@ -216,13 +216,12 @@ _LAUNCHERS = {}  # id(kernel) -> (kernel, its Launcher); the kernel kept so that
 
 
 def launcher_for(kernel) -> Launcher:
-    """The one Launcher of `kernel` (JITFunction's own __hash__ hashes its source: keyed by id)."""
+    """The one Launcher of `kernel` (JITFunction's own __hash__ hashes its source: keyed by id).
+
+    A launch is `launcher_for(kernel).call(grid, *args, **kwargs)`, written out at each call site:
+    a helper of the form `launch(kernel, grid, *args, **kwargs)` would pack ~30 arguments into a
+    tuple and a dict and unpack them again, about 1.2 us a launch (scripts/host_overhead.py)."""
     entry = _LAUNCHERS.get(id(kernel))
     if entry is None:
         entry = _LAUNCHERS[id(kernel)] = (kernel, Launcher(kernel))
     return entry[1]
-
-
-def launch(kernel, grid, *args, **kwargs) -> None:
-    """`kernel[grid](*args, **kwargs)` through the kernel's Launcher."""
-    launcher_for(kernel).call(grid, *args, **kwargs)

@@ -47,7 +47,7 @@ from .._dispatch import (cuda_properties, define_op, inductor_generates, inducto
                          runs_kernel)
 from .._validate import check_float_tensor, check_number, check_same_device, checked_once
 from . import _tuning
-from ._launcher import launch
+from ._launcher import launcher_for
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv, next_power_of_2
 from .attention_configs import KERNEL_KINDS, as_configs, tiles_for
 from .attention_kernels import (
@@ -283,8 +283,8 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         dq_accum = None
     else:
         pre_block = 32
-        launch(
-            _attn_bwd_preprocess_kernel, (cdiv(n_q, pre_block), n_heads, batch),
+        launcher_for(_attn_bwd_preprocess_kernel).call(
+            (cdiv(n_q, pre_block), n_heads, batch),
             out, dout, delta, *so, *sdo, n_heads, n_q, None, 0,
             HEAD_DIM=head_dim, BLOCK_DA=constexprs["BLOCK_DA"], BLOCK_DB=constexprs["BLOCK_DB"], BLOCK_M=pre_block,
             VARLEN=False, STRIDES_ALIGNED=constexprs["STRIDES_ALIGNED"], **LAUNCH_OPTIONS,
@@ -343,8 +343,8 @@ def attention_dropout_mask(seed: Tensor, batch: int, n_heads: int, n_q: int, n_k
     """
     mask = torch.empty((batch, n_heads, n_q, n_kv), dtype=torch.int8, device=device)
     grid = (cdiv(n_q, 32), cdiv(n_kv, 32), batch * n_heads)
-    launch(_dropout_mask_kernel, grid, mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64),
-           BLOCK_M=32, BLOCK_N=32, **LAUNCH_OPTIONS)
+    launcher_for(_dropout_mask_kernel).call(grid, mask, n_q, n_kv, dropout_p, seed.to(device=device, dtype=torch.int64),
+                                            BLOCK_M=32, BLOCK_N=32, **LAUNCH_OPTIONS)
     return mask.bool()
 
 

@@ -34,7 +34,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .. import reference
 from .._dispatch import define_op, inductor_keeps_launch_options, runs_kernel, tracing
 from .._validate import check_float_tensor, check_same_device
-from ._launcher import launch
+from ._launcher import launcher_for
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv
 from .attention import (HEAD_DIMS, HEAD_DIMS_TEXT, LOG2E, _NO_FP_FUSION, _arch_major,
                         _common_constexprs, _launch, _n_bucket, _peel_tail, _seed_on, _tails,
@@ -207,8 +207,8 @@ def _flash_attention_varlen_bwd_impl(
         dq_accum = None
     else:
         pre_block = 32
-        launch(
-            _attn_bwd_preprocess_kernel, (_slots(total_q, pre_block, n_seqs), n_heads, 1),
+        launcher_for(_attn_bwd_preprocess_kernel).call(
+            (_slots(total_q, pre_block, n_seqs), n_heads, 1),
             out, dout, delta, *so, *sdo, n_heads, total_q, cu_seqlens_q, n_seqs,
             HEAD_DIM=head_dim, BLOCK_DA=constexprs["BLOCK_DA"], BLOCK_DB=constexprs["BLOCK_DB"], BLOCK_M=pre_block,
             VARLEN=True, STRIDES_ALIGNED=constexprs["STRIDES_ALIGNED"], **LAUNCH_OPTIONS,

@@ -48,7 +48,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
-from ._launcher import launch
+from ._launcher import launcher_for
 from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
 
 APPROXIMATIONS = ("none", "tanh", "quick")  # the kernels' FORM is the index
@@ -232,8 +232,8 @@ def _bias_gelu_fwd_impl(x: Tensor, bias: Optional[Tensor], approximate: str) -> 
     interpreted_kernel = interpreted(_bias_gelu_fwd_kernel)
     block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
     grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n))
-    launch(
-        _bias_gelu_fwd_kernel, grid,
+    launcher_for(_bias_gelu_fwd_kernel).call(
+        grid,
         x2, bias, y, x_stride, n_cols, n_rows, n_cols,
         HAS_BIAS=bias is not None, FORM=APPROXIMATIONS.index(approximate), POLY_CDF=_poly_cdf(y.dtype), BLOCK_M=block_m,
         BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
@@ -259,8 +259,8 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
     n_groups = cdiv(n_row_blocks * block_m, rows_per_program)
     partial = torch.empty((n_groups, n_cols), dtype=torch.float32, device=x2.device) if bias is not None else None
     if n_rows > 0:
-        launch(
-            _bias_gelu_bwd_kernel, (n_groups, n_col_blocks),
+        launcher_for(_bias_gelu_bwd_kernel).call(
+            (n_groups, n_col_blocks),
             dy2, x2, bias, dx2, y2, partial, dy2.stride(0), x2.stride(0), dx2.stride(0),
             y2.stride(0) if y2 is not None else 0, n_rows, n_cols, rows_per_program,
             HAS_BIAS=bias is not None, STORE_Y=y2 is not None, FORM=APPROXIMATIONS.index(approximate),
