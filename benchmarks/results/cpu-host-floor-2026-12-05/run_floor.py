@@ -1,5 +1,5 @@
-"""Not part of the package: a measurement (benchmarks/results/cpu-host-overhead-2026-12-05.md, last
-section). Run from anywhere without TRITON_INTERPRET:
+"""Not part of the package: a measurement (benchmarks/results/cpu-host-overhead-2026-12-05.md, the
+sections on the C++ floor). Run from anywhere without TRITON_INTERPRET:
     python benchmarks/results/cpu-host-floor-2026-12-05/run_floor.py
 Training step of the harness's swapped ViT with each block's step replaced by a C++ autograd
 node doing the one-node step's aten work only (no launch): the floor of a C++ orchestration."""
@@ -8,7 +8,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "..", "scripts"))
 torch.set_num_threads(1)
 from torch.utils.cpp_extension import load
-floor = load("block_floor", [os.path.join(HERE, "floor.cpp")], build_directory=tempfile.mkdtemp(), verbose=False)
+# -O3, as the package's own extension is built (vit_kernels/_build_config.compile_args): cpp_extension.load
+# adds no optimization flag of its own, and the first runs of this script, unoptimized, measured 0.75-0.78.
+floor = load("block_floor", [os.path.join(HERE, "floor.cpp")], extra_cflags=["-O3"], build_directory=tempfile.mkdtemp(),
+             verbose=False)
 from vit_kernels._fake_launch import stub_out_kernels
 stub_out_kernels(triton_launch=True)
 import host_overhead as h
