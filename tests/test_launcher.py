@@ -412,3 +412,73 @@ def test_without_a_working_compiler_the_python_path_runs(tmp_path, monkeypatch, 
     monkeypatch.setattr(_extension, "_bound_launch", None)
     monkeypatch.setenv("VIT_KERNELS_C_LAUNCH", "0")
     assert _extension.bound_launch() is None and _extension.bound_launch_unavailable() == "VIT_KERNELS_C_LAUNCH=0"
+
+
+# ---- csrc/bound_launch.c: checked_once's signature in C ---------------------------------------------
+
+
+def test_the_c_check_signature_equals_the_python_one():
+    """check_signature builds _validate.python_signature's tuple: tensors (a Parameter, a view with
+    other strides, another dtype, the meta device, 0-d) by type, shape, strides, dtype and device;
+    anything else (None, a float, a bool that equals 1.0, an int, a str, a dtype) by type and
+    value, so True and 1.0 stay apart. And the signatures of calls that differ in any of those
+    differ."""
+    from vit_kernels import _validate
+
+    module = _c_launch_module()
+    x = torch.randn(3, 4)
+    samples = [
+        (x, None, 1.0),
+        (x.t(), torch.nn.Parameter(torch.randn(4)), True),
+        (x.to(torch.bfloat16), 1, "tanh", torch.float16),
+        (torch.empty(2, 5, device="meta"), torch.tensor(2.0), 1e-6),
+        (),
+    ]
+    signatures = set()
+    for args in samples:
+        c_signature = module.check_signature(args, torch.Tensor)
+        assert c_signature == _validate.python_signature(args, torch.Tensor), args
+        assert [key[0] for key in c_signature] == [type(arg) for arg in args]
+        signatures.add(c_signature)
+    assert len(signatures) == len(samples)
+    assert module.check_signature((x, 1.0), torch.Tensor) != module.check_signature((x, True), torch.Tensor)
+    assert hash(module.check_signature((x, 1.0), torch.Tensor)) == hash(module.check_signature((x.clone(), 1.0),
+                                                                                               torch.Tensor))
+
+
+def test_the_c_check_signature_propagates_errors():
+    """What raises in Python raises in C (a CSR tensor has no strides), so checked_once runs the
+    check instead; a wrong call is a TypeError, not a crash."""
+    import warnings
+
+    from vit_kernels import _validate
+
+    module = _c_launch_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CSR support is "in beta"
+        sparse = torch.eye(3).to_sparse_csr()
+    with pytest.raises(RuntimeError):
+        _validate.python_signature((sparse,), torch.Tensor)
+    with pytest.raises(RuntimeError):
+        module.check_signature((sparse,), torch.Tensor)
+    for bad in ((), ([1.0], torch.Tensor), ((1.0,), 3), ((1.0,),)):
+        with pytest.raises(TypeError):
+            module.check_signature(*bad)
+    x = torch.randn(2)
+    counts = []
+    for _ in range(3):  # flat from the second round (the first may fill a cache)
+        for _ in range(1000):
+            module.check_signature((x, 1.0, None), torch.Tensor)
+        counts.append((sys.getrefcount(torch.Tensor), sys.getrefcount(x), sys.getrefcount(x.shape.__class__)))
+    assert counts[1] == counts[2]
+
+
+def test_checked_once_keys_on_the_c_signature_where_it_is_built():
+    """Where csrc/bound_launch.c is built, a public op's check keys on its signature (the Python one
+    stays for where it is not)."""
+    from vit_kernels import _validate
+    from vit_kernels.ops import add_layer_norm
+
+    module = _c_launch_module()
+    add_layer_norm(torch.randn(2, 8), torch.randn(2, 8))
+    assert _validate._signature_of is module.check_signature
