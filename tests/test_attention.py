@@ -409,13 +409,20 @@ def test_dkdv_with_dropout_past_64_keeps_only_8_warp_tiles():
 
 @pytest.mark.skipif(ON_GPU, reason="the interpreter's fixed tile is what this swaps; the GPU autotunes over them")
 @pytest.mark.parametrize("block_m, block_n", _gpu_tile_shapes())
-def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, block_m, block_n):
+def test_every_gpu_tile_shape_is_correct(seed, monkeypatch, request, block_m, block_n):
     """The interpreter run with each tile shape the GPU configs use (non-square ones
     included): forward, both backward paths and dropout by the rule, at N = 197 and d = 80,
     where neither sequence nor head dim fits the tiles."""
+    from vit_kernels.ops import attention as attention_module
     from vit_kernels.ops.attention_configs import Tile
 
     monkeypatch.setattr("vit_kernels.ops.attention_configs.INTERPRETER_TILE", Tile(block_m, block_n, 4, 1))
+    # Launches keep their configs per signature: dropped now, and again once the tile is restored.
+    attention_module._launch_configs.cache_clear()
+    request.addfinalizer(attention_module._launch_configs.cache_clear)
+    for kind in ("fwd", "dq", "dkdv"):
+        configs = attention_module.launch_configs(kind, 80, torch.float16, attention_module._attn_fwd_kernel)
+        assert [config.kwargs for config in configs] == [{"BLOCK_M": block_m, "BLOCK_N": block_n}], kind
     check_attention(1, 197, 197, 2, 80, torch.float32, packed=True)
     check_attention(1, 197, 130, 1, 80, torch.float16, packed=False, deterministic=False)
     monkeypatch.setattr("vit_kernels.ops.attention.draw_seed", lambda device: torch.tensor(77))

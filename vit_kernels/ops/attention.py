@@ -71,7 +71,14 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
                    dropout: bool = False, arch_major: int = 9, varlen: bool = False) -> tuple:
     """The triton.Configs a launch of `kind` (one of KERNEL_KINDS) chooses among for `kernel`:
     one (run as is) or several (tuned); see ops/attention_configs.py."""
-    tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted(kernel), atomic_dq=atomic_dq, dropout=dropout,
+    return _launch_configs(kind, head_dim, dtype, interpreted(kernel), atomic_dq, dropout, arch_major, varlen)
+
+
+@functools.lru_cache(maxsize=None)  # asked at every launch: tiles_for builds tuples, and as_configs
+# hashes each frozen Tile in Python (about 1.5 us a launch together)
+def _launch_configs(kind: str, head_dim: int, dtype: torch.dtype, interpreted_kernel: bool, atomic_dq: bool,
+                    dropout: bool, arch_major: int, varlen: bool) -> tuple:
+    tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted_kernel, atomic_dq=atomic_dq, dropout=dropout,
                       arch_major=arch_major, split_head=head_dim_blocks(head_dim)[1] > 0, varlen=varlen)
     return as_configs(tiles)
 
