@@ -74,8 +74,9 @@ def launch_configs(kind: str, head_dim: int, dtype: torch.dtype, kernel, *, atom
     return _launch_configs(kind, head_dim, dtype, interpreted(kernel), atomic_dq, dropout, arch_major, varlen)
 
 
-@functools.lru_cache(maxsize=None)  # asked at every launch: tiles_for builds tuples, and as_configs
-# hashes each frozen Tile in Python (about 1.5 us a launch together)
+# Asked at every launch: uncached, tiles_for builds tuples and as_configs hashes each frozen Tile
+# in Python, about 1.5 us a launch together.
+@functools.lru_cache(maxsize=None)
 def _launch_configs(kind: str, head_dim: int, dtype: torch.dtype, interpreted_kernel: bool, atomic_dq: bool,
                     dropout: bool, arch_major: int, varlen: bool) -> tuple:
     tiles = tiles_for(kind, head_dim, dtype, interpreted=interpreted_kernel, atomic_dq=atomic_dq, dropout=dropout,
