@@ -7,18 +7,17 @@
 // first-use JIT build in vit_kernels/_extension.py) makes them appear under
 // torch.ops.vit_kernels.
 
-#include <Python.h>
+#include <pybind11/pybind11.h>
 #include <torch/library.h>
 
-extern "C" {
-// An empty Python module so `import vit_kernels._C` loads the shared object and
-// runs its static TORCH_LIBRARY registrations; the ops are reached through
-// torch.ops, not through this module.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+namespace vit_kernels {
+void define_block_step(pybind11::module_& m);  // csrc/block_step.cpp
 }
-}
+
+// The Python module (vit_kernels._C, or the JIT build's vit_kernels_C): importing it runs the
+// static TORCH_LIBRARY registrations, whose ops are reached through torch.ops; its functions
+// are the one-node block step's C++ host path (nn/block_step.py).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { vit_kernels::define_block_step(m); }
 
 namespace vit_kernels {
 

@@ -5,8 +5,9 @@ Python and dispatcher cost of our ops on any machine: CPU tensors, the op's kern
 forced, and every Triton launch replaced by a no-op (Triton's own launcher is therefore not
 counted; `scripts/gpu_diag.py overhead` measures the whole host cost on a device). The
 eager equivalents run their real CPU kernels on tiny tensors, so their numbers are an
-upper bound on their host cost. Times are the minimum over 7 batches of calls, in us (ops)
-or ms (ViT steps).
+upper bound on their host cost. Ours and eager's take turns, a batch of calls each, 7 rounds:
+times are each one's minimum over the rounds, in us (ops) or ms (ViT steps), and each ratio is
+the median of the rounds' ratios (the machine's drift falls on both sides alike).
 
 --triton-launch keeps Triton's own Python launch path (JITFunction.run: argument binding and
 specialization, the kernel-cache key and lookup, the grid; the autotuner's config lookup)
@@ -38,6 +39,7 @@ Run it without TRITON_INTERPRET (interpreted kernels cannot be stubbed out).
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 
 import torch
@@ -68,16 +70,28 @@ def free_launches():
 
 
 def per_call_seconds(fn, reps: int) -> float:
-    for _ in range(max(reps // 20, 5)):
-        fn()
-    batch = max(reps // 7, 1)
-    best = float("inf")
-    for _ in range(7):
-        start = time.perf_counter()
-        for _ in range(batch):
+    return interleaved_seconds([fn], reps)[0][0]
+
+
+def interleaved_seconds(fns, reps: int):
+    """([best seconds per call of each fn], [median over rounds of each fn's time / the last fn's]).
+
+    The functions take turns, a batch each per round, so that the machine's drift (other tenants,
+    clock changes) falls on all of them alike: timed one after the other, a ratio moved by 10-20%
+    between runs on this machine."""
+    for fn in fns:
+        for _ in range(max(reps // 20, 5)):
             fn()
-        best = min(best, (time.perf_counter() - start) / batch)
-    return best
+    batch = max(reps // 7, 1)
+    rounds = [[] for _ in fns]
+    for _ in range(7):
+        for times, fn in zip(rounds, fns):
+            start = time.perf_counter()
+            for _ in range(batch):
+                fn()
+            times.append((time.perf_counter() - start) / batch)
+    ratios = [statistics.median(t / base for t, base in zip(times, rounds[-1])) for times in rounds]
+    return [min(times) for times in rounds], ratios
 
 
 def op_cases():
@@ -219,18 +233,19 @@ def main():
         for mode in ("fwd", "fwd+bwd"):
             if mode == "fwd":
                 with torch.no_grad():
-                    times = [per_call_seconds(fn, args.reps) * 1e6 for fn in (ours, eager)]
+                    times, ratios = interleaved_seconds((ours, eager), args.reps)
             else:
-                times = [per_call_seconds(forward_and_backward(fn), args.reps // 2) * 1e6 for fn in (ours, eager)]
-            print(f"{name:18s} {mode:10s} {times[0]:8.1f} {times[1]:8.1f} {times[0] / times[1]:10.2f}", flush=True)
+                times, ratios = interleaved_seconds((forward_and_backward(ours), forward_and_backward(eager)),
+                                                    args.reps // 2)
+            print(f"{name:18s} {mode:10s} {times[0] * 1e6:8.1f} {times[1] * 1e6:8.1f} {ratios[0]:10.2f}", flush=True)
     if not args.no_vit:
         models, train_step, inference = vit_cases()
         print("\nViT-B/16 layout (12 blocks, width 64, 32x32 image, batch 1, bf16 autocast), ms per step")
         for mode, make_run in (("train step", train_step), ("inference", inference)):
-            times = {name: per_call_seconds(make_run(model), max(args.reps // 50, 14)) * 1e3
-                     for name, model in models.items()}
-            print(f"{mode:10s} " + "  ".join(f"{name} {t:.2f}" for name, t in times.items())
-                  + f"  swapped/timm {times['timm swapped'] / times['timm']:.2f}", flush=True)
+            names = ("timm swapped", "timm")
+            times, ratios = interleaved_seconds([make_run(models[name]) for name in names], max(args.reps // 50, 14))
+            print(f"{mode:10s} " + "  ".join(f"{name} {t * 1e3:.2f}" for name, t in zip(names, times))
+                  + f"  swapped/timm {ratios[0]:.2f}", flush=True)
     if args.profile:
         ours = forward_and_backward(dict((name, fn) for name, fn, _ in cases)[args.profile])
         profile = cProfile.Profile()

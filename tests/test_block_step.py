@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import vit_kernels
 import vit_kernels.nn.block as block_module
+import vit_kernels.nn.block_step as block_step_module
 from vit_kernels.testing import kernel_device
 
 DEVICE = kernel_device()
@@ -257,3 +258,30 @@ def test_a_retained_graph_runs_its_backward_twice(seed):
     assert count[0] == TINY["depth"]
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, 2 * once[name]), name
+
+
+def test_without_the_cpp_step_blocks_take_the_per_op_path(seed, monkeypatch):
+    """Where the extension cannot give the C++ node (cpp_step_unavailable says why), every block
+    takes the per-op path: same outputs, no one-node step."""
+    model = _timm(init_values=0.1).to(DEVICE).train()
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    want = _run(model, images, "float32", seed, enabled=False)
+    monkeypatch.setattr(block_step_module, "_cpp_step", "no extension here")
+    got = _run(model, images, "float32", seed)
+    assert got[2] == 0 and block_step_module.cpp_step() is None
+    assert block_step_module.cpp_step_unavailable() == "no extension here"
+    assert torch.equal(got[0], want[0])
+
+
+def test_a_stale_extension_is_named(monkeypatch):
+    """An extension built before csrc/block_step.cpp existed: the reason says to rebuild it."""
+    from vit_kernels import _extension
+
+    monkeypatch.setattr(_extension, "module", lambda: object())
+    assert "predates csrc/block_step.cpp" in block_step_module._load_cpp_step()
+
+    def no_extension():
+        raise RuntimeError("vit_kernels: compiling the C++ extension failed")
+
+    monkeypatch.setattr(_extension, "module", no_extension)
+    assert block_step_module._load_cpp_step() == "vit_kernels: compiling the C++ extension failed"

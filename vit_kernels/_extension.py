@@ -22,6 +22,7 @@ import torch
 from . import _build_config
 
 _loaded_from = None
+_module = None  # the extension's Python module, once loaded
 
 
 def _csrc_dir() -> Path:
@@ -32,7 +33,8 @@ def _csrc_dir() -> Path:
     raise RuntimeError(f"vit_kernels: the csrc/ sources are missing (looked in {package / '_csrc'} and {package.parent / 'csrc'})")
 
 
-def _jit_build() -> str:
+def _jit_build():
+    """(the module, where it was built)"""
     _build_config.use_cuda_home()
     from torch.utils import cpp_extension
 
@@ -55,7 +57,7 @@ def _jit_build() -> str:
     if with_cuda and arch_list_before is None:
         os.environ["TORCH_CUDA_ARCH_LIST"] = _build_config.cuda_arch_list()
     try:
-        cpp_extension.load(
+        module = cpp_extension.load(
             name="vit_kernels_C",
             sources=_build_config.sources(_csrc_dir(), with_cuda),
             extra_cflags=args["cxx"],
@@ -63,7 +65,7 @@ def _jit_build() -> str:
             extra_include_paths=[f"{cuda_root}/include"] if cuda_root else None,
             extra_ldflags=[f"-L{cuda_root}/lib64", f"-L{cuda_root}/lib"] if cuda_root else None,
             with_cuda=with_cuda,
-            is_python_module=False,
+            is_python_module=True,
             build_directory=str(build_dir),
         )
     except (RuntimeError, OSError) as err:
@@ -75,7 +77,7 @@ def _jit_build() -> str:
     finally:
         if arch_list_before is None:
             os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
-    return f"jit:{build_dir}"
+    return module, f"jit:{build_dir}"
 
 
 def load() -> str:
@@ -84,21 +86,27 @@ def load() -> str:
     Raises RuntimeError naming what is missing when the extension can be neither
     imported nor compiled, or when VIT_KERNELS_SKIP_EXT=1 turned it off.
     """
-    global _loaded_from
+    global _loaded_from, _module
     if _loaded_from is not None:
         return _loaded_from
     try:
-        import vit_kernels._C  # noqa: F401  (the shared object's static registrations are the point)
+        import vit_kernels._C as module  # its static registrations define the ops
 
-        _loaded_from = "prebuilt"
+        _module, _loaded_from = module, "prebuilt"
     except ImportError:
         if _build_config.skip_requested():
             raise RuntimeError(
                 f"vit_kernels: the C++ extension is not built and {_build_config.SKIP_ENV}=1 forbids "
                 "compiling it; unset it (or reinstall without it) to use the extension's ops"
             ) from None
-        _loaded_from = _jit_build()
+        _module, _loaded_from = _jit_build()
     return _loaded_from
+
+
+def module():
+    """The extension's Python module (its functions: csrc/block_step.cpp), loading it first."""
+    load()
+    return _module
 
 
 def cuda_version() -> int:

@@ -5,36 +5,37 @@ host time on autograd's bookkeeping, not on the launches: each of a block's ops 
 add + LayerNorms, three Linears and their autocast casts, the qkv unbind, attention, the
 fused MLP) is an autograd node of its own, with its Python `autograd.Function` or C++ node,
 its saved-tensor packing and its engine call in backward, and each submodule a `__call__`.
-Here the whole block is one `autograd.Function`: its forward runs each op's `impl` with
-autograd off and keeps each op's context on one tape; its backward runs, in reverse, the same
-`backward` each op registered (`FusedOp.backward`; attention's writes dq, dk and dv straight
-into one packed qkv gradient, where autograd's unbind would stack three copies) and, for the
-Linears, aten's own addmm/mm backward formulas. Same kernels in the same order with the same roundings as the per-op path,
-so outputs and gradients are the per-op path's, bit for bit (tests/test_block_step.py).
+Here the whole block is one C++ autograd node (csrc/block_step.cpp): its forward runs each op's
+`impl` with autograd off and keeps each op's context on one tape; its backward runs, in
+reverse, the same `backward` each op registered (`FusedOp.backward`; attention's writes dq, dk
+and dv straight into one packed qkv gradient, where autograd's unbind would stack three
+copies) and, for the Linears, aten's own addmm/mm backward formulas. The aten work between the
+ops (casts, GEMMs, views) is C++; each op's kernels are still launched by its Python `impl` and
+`backward`, called back through the functions this file hands the extension (`_load_cpp_step`),
+so no op's host logic is written twice. Same kernels in the same order with the same roundings
+as the per-op path, so outputs and gradients are the per-op path's, bit for bit
+(tests/test_block_step.py).
 
 What it covers. `carried_block_step` takes this path for a block that it reproduces exactly
 (`fast_path_spec`): fused norms, vit_kernels' attention and fused MLP over plain
 `nn.Linear`s, no q/k norm, no dropout outside the attention, no hook on any submodule it
-steps over (their hooks would not run) and nothing tracing (torch.compile, export and the
-dispatch modes see the registered per-op ops). Every tensor the backward needs goes through
-`ctx.save_for_backward`, so activation checkpointing and saved-tensor hooks see it.
+steps over (their hooks would not run), nothing tracing (torch.compile, export and the
+dispatch modes see the registered per-op ops), and the extension built with it (`cpp_step`).
+Every tensor the backward needs goes through the node's `save_for_backward`, so activation
+checkpointing and saved-tensor hooks see it.
 """
 
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from .. import reference
-from .._dispatch import linear_compute_dtype, runs_kernel, tracing
+from .._dispatch import runs_kernel, tracing
 from ..ops.attention import _attn_fwd_kernel, _flash_attention_fwd, flash_attention_bwd_into
 from ..ops.bias_gelu import _bias_gelu_fwd_kernel
 from ..ops.bias_gelu_linear import _bias_gelu_linear_fwd
 from ..ops.layer_norm import _add_layer_norm_fwd, _add_layer_norm_fwd_kernel
-from ..ops._triton_helpers import as_dtype
 from ._hooks import global_hooks_installed, runs_plainly
 from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
@@ -76,6 +77,10 @@ def fast_path_spec(block, branch: Tensor) -> Optional[BlockStepSpec]:
             and runs_kernel(_bias_gelu_fwd_kernel, branch)):
         return None
     if global_hooks_installed():
+        return None
+    if _cpp_step is None:
+        cpp_step()
+    if isinstance(_cpp_step, str):
         return None
     modules = block._modules
     norm1, norm2, attn, mlp = modules["norm1"], modules["norm2"], modules["attn"], modules["mlp"]
@@ -119,123 +124,54 @@ def _run(op, tape: Optional[list], *inputs):
     return output
 
 
-def _block_forward(spec: BlockStepSpec, tape: Optional[list], branch, residual, gamma_in, row_scale_in, seed,
-                   norm1_weight, norm1_bias, qkv_weight, qkv_bias, proj_weight, proj_bias, gamma1, row_scale1,
-                   norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """(branch_out, residual_out, linear_saved): the ops of `carried_block_step`, autograd off."""
-    batch, n_tokens, dim = branch.shape
-    residual_dtype = reference.residual_dtype(branch, residual, spec.residual_in_fp32_1)
-    store = residual is not None or gamma_in is not None or row_scale_in is not None or residual_dtype != branch.dtype
-    y1, h1, _ = _run(_add_layer_norm_fwd, tape, branch, residual, norm1_weight, norm1_bias, gamma_in,
-                     row_scale_in, spec.eps1, residual_dtype, store)
-    if not store:
-        h1 = branch
-    dtype = linear_compute_dtype(y1)
-    y1c, qkv_wc = as_dtype(y1, dtype), as_dtype(qkv_weight, dtype)
-    qkv = F.linear(y1c, qkv_wc, as_dtype(qkv_bias, dtype))
-    q, k, v = qkv.view(batch, n_tokens, 3, spec.num_heads, spec.head_dim).unbind(2)
-    attn_out, _ = _run(_flash_attention_fwd, tape, q, k, v, spec.softmax_scale, spec.dropout_p, seed, True)
-    attn_out = attn_out.view(batch, n_tokens, dim)
-    proj_wc = as_dtype(proj_weight, dtype)
-    proj = F.linear(attn_out, proj_wc, as_dtype(proj_bias, dtype))
-    residual_dtype = reference.residual_dtype(proj, h1, spec.residual_in_fp32_2)
-    y2, h2, _ = _run(_add_layer_norm_fwd, tape, proj, h1, norm2_weight, norm2_bias, gamma1, row_scale1,
-                     spec.eps2, residual_dtype, True)
-    y2c, fc1_wc = as_dtype(y2, dtype), as_dtype(fc1_weight, dtype)
-    hidden = F.linear(y2c, fc1_wc)
-    out = _run(_bias_gelu_linear_fwd, tape, hidden, fc1_bias, as_dtype(fc2_weight, dtype).contiguous(),
-               as_dtype(fc2_bias, dtype), spec.approximate)
-    # The Linears' saved inputs: (x as cast, weight as cast) for qkv, proj, fc1.
-    return out, h2, (y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc), y1.dtype, y2.dtype
+def _attention_backward(attn: _OpContext, d_attn: Tensor) -> Tensor:
+    """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d]."""
+    q, k, v, out, lse, seed = attn.saved_tensors
+    batch, n_tokens, n_heads, head_dim = q.shape
+    d_qkv = torch.empty((batch, n_tokens, 3, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, attn.softmax_scale,
+                             attn.dropout_p, seed, attn.deterministic)
+    return d_qkv.view(batch, n_tokens, 3 * n_heads * head_dim)
 
 
-def _linear_backward(grad: Tensor, x: Tensor, weight: Tensor, x_dtype, weight_dtype, bias_dtype,
-                     needs_weight: bool, needs_bias: bool):
-    """aten's backward of F.linear on a row-major [..., in] input (addmm / mm on its rows), with
-    autocast's casts undone: (dx in x's dtype before the cast, dweight, dbias in the parameters')."""
-    grad2 = grad.reshape(-1, grad.shape[-1])
-    dx = grad2.mm(weight).view(*grad.shape[:-1], weight.shape[1])
-    dx = as_dtype(dx, x_dtype)
-    dweight = as_dtype(grad2.t().mm(x.reshape(-1, x.shape[-1])), weight_dtype) if needs_weight else None
-    dbias = as_dtype(grad2.sum(0), bias_dtype) if needs_bias else None
-    return dx, dweight, dbias
+_cpp_step = None  # the extension module with csrc/block_step.cpp, or why there is none (a str)
 
 
-class _BlockStep(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec, branch, residual, gamma_in, row_scale_in, seed, norm1_weight, norm1_bias, qkv_weight,
-                qkv_bias, proj_weight, proj_bias, gamma1, row_scale1, norm2_weight, norm2_bias, fc1_weight, fc1_bias,
-                fc2_weight, fc2_bias):
-        needs = ctx.needs_input_grad
-        tape = []
-        out, h2, linear_saved, y1_dtype, y2_dtype = _block_forward(
-            spec, tape, branch, residual, gamma_in, row_scale_in, seed, norm1_weight, norm1_bias, qkv_weight,
-            qkv_bias, proj_weight, proj_bias, gamma1, row_scale1, norm2_weight, norm2_bias, fc1_weight, fc1_bias,
-            fc2_weight, fc2_bias)
-        ln1, attn, ln2, mlp = tape
-        mlp.needs_input_grad = (True, needs[17], needs[18], needs[19], False)
-        ctx.counts = tuple(len(c.saved_tensors) for c in tape)
-        ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (
-            qkv_weight, qkv_bias, proj_weight, proj_bias, fc1_weight, fc2_weight, fc2_bias))
-        ctx.y_dtypes = (y1_dtype, y2_dtype)
-        ctx.tape = tape
-        ctx.save_for_backward(*(t for c in tape for t in c.saved_tensors), *linear_saved)
-        for c in tape:
-            del c.saved_tensors
-        return out, h2
+def cpp_step():
+    """The extension module whose `block_step` and `block_forward_no_grad` run a block as one node
+    (csrc/block_step.cpp), or None where the extension cannot be loaded or is a stale build
+    without them: `cpp_step_unavailable()` then says why, and blocks take the per-op path."""
+    global _cpp_step
+    if _cpp_step is None:
+        _cpp_step = _load_cpp_step()
+    return None if isinstance(_cpp_step, str) else _cpp_step
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_out, d_h2):
-        saved = iter(ctx.saved_tensors)
-        for c, count in zip(ctx.tape, ctx.counts):
-            c.saved_tensors = tuple(next(saved) for _ in range(count))
-        try:
-            return _BlockStep._backward(ctx, d_out, d_h2, *saved)
-        finally:
-            # An unpacked output (h2) refers to this node through its grad_fn: left on the tape it
-            # would close a reference cycle, and the block's saved activations would live until
-            # Python's cyclic collector found them (once promoted, hundreds of steps later), its
-            # passes costing the host about a millisecond a step (tests/test_block_step.py).
-            for c in ctx.tape:
-                del c.saved_tensors
 
-    @staticmethod
-    def _backward(ctx, d_out, d_h2, y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc):
-        ln1, attn, ln2, mlp = ctx.tape
-        (qkv_weight_dtype, qkv_bias_dtype, proj_weight_dtype, proj_bias_dtype, fc1_weight_dtype, fc2_weight_dtype,
-         fc2_bias_dtype) = ctx.param_dtypes
-        needs = ctx.needs_input_grad
-        d_hidden, d_fc1_bias, d_fc2_weight, d_fc2_bias = _bias_gelu_linear_fwd.backward(mlp, d_out)[:4]
-        d_fc2_weight = as_dtype(d_fc2_weight, fc2_weight_dtype)
-        d_fc2_bias = as_dtype(d_fc2_bias, fc2_bias_dtype)
-        dy2, d_fc1_weight, _ = _linear_backward(d_hidden, y2c, fc1_wc, ctx.y_dtypes[1], fc1_weight_dtype, None,
-                                                needs[16], False)
-        d_proj, d_h1, d_norm2_weight, d_norm2_bias, d_gamma1 = _add_layer_norm_fwd.backward(
-            ln2, dy2, d_h2, None)[:5]
-        d_attn, d_proj_weight, d_proj_bias = _linear_backward(d_proj, attn_out, proj_wc, attn_out.dtype,
-                                                              proj_weight_dtype, proj_bias_dtype, needs[10], needs[11])
-        q, k, v, out, lse, seed = attn.saved_tensors
-        batch, n_tokens, n_heads, head_dim = q.shape
-        d_qkv = torch.empty((batch, n_tokens, 3, n_heads, head_dim), dtype=q.dtype, device=q.device)
-        flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, attn.softmax_scale,
-                                 attn.dropout_p, seed, attn.deterministic)
-        d_qkv = d_qkv.view(batch, n_tokens, 3 * n_heads * head_dim)
-        dy1, d_qkv_weight, d_qkv_bias = _linear_backward(d_qkv, y1c, qkv_wc, ctx.y_dtypes[0], qkv_weight_dtype,
-                                                         qkv_bias_dtype, needs[8], needs[9])
-        d_branch, d_residual, d_norm1_weight, d_norm1_bias, d_gamma_in = _add_layer_norm_fwd.backward(
-            ln1, dy1, d_h1 if ln1.store_residual else None, None)[:5]
-        if not ln1.store_residual:  # h1 was the branch itself
-            d_branch = d_branch + d_h1
-        return (None, d_branch, d_residual, d_gamma_in, None, None, d_norm1_weight, d_norm1_bias, d_qkv_weight,
-                d_qkv_bias, d_proj_weight, d_proj_bias, d_gamma1, None, d_norm2_weight, d_norm2_bias, d_fc1_weight,
-                d_fc1_bias, d_fc2_weight, d_fc2_bias)
+def cpp_step_unavailable() -> Optional[str]:
+    """Why cpp_step() returned None after it was asked, or None."""
+    return _cpp_step if isinstance(_cpp_step, str) else None
+
+
+def _load_cpp_step():
+    from .. import _extension  # not at import: importing vit_kernels asks for no extension
+
+    try:
+        module = _extension.module()
+    except RuntimeError as err:
+        return str(err)
+    if not hasattr(module, "block_step"):
+        return f"the extension loaded from {_extension.load()} predates csrc/block_step.cpp: rebuild it"
+    module.set_block_step_bridge(_run, _add_layer_norm_fwd, _flash_attention_fwd, _bias_gelu_linear_fwd,
+                                 _add_layer_norm_fwd.backward, _bias_gelu_linear_fwd.backward, _attention_backward)
+    return module
 
 
 def block_step_forward(spec: BlockStepSpec, *tensors):
-    """(branch_out, residual_out) of one block: one autograd node when an input needs a gradient."""
+    """(branch_out, residual_out) of one block (the tensors of `_one_node_block_step`'s call, None
+    for an absent one): one autograd node when an input needs a gradient. fast_path_spec made
+    sure that the C++ step exists."""
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
-                return _BlockStep.apply(spec, *tensors)
-    return _block_forward(spec, None, *tensors)[:2]
+                return _cpp_step.block_step(spec, *tensors)
+    return _cpp_step.block_forward_no_grad(spec, *tensors)
