@@ -285,3 +285,31 @@ def test_a_stale_extension_is_named(monkeypatch):
 
     monkeypatch.setattr(_extension, "module", no_extension)
     assert block_step_module._load_cpp_step() == "vit_kernels: compiling the C++ extension failed"
+
+
+def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
+    """An exception raised by an op the C++ node calls back, in its forward or its backward (on
+    autograd's engine), reaches the caller as it was raised."""
+    model = _reference().to(DEVICE).train()
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+
+    def fails(*args):
+        raise ValueError("an op failed")
+
+    try:
+        monkeypatch.setattr(block_step_module, "_attention_backward", fails)
+        block_step_module._load_cpp_step()  # hands the extension the module's functions again
+        with one_node_steps() as count:
+            out = model(images)
+        assert count[0] == TINY["depth"]
+        with pytest.raises(ValueError, match="an op failed"):
+            out.sum().backward()
+        monkeypatch.setattr(block_step_module, "_run", fails)
+        block_step_module._load_cpp_step()
+        with pytest.raises(ValueError, match="an op failed"):
+            model(images)
+    finally:
+        monkeypatch.undo()
+        block_step_module._load_cpp_step()
+    out = model(images)  # the real functions again
+    out.sum().backward()
