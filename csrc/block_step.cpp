@@ -113,7 +113,8 @@ Forward block_forward(const Spec& spec, const py::object& tape, const std::array
   const int64_t batch = branch.size(0), n_tokens = branch.size(1), dim = branch.size(2);
   Bridge& b = *bridge;
   auto rd1 = residual_dtype(branch, t[kResidual], spec.residual_in_fp32_1);
-  bool store = t[kResidual].defined() || t[kGammaIn].defined() || t[kRowScaleIn].defined() || rd1 != branch.scalar_type();
+  bool store = t[kResidual].defined() || t[kGammaIn].defined() || t[kRowScaleIn].defined() ||
+               rd1 != branch.scalar_type();
   py::tuple ln1 = b.run(b.layer_norm, tape, branch, or_none(t[kResidual]), or_none(t[kNorm1Weight]),
                         or_none(t[kNorm1Bias]), or_none(t[kGammaIn]), or_none(t[kRowScaleIn]), spec.eps1, rd1, store);
   Tensor y1 = ln1[0].cast<Tensor>();
@@ -188,7 +189,8 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     }
     saved.insert(saved.end(), f.linear_saved.begin(), f.linear_saved.end());
     ctx->save_for_backward(saved);
-    ctx->saved_data["tape"] = c10::IValue(c10::intrusive_ptr<c10::ivalue::PyObjectHolder>(c10::make_intrusive<TapeHolder>(std::move(tape))));
+    c10::intrusive_ptr<c10::ivalue::PyObjectHolder> holder = c10::make_intrusive<TapeHolder>(std::move(tape));
+    ctx->saved_data["tape"] = c10::IValue(std::move(holder));
     ctx->saved_data["counts"] = counts;
     ctx->saved_data["needs"] = needs;
     ctx->saved_data["y_dtypes"] = std::vector<int64_t>{int64_t(f.y1_dtype), int64_t(f.y2_dtype)};
