@@ -240,7 +240,11 @@ def main():
             print(f"{name:18s} {mode:10s} {times[0] * 1e6:8.1f} {times[1] * 1e6:8.1f} {ratios[0]:10.2f}", flush=True)
     if not args.no_vit:
         models, train_step, inference = vit_cases()
-        print("\nViT-B/16 layout (12 blocks, width 64, 32x32 image, batch 1, bf16 autocast), ms per step")
+        from vit_kernels.nn import block_step
+
+        blocks = ("each block one C++ autograd node" if block_step.cpp_step() is not None
+                  else f"blocks on the per-op path: {block_step.cpp_step_unavailable()}")
+        print(f"\nViT-B/16 layout (12 blocks, width 64, 32x32 image, batch 1, bf16 autocast; {blocks}), ms per step")
         for mode, make_run in (("train step", train_step), ("inference", inference)):
             names = ("timm swapped", "timm")
             times, ratios = interleaved_seconds([make_run(models[name]) for name in names], max(args.reps // 50, 14))
