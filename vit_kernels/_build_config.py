@@ -88,8 +88,8 @@ def sources(csrc: Path, with_cuda: bool):
 def compile_args(with_cuda: bool):
     # No -std flag: torch's build helpers pick the standard its headers need
     # (C++17 up to torch 2.9, C++20 after). -g0 overrides the -g that setup.py's build takes
-    # from Python's own flags (the JIT build adds none): debug info for torch's headers is a
-    # third of each C++ file's compile time (csrc/block_step.cpp: 28 s -> 19 s on a CI core).
+    # from Python's own flags (the JIT build adds none): debug info for torch's headers is about
+    # a third of each C++ file's compile time.
     cxx = ["-O3", "-g0"]
     args = {"cxx": cxx + (["-DVIT_KERNELS_WITH_CUDA"] if with_cuda else [])}
     if with_cuda:
