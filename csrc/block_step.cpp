@@ -160,18 +160,22 @@ LinearGrads linear_backward(const Tensor& grad, const Tensor& x, const Tensor& w
 constexpr int kTapeLength = 4;  // add + LayerNorm 1, attention, add + LayerNorm 2, MLP
 
 struct BlockStep : public torch::autograd::Function<BlockStep> {
-  static variable_list forward(AutogradContext* ctx, const Spec& spec, const std::array<OptTensor, kSlots>& args,
-                               const OptTensor& branch, const OptTensor& residual, const OptTensor& gamma_in,
+  // One parameter a slot, in Slot order: apply() finds the node's inputs among its arguments.
+  static variable_list forward(AutogradContext* ctx, const Spec& spec, const OptTensor& branch, const OptTensor& residual, const OptTensor& gamma_in,
                                const OptTensor& row_scale_in, const OptTensor& seed, const OptTensor& norm1_weight,
                                const OptTensor& norm1_bias, const OptTensor& qkv_weight, const OptTensor& qkv_bias,
                                const OptTensor& proj_weight, const OptTensor& proj_bias, const OptTensor& gamma1,
                                const OptTensor& row_scale1, const OptTensor& norm2_weight, const OptTensor& norm2_bias,
                                const OptTensor& fc1_weight, const OptTensor& fc1_bias, const OptTensor& fc2_weight,
                                const OptTensor& fc2_bias) {
+    const std::array<const OptTensor*, kSlots> args = {
+        &branch, &residual, &gamma_in, &row_scale_in, &seed, &norm1_weight, &norm1_bias, &qkv_weight, &qkv_bias,
+        &proj_weight, &proj_bias, &gamma1, &row_scale1, &norm2_weight, &norm2_bias, &fc1_weight, &fc1_bias,
+        &fc2_weight, &fc2_bias};
     std::array<Tensor, kSlots> t;
     int64_t needs = 0;  // bit i: slot i requires a gradient (Python's ctx.needs_input_grad)
     for (int i = 0; i < kSlots; ++i) {
-      t[i] = value_or_undefined(args[i]);
+      t[i] = value_or_undefined(*args[i]);
       if (t[i].defined() && t[i].requires_grad()) needs |= int64_t{1} << i;
     }
     py::list tape;
@@ -276,9 +280,9 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     py::tuple ln1 = b.layer_norm_backward(tape[0], qkv.dx, store_residual ? or_none(d_h1) : py::none(), py::none());
     Tensor d_branch = tensor_or_undefined(ln1[0]);
     if (!store_residual) d_branch = d_branch + d_h1;  // h1 was the branch itself
-    // One gradient per forward argument: spec, the args array, then the slots.
-    variable_list out(2 + kSlots);
-    Tensor* g = out.data() + 2;
+    // One gradient per forward argument: spec, then the slots.
+    variable_list out(1 + kSlots);
+    Tensor* g = out.data() + 1;
     g[kBranch] = d_branch;
     g[kResidual] = tensor_or_undefined(ln1[1]);
     g[kGammaIn] = tensor_or_undefined(ln1[4]);
@@ -317,7 +321,7 @@ std::array<OptTensor, kSlots> slots(const py::args& tensors) {
 py::tuple block_step(const py::object& spec_object, const py::args& tensors) {
   Spec spec(spec_object);
   auto s = slots(tensors);
-  auto outputs = BlockStep::apply(spec, s, s[kBranch], s[kResidual], s[kGammaIn], s[kRowScaleIn], s[kSeed],
+  auto outputs = BlockStep::apply(spec, s[kBranch], s[kResidual], s[kGammaIn], s[kRowScaleIn], s[kSeed],
                                   s[kNorm1Weight], s[kNorm1Bias], s[kQkvWeight], s[kQkvBias], s[kProjWeight],
                                   s[kProjBias], s[kGamma1], s[kRowScale1], s[kNorm2Weight], s[kNorm2Bias],
                                   s[kFc1Weight], s[kFc1Bias], s[kFc2Weight], s[kFc2Bias]);
