@@ -11,7 +11,10 @@
 // of ~30 aten calls a block is host time eager's block does not spend
 // (benchmarks/results/cpu-host-overhead-2026-12-06.md measures what it saves).
 
+#include "launch_plan.h"
+
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/python.h>
@@ -29,10 +32,13 @@ using OptTensor = std::optional<Tensor>;
 
 // The Python functions this node calls, set once by nn/block_step.py at its first C++ step.
 struct Bridge {
-  py::object run;                  // _run(op, tape, *inputs): op.impl, its context appended to tape
+  py::object setup;                // _setup(op, tape, inputs, output): op's context appended to tape
   py::object layer_norm, attention, mlp;            // the FusedOps
+  py::object bias_gelu;            // the MLP's first part (its impl is bias_gelu then fc2's F.linear)
+  py::object layer_norm_impl, attention_impl;       // the FusedOps' impls
   py::object layer_norm_backward, mlp_backward;     // their registered backwards
-  py::object attention_backward;   // _attention_backward(ctx, d_attn) -> packed [B, N, 3 * D] gradient
+  py::object attention_backward;   // _attention_backward(d_attn, q, k, v, out, lse, scale, p, seed,
+                                   //   deterministic) -> packed [B, N, 3 * D] gradient
 };
 Bridge* bridge = nullptr;  // never freed: a py::object must not outlive the interpreter's finalization
 
@@ -107,6 +113,28 @@ struct Forward {
   at::ScalarType y1_dtype, y2_dtype;
 };
 
+// Appends op's context to the tape, as autograd would set it up for this call.
+void setup_op(const py::object& op, const py::object& tape, const std::vector<OpArg>& inputs,
+              const std::vector<Tensor>& out) {
+  py::tuple in(inputs.size()), outputs(out.size());
+  for (size_t i = 0; i < inputs.size(); ++i) in[i] = inputs[i].to_python();
+  for (size_t i = 0; i < out.size(); ++i) outputs[i] = py::cast(out[i]);
+  bridge->setup(op, tape, in, outputs.size() == 1 ? py::object(outputs[0]) : py::object(outputs));
+}
+
+// An op's impl, replayed from its launch plan where one was recorded (csrc/launch_plan.cpp); with a
+// tape, the op's context appended to it as autograd would set it up.
+std::vector<Tensor> run_op(PlanSite site, const py::object& impl, const py::object& op, const py::object& tape,
+                           const std::vector<OpArg>& inputs) {
+  std::vector<Tensor> out = call_planned(site, impl, inputs);
+  if (!tape.is_none()) setup_op(op, tape, inputs, out);
+  return out;
+}
+
+py::object dtype_object(at::ScalarType dtype) {
+  return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
+}
+
 // The block's forward with autograd off, each op's context on `tape` (None: no backward).
 Forward block_forward(const Spec& spec, const py::object& tape, const std::array<Tensor, kSlots>& t) {
   const Tensor& branch = t[kBranch];
@@ -115,27 +143,34 @@ Forward block_forward(const Spec& spec, const py::object& tape, const std::array
   auto rd1 = residual_dtype(branch, t[kResidual], spec.residual_in_fp32_1);
   bool store = t[kResidual].defined() || t[kGammaIn].defined() || t[kRowScaleIn].defined() ||
                rd1 != branch.scalar_type();
-  py::tuple ln1 = b.run(b.layer_norm, tape, branch, or_none(t[kResidual]), or_none(t[kNorm1Weight]),
-                        or_none(t[kNorm1Bias]), or_none(t[kGammaIn]), or_none(t[kRowScaleIn]), spec.eps1, rd1, store);
-  Tensor y1 = ln1[0].cast<Tensor>();
-  Tensor h1 = store ? ln1[1].cast<Tensor>() : branch;
+  auto ln1 = run_op(PlanSite::kAddLayerNormFwd, b.layer_norm_impl, b.layer_norm, tape,
+                    {branch, t[kResidual], t[kNorm1Weight], t[kNorm1Bias], t[kGammaIn], t[kRowScaleIn], spec.eps1,
+                     dtype_object(rd1), py::bool_(store)});
+  Tensor y1 = ln1[0];
+  Tensor h1 = store ? ln1[1] : branch;
   auto dtype = linear_compute_dtype(y1);
   Tensor y1c = as_dtype(y1, dtype), qkv_wc = as_dtype(t[kQkvWeight], dtype);
   Tensor qkv = at::linear(y1c, qkv_wc, opt(as_dtype(t[kQkvBias], dtype)));
   auto qkv_parts = qkv.view({batch, n_tokens, 3, spec.num_heads, spec.head_dim}).unbind(2);
-  py::tuple attn = b.run(b.attention, tape, qkv_parts[0], qkv_parts[1], qkv_parts[2], spec.softmax_scale,
-                         spec.dropout_p, or_none(t[kSeed]), true);
-  Tensor attn_out = attn[0].cast<Tensor>().view({batch, n_tokens, dim});
+  auto attn = run_op(PlanSite::kAttentionFwd, b.attention_impl, b.attention, tape,
+                     {qkv_parts[0], qkv_parts[1], qkv_parts[2], spec.softmax_scale, spec.dropout_p, t[kSeed],
+                      py::bool_(true)});
+  Tensor attn_out = attn[0].view({batch, n_tokens, dim});
   Tensor proj_wc = as_dtype(t[kProjWeight], dtype);
   Tensor proj = at::linear(attn_out, proj_wc, opt(as_dtype(t[kProjBias], dtype)));
   auto rd2 = residual_dtype(proj, h1, spec.residual_in_fp32_2);
-  py::tuple ln2 = b.run(b.layer_norm, tape, proj, h1, or_none(t[kNorm2Weight]), or_none(t[kNorm2Bias]),
-                        or_none(t[kGamma1]), or_none(t[kRowScale1]), spec.eps2, rd2, true);
-  Tensor y2 = ln2[0].cast<Tensor>(), h2 = ln2[1].cast<Tensor>();
+  auto ln2 = run_op(PlanSite::kAddLayerNormFwd, b.layer_norm_impl, b.layer_norm, tape,
+                    {proj, h1, t[kNorm2Weight], t[kNorm2Bias], t[kGamma1], t[kRowScale1], spec.eps2, dtype_object(rd2),
+                     py::bool_(true)});
+  Tensor y2 = ln2[0], h2 = ln2[1];
   Tensor y2c = as_dtype(y2, dtype), fc1_wc = as_dtype(t[kFc1Weight], dtype);
   Tensor hidden = at::linear(y2c, fc1_wc);
-  Tensor out = b.run(b.mlp, tape, hidden, or_none(t[kFc1Bias]), as_dtype(t[kFc2Weight], dtype).contiguous(),
-                     or_none(as_dtype(t[kFc2Bias], dtype)), spec.approximate).cast<Tensor>();
+  // The fused MLP's impl, F.linear(bias_gelu(hidden, fc1_bias), fc2's weight, fc2's bias), with its
+  // bias + GELU planned.
+  Tensor fc2_wc = as_dtype(t[kFc2Weight], dtype).contiguous(), fc2_bc = as_dtype(t[kFc2Bias], dtype);
+  Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, b.bias_gelu, {hidden, t[kFc1Bias], spec.approximate})[0];
+  Tensor out = at::linear(gelu, fc2_wc, opt(fc2_bc));
+  if (!tape.is_none()) setup_op(b.mlp, tape, {hidden, t[kFc1Bias], fc2_wc, fc2_bc, spec.approximate}, {out});
   return {out, h2, {y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc}, y1.scalar_type(), y2.scalar_type()};
 }
 
@@ -218,6 +253,7 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
       tape[i].attr("saved_tensors") = op_saved;
     }
     variable_list linear_saved(saved.begin() + next, saved.end());
+    variable_list attention_saved(saved.begin() + counts[0], saved.begin() + counts[0] + counts[1]);
     // Nothing on the tape may keep a saved tensor past this call: an unpacked output (h2) refers to
     // this node through its grad_fn, and that cycle through Python objects would keep the block's
     // activations alive until Python's cyclic collector found them, hundreds of steps later, its
@@ -236,7 +272,7 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     variable_list out;
     {
       at::AutoGradMode no_grad(false);
-      out = run_backward(ctx, tape, grads[0], grads[1], linear_saved);
+      out = run_backward(ctx, tape, grads[0], grads[1], linear_saved, attention_saved);
     }
     bool grads_need_grad = false;
     for (const auto& g : grads) grads_need_grad |= g.defined() && g.requires_grad();
@@ -251,7 +287,8 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
   }
 
   static variable_list run_backward(AutogradContext* ctx, const py::list& tape, const Tensor& d_out,
-                                    const Tensor& d_h2, const variable_list& linear_saved) {
+                                    const Tensor& d_h2, const variable_list& linear_saved,
+                                    const variable_list& attention_saved) {
     Bridge& b = *bridge;
     const Tensor &y1c = linear_saved[0], &qkv_wc = linear_saved[1], &attn_out = linear_saved[2],
                  &proj_wc = linear_saved[3], &y2c = linear_saved[4], &fc1_wc = linear_saved[5];
@@ -273,7 +310,12 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     Tensor d_proj = tensor_or_undefined(ln2[0]), d_h1 = tensor_or_undefined(ln2[1]);
     auto proj = linear_backward(d_proj, attn_out, proj_wc, attn_out.scalar_type(), dtype(p[2]), opt_dtype(p[3]),
                                 need(kProjWeight), need(kProjBias));
-    Tensor d_qkv = b.attention_backward(tape[1], proj.dx).cast<Tensor>();
+    const variable_list& a = attention_saved;  // q, k, v, out, lse, seed
+    py::object attention = tape[1];
+    Tensor d_qkv = call_planned(PlanSite::kAttentionBwd, b.attention_backward,
+                                {proj.dx, a[0], a[1], a[2], a[3], a[4], py::object(attention.attr("softmax_scale")),
+                                 py::object(attention.attr("dropout_p")), a[5],
+                                 py::object(attention.attr("deterministic"))})[0];
     auto qkv = linear_backward(d_qkv, y1c, qkv_wc, dtype(y_dtypes[0]), dtype(p[0]), opt_dtype(p[1]),
                                need(kQkvWeight), need(kQkvBias));
     bool store_residual = tape[0].attr("store_residual").cast<bool>();
@@ -338,11 +380,14 @@ py::tuple block_forward_no_grad(const py::object& spec_object, const py::args& t
   return py::make_tuple(f.out, f.h2);
 }
 
-void set_block_step_bridge(py::object run, py::object layer_norm, py::object attention, py::object mlp,
-                           py::object layer_norm_backward, py::object mlp_backward, py::object attention_backward) {
+void set_block_step_bridge(py::object setup, py::object layer_norm, py::object attention, py::object mlp,
+                           py::object bias_gelu, py::object layer_norm_backward, py::object mlp_backward,
+                           py::object attention_backward) {
   if (bridge == nullptr) bridge = new Bridge;
-  *bridge = Bridge{std::move(run), std::move(layer_norm), std::move(attention), std::move(mlp),
-                   std::move(layer_norm_backward), std::move(mlp_backward), std::move(attention_backward)};
+  py::object layer_norm_impl = layer_norm.attr("impl"), attention_impl = attention.attr("impl");
+  *bridge = Bridge{std::move(setup), std::move(layer_norm), std::move(attention), std::move(mlp), std::move(bias_gelu),
+                   std::move(layer_norm_impl), std::move(attention_impl), std::move(layer_norm_backward),
+                   std::move(mlp_backward), std::move(attention_backward)};
 }
 
 }  // namespace
@@ -351,6 +396,7 @@ void define_block_step(py::module_& m) {
   m.def("set_block_step_bridge", &set_block_step_bridge);
   m.def("block_step", &block_step);
   m.def("block_forward_no_grad", &block_forward_no_grad);
+  define_launch_plans(m);
 }
 
 }  // namespace vit_kernels

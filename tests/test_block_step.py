@@ -274,11 +274,16 @@ def test_without_the_cpp_step_blocks_take_the_per_op_path(seed, monkeypatch):
 
 
 def test_a_stale_extension_is_named(monkeypatch):
-    """An extension built before csrc/block_step.cpp existed: the reason says to rebuild it."""
+    """An extension built before csrc/launch_plan.cpp existed (with or without the block step):
+    the reason says to rebuild it."""
+    from types import SimpleNamespace
+
     from vit_kernels import _extension
 
     monkeypatch.setattr(_extension, "module", lambda: object())
-    assert "predates csrc/block_step.cpp" in block_step_module._load_cpp_step()
+    assert "predates csrc/launch_plan.cpp" in block_step_module._load_cpp_step()
+    monkeypatch.setattr(_extension, "module", lambda: SimpleNamespace(block_step=None, set_block_step_bridge=None))
+    assert "predates csrc/launch_plan.cpp" in block_step_module._load_cpp_step()
 
     def no_extension():
         raise RuntimeError("vit_kernels: compiling the C++ extension failed")
@@ -304,10 +309,12 @@ def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
         assert count[0] == TINY["depth"]
         with pytest.raises(ValueError, match="an op failed"):
             out.sum().backward()
-        monkeypatch.setattr(block_step_module, "_run", fails)
-        block_step_module._load_cpp_step()
-        with pytest.raises(ValueError, match="an op failed"):
-            model(images)
+        for name in ("_setup", "_bias_gelu_fwd_impl"):  # an op context's set-up; an op body (its launch plan's too)
+            monkeypatch.setattr(block_step_module, name, fails)
+            block_step_module._load_cpp_step()
+            with pytest.raises(ValueError, match="an op failed"):
+                model(images)
+            monkeypatch.undo()
     finally:
         monkeypatch.undo()
         block_step_module._load_cpp_step()

@@ -164,8 +164,23 @@ def _launch_path(*args, **env_vars):
 
 @pytest.fixture(scope="module")
 def vit_steps():
-    return (_launch_path("vit-step"), _launch_path("vit-step", "--triton-path"),
-            _launch_path("vit-step", VIT_KERNELS_C_LAUNCH="0"))
+    """Without launch plans (their replays hand the C launcher addresses as integers, which these
+    tests cannot tell apart; tests/test_launch_plans.py holds the replays to the bodies)."""
+    return (_launch_path("vit-step", VIT_KERNELS_LAUNCH_PLANS="0"),
+            _launch_path("vit-step", "--triton-path", VIT_KERNELS_LAUNCH_PLANS="0"),
+            _launch_path("vit-step", VIT_KERNELS_C_LAUNCH="0", VIT_KERNELS_LAUNCH_PLANS="0"))
+
+
+def test_training_steps_with_plans_run_no_triton_launch_path_after_warm_up():
+    """With the launch plans on (the default), too: from the second step on, no launch goes through
+    Triton's launch path and no autotuner benchmarks."""
+    rounds = _launch_path("vit-step")
+    for model in ("timm swapped", "reference"):
+        first, *later = [r for r in rounds if r["name"].startswith(model)]
+        assert first["launches"], model
+        for step in later:
+            assert step["runs"] == [] and step["benchmarks"] == 0, step["name"]
+            assert len(step["launches"]) == len(first["launches"]), step["name"]
 
 
 def test_training_steps_after_warm_up_launch_only_bound_kernels(vit_steps):

@@ -25,15 +25,17 @@ Every tensor the backward needs goes through the node's `save_for_backward`, so 
 checkpointing and saved-tensor hooks see it.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .._dispatch import runs_kernel, tracing
+from .._dispatch import TRACED_LAUNCHES, runs_kernel, tracing
+from ..ops import _launcher, _plans
 from ..ops.attention import _attn_fwd_kernel, _flash_attention_fwd, flash_attention_bwd_into
-from ..ops.bias_gelu import _bias_gelu_fwd_kernel
+from ..ops.bias_gelu import _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel
 from ..ops.bias_gelu_linear import _bias_gelu_linear_fwd
 from ..ops.layer_norm import _add_layer_norm_fwd, _add_layer_norm_fwd_kernel
 from ._hooks import global_hooks_installed, runs_plainly
@@ -114,23 +116,21 @@ class _OpContext:
         self.saved_tensors = tensors
 
 
-def _run(op, tape: Optional[list], *inputs):
-    """`op`'s impl, its context appended to `tape` (None: no backward will run)."""
-    output = op.impl(*inputs)
-    if tape is not None:
-        ctx = _OpContext()
-        op.setup_context(ctx, inputs, output)
-        tape.append(ctx)
-    return output
+def _setup(op, tape: list, inputs: tuple, output) -> None:
+    """`op`'s context for this call (its impl's `inputs` and `output`), appended to `tape`."""
+    ctx = _OpContext()
+    op.setup_context(ctx, inputs, output)
+    tape.append(ctx)
 
 
-def _attention_backward(attn: _OpContext, d_attn: Tensor) -> Tensor:
-    """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d]."""
-    q, k, v, out, lse, seed = attn.saved_tensors
+def _attention_backward(d_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        softmax_scale: float, dropout_p: float, seed: Optional[Tensor], deterministic: bool) -> Tensor:
+    """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d] (the
+    node calls it with its attention context's saved tensors and attributes)."""
     batch, n_tokens, n_heads, head_dim = q.shape
     d_qkv = torch.empty((batch, n_tokens, 3, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, attn.softmax_scale,
-                             attn.dropout_p, seed, attn.deterministic)
+    flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, softmax_scale, dropout_p,
+                             seed, deterministic)
     return d_qkv.view(batch, n_tokens, 3 * n_heads * head_dim)
 
 
@@ -159,11 +159,23 @@ def _load_cpp_step():
         module = _extension.module()
     except RuntimeError as err:
         return str(err)
-    if not hasattr(module, "block_step"):
-        return f"the extension loaded from {_extension.load()} predates csrc/block_step.cpp: rebuild it"
-    module.set_block_step_bridge(_run, _add_layer_norm_fwd, _flash_attention_fwd, _bias_gelu_linear_fwd,
-                                 _add_layer_norm_fwd.backward, _bias_gelu_linear_fwd.backward, _attention_backward)
+    if not hasattr(module, "set_launch_plans"):
+        return f"the extension loaded from {_extension.load()} predates csrc/launch_plan.cpp: rebuild it"
+    module.set_block_step_bridge(_setup, _add_layer_norm_fwd, _flash_attention_fwd, _bias_gelu_linear_fwd,
+                                 _bias_gelu_fwd_impl, _add_layer_norm_fwd.backward, _bias_gelu_linear_fwd.backward,
+                                 _attention_backward)
+    set_launch_plans(module, os.environ.get(LAUNCH_PLANS_ENV) != "0")
     return module
+
+
+LAUNCH_PLANS_ENV = "VIT_KERNELS_LAUNCH_PLANS"  # "0": every op body runs in Python on every call
+
+
+def set_launch_plans(module, enabled: bool) -> None:
+    """Turns the launch plans of the block step's forward ops (ops/_plans.py) on or off; either
+    way, every plan kept so far is dropped."""
+    module.set_launch_plans(_plans.record if enabled else None, _launcher, _launcher._hooks_installed,
+                            TRACED_LAUNCHES)
 
 
 def block_step_forward(spec: BlockStepSpec, *tensors):

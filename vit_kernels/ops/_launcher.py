@@ -182,6 +182,20 @@ class Launcher:
         bound[(driver.active.get_current_device(), signature)] = (compiled.run, compiled.function,
                                                                   compiled.packed_metadata)
 
+    def bound_entry(self, args, kwargs):
+        """(C launcher, function handle, packed metadata, the arguments in parameter order) of the
+        compiled kernel this call would launch straight away on its bound path, or None where
+        it would go through Triton's (a first launch, an unbindable argument, a launch hook,
+        tracing): what ops/_plans.py records."""
+        if self._bind is None or TRACED_LAUNCHES.on or _hooks_installed():
+            return None
+        try:
+            arguments, signature = self._bind(*args, **kwargs)
+        except (_Unbindable, AttributeError):
+            return None
+        entry = self._bound.get((driver.active.get_current_device(), signature)) if self._bound else None
+        return None if entry is None else (*entry, arguments)
+
     def _first_launch(self, grid, args, kwargs):
         """Learn each runtime parameter's role from this call, make the binder, and launch through it."""
         if interpreted(self.kernel):
