@@ -1,14 +1,16 @@
 // A pre-LN block's forward and backward as one C++ autograd node.
 //
 // vit_kernels/nn/block_step.py says what the one-node step fuses, when a block takes it and why.
-// Here: the node, and the aten work between the ops (casts, GEMMs, views, the Linears' backward
-// formulas). Each op's kernels are launched by that op's Python `impl` and registered `backward`,
-// called back through `Bridge`, so that no op's host logic (configs, grids, validation, the bound
-// launch) is written twice. The ops run in the per-op path's order with its roundings: outputs
-// and gradients are bit-equal to it (tests/test_block_step.py).
+// Here: the node, the aten work between the ops (casts, GEMMs, views, the Linears' backward
+// formulas), what each op's setup_context saves and each op's backward glue (the sums and casts
+// around its launches). The launches stay in each op's Python body (configs, grids, the bound
+// launch), called back through `Bridge` or replayed from its launch plan (csrc/launch_plan.cpp),
+// so no op's kernel-side host logic is written twice. The ops run in the per-op path's order with
+// its roundings: outputs and gradients are bit-equal to it (tests/test_block_step.py), which holds
+// the glue written here to the Python it twins.
 //
-// Why C++ for the glue: at the batch sizes where a ViT step is host-bound, Python's interpretation
-// of ~30 aten calls a block is host time eager's block does not spend
+// Why C++: at the batch sizes where a ViT step is host-bound, Python's interpretation of ~30 aten
+// calls a block, and of the ops' bodies, is host time eager's block does not spend
 // (benchmarks/results/cpu-host-overhead-2026-12-06.md measures what it saves).
 
 #include "launch_plan.h"
@@ -30,13 +32,11 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
-// The Python functions this node calls, set once by nn/block_step.py at its first C++ step.
+// The op bodies this node calls (or replays), set once by nn/block_step.py at its first C++ step.
 struct Bridge {
-  py::object setup;                // _setup(op, tape, inputs, output): op's context appended to tape
-  py::object layer_norm, attention, mlp;            // the FusedOps
-  py::object bias_gelu;            // the MLP's first part (its impl is bias_gelu then fc2's F.linear)
-  py::object layer_norm_impl, attention_impl;       // the FusedOps' impls
-  py::object layer_norm_backward, mlp_backward;     // their registered backwards
+  py::object layer_norm, attention, bias_gelu;  // the forwards' impls (the fused MLP's is bias_gelu, then fc2)
+  py::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_partials
+  py::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
   py::object attention_backward;   // _attention_backward(d_attn, q, k, v, out, lse, scale, p, seed,
                                    //   deterministic) -> packed [B, N, 3 * D] gradient
 };
@@ -63,26 +63,6 @@ struct Spec {
         num_heads(spec.attr("num_heads").cast<int64_t>()), head_dim(spec.attr("head_dim").cast<int64_t>()) {}
 };
 
-// The tape of op contexts, kept in the node's saved_data (torch's own holder of a Python object is
-// not exported to extensions). Only this file reads it back; TorchScript never sees it.
-struct TapeHolder final : c10::ivalue::PyObjectHolder {
-  explicit TapeHolder(py::object tape) : tape(std::move(tape)) {}
-  ~TapeHolder() override {
-    py::gil_scoped_acquire gil;  // the node may be freed on the autograd engine's thread
-    tape = py::object();
-  }
-  PyObject* getPyObject() override { return tape.ptr(); }
-  c10::InferredType tryToInferType() override { return c10::InferredType("a vit_kernels block step's tape"); }
-  c10::IValue toIValue(const c10::TypePtr&, std::optional<int32_t>) override {
-    TORCH_CHECK(false, "a vit_kernels block step's tape has no TorchScript value");
-  }
-  std::string toStr() override { return "<vit_kernels block step tape>"; }
-  std::vector<at::Tensor> extractTensors() override { return {}; }
-  py::object tape;
-};
-
-py::object or_none(const Tensor& t) { return t.defined() ? py::cast(t) : py::none(); }
-Tensor tensor_or_undefined(const py::handle& h) { return h.is_none() ? Tensor() : h.cast<Tensor>(); }
 Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
 // as_dtype in ops/_triton_helpers.py: no call when the dtype is already right.
@@ -107,71 +87,139 @@ at::ScalarType residual_dtype(const Tensor& x, const Tensor& residual, bool resi
 
 std::optional<Tensor> opt(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-struct Forward {
-  Tensor out, h2;
-  variable_list linear_saved;  // (y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc)
-  at::ScalarType y1_dtype, y2_dtype;
-};
-
-// Appends op's context to the tape, as autograd would set it up for this call.
-void setup_op(const py::object& op, const py::object& tape, const std::vector<OpArg>& inputs,
-              const std::vector<Tensor>& out) {
-  py::tuple in(inputs.size()), outputs(out.size());
-  for (size_t i = 0; i < inputs.size(); ++i) in[i] = inputs[i].to_python();
-  for (size_t i = 0; i < out.size(); ++i) outputs[i] = py::cast(out[i]);
-  bridge->setup(op, tape, in, outputs.size() == 1 ? py::object(outputs[0]) : py::object(outputs));
-}
-
-// An op's impl, replayed from its launch plan where one was recorded (csrc/launch_plan.cpp); with a
-// tape, the op's context appended to it as autograd would set it up.
-std::vector<Tensor> run_op(PlanSite site, const py::object& impl, const py::object& op, const py::object& tape,
-                           const std::vector<OpArg>& inputs) {
-  std::vector<Tensor> out = call_planned(site, impl, inputs);
-  if (!tape.is_none()) setup_op(op, tape, inputs, out);
-  return out;
+// ops/_triton_helpers.as_rows
+Tensor as_rows(const Tensor& t, int64_t n_cols) {
+  Tensor t2 = t.reshape({-1, n_cols});
+  return t2.stride(-1) == 1 || t2.size(0) == 0 ? t2 : t2.contiguous();
 }
 
 py::object dtype_object(at::ScalarType dtype) {
   return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
 }
 
-// The block's forward with autograd off, each op's context on `tape` (None: no backward).
-Forward block_forward(const Spec& spec, const py::object& tape, const std::array<Tensor, kSlots>& t) {
+// What the backward reads, in the node's save_for_backward order: what each op's setup_context
+// saves in the per-op path (ops/layer_norm.py, ops/attention.py, ops/bias_gelu_linear.py), then the
+// Linears' inputs.
+enum Saved {
+  kLn1X, kLn1H, kLn1Weight, kLn1Bias, kLn1Gamma, kLn1RowScale, kLn1Stats,
+  kQ, kK, kV, kAttnOut, kLse, kAttnSeed,
+  kLn2X, kLn2H, kLn2Weight, kLn2Bias, kLn2Gamma, kLn2RowScale, kLn2Stats,
+  kHidden, kMlpBias, kMlpWeight,
+  kY1c, kQkvWc, kAttnOut2d, kProjWc, kY2c, kFc1Wc,
+  kSavedCount
+};
+
+// An add + LayerNorm's context attributes (ops/layer_norm._setup_context).
+struct LayerNormMeta {
+  bool has_residual, store_residual;
+  at::ScalarType residual_dtype;  // the residual input's, where there is one
+};
+
+struct Forward {
+  Tensor out, h2;
+  variable_list saved;  // in Saved order, when a backward will run
+  LayerNormMeta ln1, ln2;
+  at::ScalarType y1_dtype, y2_dtype, fc2_bias_dtype;
+};
+
+// The block's forward with autograd off; with `for_backward`, what the backward needs.
+Forward block_forward(const Spec& spec, bool for_backward, const std::array<Tensor, kSlots>& t) {
   const Tensor& branch = t[kBranch];
   const int64_t batch = branch.size(0), n_tokens = branch.size(1), dim = branch.size(2);
   Bridge& b = *bridge;
   auto rd1 = residual_dtype(branch, t[kResidual], spec.residual_in_fp32_1);
   bool store = t[kResidual].defined() || t[kGammaIn].defined() || t[kRowScaleIn].defined() ||
                rd1 != branch.scalar_type();
-  auto ln1 = run_op(PlanSite::kAddLayerNormFwd, b.layer_norm_impl, b.layer_norm, tape,
-                    {branch, t[kResidual], t[kNorm1Weight], t[kNorm1Bias], t[kGammaIn], t[kRowScaleIn], spec.eps1,
-                     dtype_object(rd1), py::bool_(store)});
+  auto ln1 = call_planned(PlanSite::kAddLayerNormFwd, b.layer_norm,
+                          {branch, t[kResidual], t[kNorm1Weight], t[kNorm1Bias], t[kGammaIn], t[kRowScaleIn],
+                           spec.eps1, dtype_object(rd1), py::bool_(store)});
   Tensor y1 = ln1[0];
   Tensor h1 = store ? ln1[1] : branch;
   auto dtype = linear_compute_dtype(y1);
   Tensor y1c = as_dtype(y1, dtype), qkv_wc = as_dtype(t[kQkvWeight], dtype);
   Tensor qkv = at::linear(y1c, qkv_wc, opt(as_dtype(t[kQkvBias], dtype)));
   auto qkv_parts = qkv.view({batch, n_tokens, 3, spec.num_heads, spec.head_dim}).unbind(2);
-  auto attn = run_op(PlanSite::kAttentionFwd, b.attention_impl, b.attention, tape,
-                     {qkv_parts[0], qkv_parts[1], qkv_parts[2], spec.softmax_scale, spec.dropout_p, t[kSeed],
-                      py::bool_(true)});
+  auto attn = call_planned(PlanSite::kAttentionFwd, b.attention,
+                           {qkv_parts[0], qkv_parts[1], qkv_parts[2], spec.softmax_scale, spec.dropout_p, t[kSeed],
+                            py::bool_(true)});
   Tensor attn_out = attn[0].view({batch, n_tokens, dim});
   Tensor proj_wc = as_dtype(t[kProjWeight], dtype);
   Tensor proj = at::linear(attn_out, proj_wc, opt(as_dtype(t[kProjBias], dtype)));
   auto rd2 = residual_dtype(proj, h1, spec.residual_in_fp32_2);
-  auto ln2 = run_op(PlanSite::kAddLayerNormFwd, b.layer_norm_impl, b.layer_norm, tape,
-                    {proj, h1, t[kNorm2Weight], t[kNorm2Bias], t[kGamma1], t[kRowScale1], spec.eps2, dtype_object(rd2),
-                     py::bool_(true)});
+  auto ln2 = call_planned(PlanSite::kAddLayerNormFwd, b.layer_norm,
+                          {proj, h1, t[kNorm2Weight], t[kNorm2Bias], t[kGamma1], t[kRowScale1], spec.eps2,
+                           dtype_object(rd2), py::bool_(true)});
   Tensor y2 = ln2[0], h2 = ln2[1];
   Tensor y2c = as_dtype(y2, dtype), fc1_wc = as_dtype(t[kFc1Weight], dtype);
   Tensor hidden = at::linear(y2c, fc1_wc);
-  // The fused MLP's impl, F.linear(bias_gelu(hidden, fc1_bias), fc2's weight, fc2's bias), with its
-  // bias + GELU planned.
+  // The fused MLP's impl, F.linear(bias_gelu(hidden, fc1_bias), fc2's weight, fc2's bias).
   Tensor fc2_wc = as_dtype(t[kFc2Weight], dtype).contiguous(), fc2_bc = as_dtype(t[kFc2Bias], dtype);
   Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, b.bias_gelu, {hidden, t[kFc1Bias], spec.approximate})[0];
   Tensor out = at::linear(gelu, fc2_wc, opt(fc2_bc));
-  if (!tape.is_none()) setup_op(b.mlp, tape, {hidden, t[kFc1Bias], fc2_wc, fc2_bc, spec.approximate}, {out});
-  return {out, h2, {y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc}, y1.scalar_type(), y2.scalar_type()};
+  Forward f;
+  f.out = out;
+  f.h2 = h2;
+  f.ln1 = {t[kResidual].defined(), store, t[kResidual].defined() ? t[kResidual].scalar_type() : branch.scalar_type()};
+  f.ln2 = {true, true, h1.scalar_type()};
+  f.y1_dtype = y1.scalar_type();
+  f.y2_dtype = y2.scalar_type();
+  f.fc2_bias_dtype = fc2_bc.defined() ? fc2_bc.scalar_type() : dtype;
+  if (for_backward) {
+    f.saved = {t[kGammaIn].defined() ? branch : Tensor(), store ? ln1[1] : branch, t[kNorm1Weight], t[kNorm1Bias],
+               t[kGammaIn], t[kRowScaleIn], ln1[2],
+               qkv_parts[0], qkv_parts[1], qkv_parts[2], attn[0], attn[1], t[kSeed],
+               t[kGamma1].defined() ? proj : Tensor(), h2, t[kNorm2Weight], t[kNorm2Bias], t[kGamma1], t[kRowScale1],
+               ln2[2],
+               hidden, t[kFc1Bias], fc2_wc,
+               y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc};
+  }
+  return f;
+}
+
+// ops/layer_norm.py's _backward: its launch replayed from its plan (add_layer_norm_bwd_partials),
+// the parameter gradients summed and cast here. `s`: its saved tensors (x with gamma, h, weight,
+// bias, gamma, row_scale, stats).
+struct LayerNormGrads {
+  Tensor dx, dresidual, dweight, dbias, dgamma;
+};
+LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out, const Tensor* s,
+                                   const LayerNormMeta& m) {
+  bool separate = m.has_residual && (s[4].defined() || s[5].defined() || m.residual_dtype != dy.scalar_type());
+  auto r = call_planned(PlanSite::kAddLayerNormBwd, bridge->layer_norm_backward,
+                        {dy, m.store_residual ? dresidual_out : Tensor(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                         separate ? dtype_object(m.residual_dtype) : py::object(py::none())});
+  LayerNormGrads g;
+  g.dx = r[0];
+  if (m.has_residual) g.dresidual = separate ? r[1] : r[0];
+  Tensor sums = r[2].sum(1);
+  int64_t row = 0;
+  Tensor* grads[3] = {&g.dweight, &g.dbias, &g.dgamma};
+  for (int i = 0; i < 3; ++i) {
+    if (s[2 + i].defined()) *grads[i] = as_dtype(sums.select(0, row++), s[2 + i].scalar_type());
+  }
+  return g;
+}
+
+// ops/bias_gelu_linear.py's backward (_backward, _bias_gelu_linear_bwd_impl) with its input's
+// gradient needed, as it always is here: its bias + GELU pass replayed from its plan
+// (bias_gelu_backward_partials), the sums and GEMMs here.
+struct MlpGrads {
+  Tensor dx, dbias, dweight, dlinear_bias;
+};
+MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, const Tensor& weight, bool needs_bias,
+                      bool needs_weight, bool needs_linear_bias, const py::object& approximate,
+                      at::ScalarType linear_bias_dtype) {
+  Tensor dout2 = as_rows(dout, weight.size(0)), x2 = as_rows(x, x.size(-1));
+  Tensor y2 = needs_weight ? at::empty(x2.sizes(), x.options()) : Tensor();
+  Tensor dz2 = at::matmul(dout2, weight);  // dY, overwritten with dz by the pass
+  Tensor partial = call_planned(PlanSite::kBiasGeluBwd, bridge->bias_gelu_backward,
+                                {dz2, x2, bias, approximate, dz2, y2})[0];
+  MlpGrads g;
+  g.dx = dz2.view(x.sizes());
+  if (needs_bias && bias.defined()) g.dbias = as_dtype(partial.sum(0), bias.scalar_type());
+  if (needs_weight) g.dweight = as_dtype(at::matmul(dout2.t(), y2), weight.scalar_type());
+  if (needs_linear_bias) g.dlinear_bias = as_dtype(at::sum(dout2, {0}, false, at::kFloat), linear_bias_dtype);
+  return g;
 }
 
 // aten's backward of F.linear (addmm / mm on the rows of a row-major [..., in] input), autocast's casts
@@ -192,8 +240,6 @@ LinearGrads linear_backward(const Tensor& grad, const Tensor& x, const Tensor& w
   return g;
 }
 
-constexpr int kTapeLength = 4;  // add + LayerNorm 1, attention, add + LayerNorm 2, MLP
-
 struct BlockStep : public torch::autograd::Function<BlockStep> {
   // One parameter a slot, in Slot order: apply() finds the node's inputs among its arguments.
   static variable_list forward(AutogradContext* ctx, const Spec& spec, const OptTensor& branch, const OptTensor& residual, const OptTensor& gamma_in,
@@ -213,66 +259,34 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
       t[i] = value_or_undefined(*args[i]);
       if (t[i].defined() && t[i].requires_grad()) needs |= int64_t{1} << i;
     }
-    py::list tape;
-    Forward f = block_forward(spec, tape, t);
-    py::object mlp = tape[3];
-    mlp.attr("needs_input_grad") = py::make_tuple(true, bool(needs >> kFc1Bias & 1), bool(needs >> kFc2Weight & 1),
-                                                  bool(needs >> kFc2Bias & 1), false);
-    variable_list saved;
-    std::vector<int64_t> counts;
-    for (const auto& op_ctx : tape) {
-      py::tuple op_saved = op_ctx.attr("saved_tensors");
-      counts.push_back(static_cast<int64_t>(op_saved.size()));
-      for (const auto& s : op_saved) saved.push_back(tensor_or_undefined(s));
-      py::delattr(op_ctx, "saved_tensors");
-    }
-    saved.insert(saved.end(), f.linear_saved.begin(), f.linear_saved.end());
-    ctx->save_for_backward(saved);
-    c10::intrusive_ptr<c10::ivalue::PyObjectHolder> holder = c10::make_intrusive<TapeHolder>(std::move(tape));
-    ctx->saved_data["tape"] = c10::IValue(std::move(holder));
-    ctx->saved_data["counts"] = counts;
+    Forward f = block_forward(spec, true, t);
+    ctx->save_for_backward(f.saved);
     ctx->saved_data["needs"] = needs;
-    ctx->saved_data["y_dtypes"] = std::vector<int64_t>{int64_t(f.y1_dtype), int64_t(f.y2_dtype)};
-    std::vector<int64_t> param_dtypes;
+    std::vector<int64_t> dtypes;  // y1, y2, fc2's bias as computed, then the parameters' (-1: absent)
+    for (auto d : {f.y1_dtype, f.y2_dtype, f.fc2_bias_dtype}) dtypes.push_back(int64_t(d));
     for (int slot : {kQkvWeight, kQkvBias, kProjWeight, kProjBias, kFc1Weight, kFc2Weight, kFc2Bias}) {
-      param_dtypes.push_back(t[slot].defined() ? int64_t(t[slot].scalar_type()) : -1);
+      dtypes.push_back(t[slot].defined() ? int64_t(t[slot].scalar_type()) : -1);
     }
-    ctx->saved_data["param_dtypes"] = param_dtypes;
+    ctx->saved_data["dtypes"] = dtypes;
+    ctx->saved_data["layer_norms"] = std::vector<int64_t>{
+        f.ln1.has_residual, f.ln1.store_residual, int64_t(f.ln1.residual_dtype),
+        f.ln2.has_residual, f.ln2.store_residual, int64_t(f.ln2.residual_dtype)};
+    ctx->saved_data["softmax_scale"] = spec.softmax_scale.cast<double>();
+    ctx->saved_data["dropout_p"] = spec.dropout_p.cast<double>();
+    ctx->saved_data["approximate"] = spec.approximate.cast<std::string>();
     return {f.out, f.h2};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    py::gil_scoped_acquire gil;
+    py::gil_scoped_acquire gil;  // for the op bodies (the autograd engine's device threads run this without)
     variable_list saved = ctx->get_saved_variables();
-    py::list tape = py::reinterpret_borrow<py::list>(ctx->saved_data["tape"].toPyObject());
-    auto counts = ctx->saved_data["counts"].toIntVector();
-    size_t next = 0;
-    for (int i = 0; i < kTapeLength; ++i) {
-      py::tuple op_saved(counts[i]);
-      for (int64_t j = 0; j < counts[i]; ++j) op_saved[j] = or_none(saved[next++]);
-      tape[i].attr("saved_tensors") = op_saved;
-    }
-    variable_list linear_saved(saved.begin() + next, saved.end());
-    variable_list attention_saved(saved.begin() + counts[0], saved.begin() + counts[0] + counts[1]);
-    // Nothing on the tape may keep a saved tensor past this call: an unpacked output (h2) refers to
-    // this node through its grad_fn, and that cycle through Python objects would keep the block's
-    // activations alive until Python's cyclic collector found them, hundreds of steps later, its
-    // passes costing the host about a millisecond a step (test_a_step_leaves_no_reference_cycle).
-    struct Untape {
-      py::list& tape;
-      ~Untape() {
-        for (const auto& op_ctx : tape) {
-          if (py::hasattr(op_ctx, "saved_tensors")) py::delattr(op_ctx, "saved_tensors");
-        }
-      }
-    } untape{tape};
     // Once differentiable (Python's @once_differentiable): computed without a graph, and under
     // create_graph the gradients lead to a node that fails if differentiated.
     bool create_graph = at::GradMode::is_enabled();
     variable_list out;
     {
       at::AutoGradMode no_grad(false);
-      out = run_backward(ctx, tape, grads[0], grads[1], linear_saved, attention_saved);
+      out = run_backward(ctx, grads[0], grads[1], saved);
     }
     bool grads_need_grad = false;
     for (const auto& g : grads) grads_need_grad |= g.defined() && g.requires_grad();
@@ -286,59 +300,56 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     return error->apply(std::move(out));
   }
 
-  static variable_list run_backward(AutogradContext* ctx, const py::list& tape, const Tensor& d_out,
-                                    const Tensor& d_h2, const variable_list& linear_saved,
-                                    const variable_list& attention_saved) {
+  static variable_list run_backward(AutogradContext* ctx, const Tensor& d_out, const Tensor& d_h2,
+                                    const variable_list& s) {
     Bridge& b = *bridge;
-    const Tensor &y1c = linear_saved[0], &qkv_wc = linear_saved[1], &attn_out = linear_saved[2],
-                 &proj_wc = linear_saved[3], &y2c = linear_saved[4], &fc1_wc = linear_saved[5];
     int64_t needs = ctx->saved_data["needs"].toInt();
     auto need = [needs](int slot) { return bool(needs >> slot & 1); };
-    auto y_dtypes = ctx->saved_data["y_dtypes"].toIntVector();
-    auto p = ctx->saved_data["param_dtypes"].toIntVector();
-    auto dtype = [](int64_t code) { return static_cast<at::ScalarType>(code); };
-    auto opt_dtype = [](int64_t code) {
-      return code < 0 ? std::nullopt : std::optional<at::ScalarType>(static_cast<at::ScalarType>(code));
+    auto d = ctx->saved_data["dtypes"].toIntVector();
+    auto dtype = [&d](int i) { return static_cast<at::ScalarType>(d[i]); };
+    auto opt_dtype = [&d](int i) {
+      return d[i] < 0 ? std::nullopt : std::optional<at::ScalarType>(static_cast<at::ScalarType>(d[i]));
     };
-    py::tuple mlp = b.mlp_backward(tape[3], d_out);
-    Tensor d_hidden = tensor_or_undefined(mlp[0]), d_fc1_bias = tensor_or_undefined(mlp[1]);
-    Tensor d_fc2_weight = as_dtype(tensor_or_undefined(mlp[2]), dtype(p[5]));
-    Tensor d_fc2_bias = p[6] < 0 ? Tensor() : as_dtype(tensor_or_undefined(mlp[3]), dtype(p[6]));
-    auto fc1 = linear_backward(d_hidden, y2c, fc1_wc, dtype(y_dtypes[1]), dtype(p[4]), std::nullopt,
-                               need(kFc1Weight), false);
-    py::tuple ln2 = b.layer_norm_backward(tape[2], fc1.dx, d_h2, py::none());
-    Tensor d_proj = tensor_or_undefined(ln2[0]), d_h1 = tensor_or_undefined(ln2[1]);
-    auto proj = linear_backward(d_proj, attn_out, proj_wc, attn_out.scalar_type(), dtype(p[2]), opt_dtype(p[3]),
-                                need(kProjWeight), need(kProjBias));
-    const variable_list& a = attention_saved;  // q, k, v, out, lse, seed
-    py::object attention = tape[1];
+    enum { kY1, kY2, kFc2BiasC, kQkvW, kQkvB, kProjW, kProjB, kFc1W, kFc2W, kFc2B };  // in `dtypes`
+    auto l = ctx->saved_data["layer_norms"].toIntVector();
+    LayerNormMeta ln1{bool(l[0]), bool(l[1]), static_cast<at::ScalarType>(l[2])};
+    LayerNormMeta ln2{bool(l[3]), bool(l[4]), static_cast<at::ScalarType>(l[5])};
+
+    auto mlp = mlp_backward(d_out, s[kHidden], s[kMlpBias], s[kMlpWeight], need(kFc1Bias), need(kFc2Weight),
+                            need(kFc2Bias), py::str(ctx->saved_data["approximate"].toStringRef()), dtype(kFc2BiasC));
+    Tensor d_fc2_weight = as_dtype(mlp.dweight, dtype(kFc2W));
+    Tensor d_fc2_bias = d[kFc2B] < 0 ? Tensor() : as_dtype(mlp.dlinear_bias, dtype(kFc2B));
+    auto fc1 = linear_backward(mlp.dx, s[kY2c], s[kFc1Wc], dtype(kY2), dtype(kFc1W), std::nullopt, need(kFc1Weight),
+                               false);
+    auto n2 = layer_norm_backward(fc1.dx, d_h2, &s[kLn2X], ln2);
+    auto proj = linear_backward(n2.dx, s[kAttnOut2d], s[kProjWc], s[kAttnOut2d].scalar_type(), dtype(kProjW),
+                                opt_dtype(kProjB), need(kProjWeight), need(kProjBias));
     Tensor d_qkv = call_planned(PlanSite::kAttentionBwd, b.attention_backward,
-                                {proj.dx, a[0], a[1], a[2], a[3], a[4], py::object(attention.attr("softmax_scale")),
-                                 py::object(attention.attr("dropout_p")), a[5],
-                                 py::object(attention.attr("deterministic"))})[0];
-    auto qkv = linear_backward(d_qkv, y1c, qkv_wc, dtype(y_dtypes[0]), dtype(p[0]), opt_dtype(p[1]),
+                                {proj.dx, s[kQ], s[kK], s[kV], s[kAttnOut], s[kLse],
+                                 py::float_(ctx->saved_data["softmax_scale"].toDouble()),
+                                 py::float_(ctx->saved_data["dropout_p"].toDouble()), s[kAttnSeed], py::bool_(true)})[0];
+    auto qkv = linear_backward(d_qkv, s[kY1c], s[kQkvWc], dtype(kY1), dtype(kQkvW), opt_dtype(kQkvB),
                                need(kQkvWeight), need(kQkvBias));
-    bool store_residual = tape[0].attr("store_residual").cast<bool>();
-    py::tuple ln1 = b.layer_norm_backward(tape[0], qkv.dx, store_residual ? or_none(d_h1) : py::none(), py::none());
-    Tensor d_branch = tensor_or_undefined(ln1[0]);
-    if (!store_residual) d_branch = d_branch + d_h1;  // h1 was the branch itself
+    auto n1 = layer_norm_backward(qkv.dx, n2.dresidual, &s[kLn1X], ln1);
+    Tensor d_branch = n1.dx;
+    if (!ln1.store_residual) d_branch = d_branch + n2.dresidual;  // h1 was the branch itself
     // One gradient per forward argument: spec, then the slots.
     variable_list out(1 + kSlots);
     Tensor* g = out.data() + 1;
     g[kBranch] = d_branch;
-    g[kResidual] = tensor_or_undefined(ln1[1]);
-    g[kGammaIn] = tensor_or_undefined(ln1[4]);
-    g[kNorm1Weight] = tensor_or_undefined(ln1[2]);
-    g[kNorm1Bias] = tensor_or_undefined(ln1[3]);
+    g[kResidual] = n1.dresidual;
+    g[kGammaIn] = n1.dgamma;
+    g[kNorm1Weight] = n1.dweight;
+    g[kNorm1Bias] = n1.dbias;
     g[kQkvWeight] = qkv.dweight;
     g[kQkvBias] = qkv.dbias;
     g[kProjWeight] = proj.dweight;
     g[kProjBias] = proj.dbias;
-    g[kGamma1] = tensor_or_undefined(ln2[4]);
-    g[kNorm2Weight] = tensor_or_undefined(ln2[2]);
-    g[kNorm2Bias] = tensor_or_undefined(ln2[3]);
+    g[kGamma1] = n2.dgamma;
+    g[kNorm2Weight] = n2.dweight;
+    g[kNorm2Bias] = n2.dbias;
     g[kFc1Weight] = fc1.dweight;
-    g[kFc1Bias] = d_fc1_bias;
+    g[kFc1Bias] = mlp.dbias;
     g[kFc2Weight] = d_fc2_weight;
     g[kFc2Bias] = d_fc2_bias;
     for (int i = 0; i < kSlots; ++i) {
@@ -376,18 +387,15 @@ py::tuple block_forward_no_grad(const py::object& spec_object, const py::args& t
   auto s = slots(tensors);
   std::array<Tensor, kSlots> t;
   for (int i = 0; i < kSlots; ++i) t[i] = value_or_undefined(s[i]);
-  Forward f = block_forward(spec, py::none(), t);
+  Forward f = block_forward(spec, false, t);
   return py::make_tuple(f.out, f.h2);
 }
 
-void set_block_step_bridge(py::object setup, py::object layer_norm, py::object attention, py::object mlp,
-                           py::object bias_gelu, py::object layer_norm_backward, py::object mlp_backward,
-                           py::object attention_backward) {
+void set_block_step_bridge(py::object layer_norm, py::object attention, py::object bias_gelu,
+                           py::object layer_norm_backward, py::object bias_gelu_backward, py::object attention_backward) {
   if (bridge == nullptr) bridge = new Bridge;
-  py::object layer_norm_impl = layer_norm.attr("impl"), attention_impl = attention.attr("impl");
-  *bridge = Bridge{std::move(setup), std::move(layer_norm), std::move(attention), std::move(mlp), std::move(bias_gelu),
-                   std::move(layer_norm_impl), std::move(attention_impl), std::move(layer_norm_backward),
-                   std::move(mlp_backward), std::move(attention_backward)};
+  *bridge = Bridge{std::move(layer_norm), std::move(attention), std::move(bias_gelu), std::move(layer_norm_backward),
+                   std::move(bias_gelu_backward), std::move(attention_backward)};
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // Launch plans, keyed and replayed (vit_kernels/ops/_plans.py records them and says why).
 //
 // A signature is a vector of integers: per tensor argument its dtype, device, sizes, strides and
-// address modulo 16 (Triton specializes pointers on 16-byte alignment), or a mark for None; per
+// address modulo 16 (Triton specializes pointers on 16-byte alignment) and which earlier argument
+// shares its address, or a mark for None; per
 // scalar its type and value. A plan is replayed only on the device Triton launched on while recording. A site's first call at a
 // signature runs the body; its second records (ops/_plans.record; a few times while its launches
 // are not all bound yet); later ones replay: the outputs
@@ -118,16 +119,25 @@ bool scalar_key(std::vector<int64_t>& key, PyObject* value) {
   return true;
 }
 
-void tensor_key(std::vector<int64_t>& key, const Tensor& t) {
+// `earlier`: the arguments before this one; the key notes the first of them at this tensor's address
+// (an op may be handed one tensor twice, to write it in place: a plan maps a pointer to the first).
+void tensor_key(std::vector<int64_t>& key, const Tensor& t, const OpArg* earlier, size_t n_earlier) {
   if (!t.defined()) {
     key.push_back(-1);
     return;
   }
+  const void* address = t.const_data_ptr();
   key.insert(key.end(), {static_cast<int64_t>(t.scalar_type()), static_cast<int64_t>(t.device().type()),
                          static_cast<int64_t>(t.device().index()), t.dim()});
   key.insert(key.end(), t.sizes().begin(), t.sizes().end());
   key.insert(key.end(), t.strides().begin(), t.strides().end());
-  key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.const_data_ptr()) & 15));
+  key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(address) & 15));
+  int64_t same_address = -1;
+  for (size_t j = 0; j < n_earlier && same_address < 0; ++j) {
+    const Tensor& e = earlier[j].tensor;
+    if (earlier[j].is_tensor && e.defined() && e.const_data_ptr() == address) same_address = static_cast<int64_t>(j);
+  }
+  key.push_back(same_address);
 }
 
 std::shared_ptr<const Plan> plan_from_python(const py::handle& description) {
@@ -224,9 +234,10 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
   }
   std::vector<int64_t> key;
   key.reserve(16 * args.size());
-  for (const auto& a : args) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    const OpArg& a = args[i];
     if (a.is_tensor) {
-      tensor_key(key, a.tensor);
+      tensor_key(key, a.tensor, args.data(), i);
     } else if (!scalar_key(key, a.scalar.ptr())) {
       return tensors_of(body(*python_args(args)));
     }
@@ -287,7 +298,8 @@ void set_launch_plans(py::object record, py::object launcher_module, py::object 
 py::dict launch_plan_counts() {
   py::dict out;
   if (bridge == nullptr) return out;
-  const char* names[] = {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd"};
+  const char* names[] = {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd",
+                         "add_layer_norm_bwd", "bias_gelu_bwd"};
   for (int i = 0; i < static_cast<int>(PlanSite::kCount); ++i) {
     int64_t counts[3] = {0, 0, 0};
     for (const auto& e : bridge->sites[i]) counts[static_cast<int>(e.state)]++;

@@ -27,7 +27,9 @@ struct VIT_KERNELS_HIDDEN OpArg {
 };
 
 // The op bodies whose plans are kept, each in its own table.
-enum class PlanSite { kAddLayerNormFwd, kAttentionFwd, kBiasGeluFwd, kAttentionBwd, kCount };
+enum class PlanSite {
+  kAddLayerNormFwd, kAttentionFwd, kBiasGeluFwd, kAttentionBwd, kAddLayerNormBwd, kBiasGeluBwd, kCount
+};
 
 // body(*args)'s tensors (a tuple's, or the one tensor it returns): replayed from the plan of this
 // signature where one was recorded, else the body called (and, at a signature's second call,

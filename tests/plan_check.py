@@ -49,12 +49,14 @@ JITFunction._do_compile = _cache_named_stand_in
 
 from vit_kernels.nn import block_step  # noqa: E402
 from vit_kernels.ops.attention import _flash_attention_fwd  # noqa: E402
-from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_impl  # noqa: E402
-from vit_kernels.ops.layer_norm import _add_layer_norm_fwd  # noqa: E402
+from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_impl, bias_gelu_backward_partials  # noqa: E402
+from vit_kernels.ops.layer_norm import _add_layer_norm_fwd, add_layer_norm_bwd_partials  # noqa: E402
 
-SITES = {"add_layer_norm_fwd": 0, "attention_fwd": 1, "bias_gelu_fwd": 2, "attention_bwd": 3}
+SITES = {"add_layer_norm_fwd": 0, "attention_fwd": 1, "bias_gelu_fwd": 2, "attention_bwd": 3, "add_layer_norm_bwd": 4,
+         "bias_gelu_bwd": 5}
 BODIES = {"add_layer_norm_fwd": _add_layer_norm_fwd.impl, "attention_fwd": _flash_attention_fwd.impl,
-          "bias_gelu_fwd": _bias_gelu_fwd_impl, "attention_bwd": block_step._attention_backward}
+          "bias_gelu_fwd": _bias_gelu_fwd_impl, "attention_bwd": block_step._attention_backward,
+          "add_layer_norm_bwd": add_layer_norm_bwd_partials, "bias_gelu_bwd": bias_gelu_backward_partials}
 
 
 def _address(value):
@@ -124,6 +126,24 @@ def _cases():
                     head_dim ** -0.5, dropout, seed, True)
         return args
 
+    def ln_bwd(dtype=bf16, residual=False, gamma=False, shape=(2, 5, 64)):
+        def args():
+            d, rows = shape[-1], shape[0] * shape[1]
+            return (torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype) if residual else None,
+                    torch.randn(shape, dtype=dtype) if gamma else None, torch.randn(shape, dtype=dtype),
+                    torch.randn(d, dtype=f32), torch.randn(d, dtype=f32), torch.randn(d, dtype=f32) if gamma else None,
+                    torch.rand(shape[0], dtype=f32) if gamma else None, torch.randn(2, rows, dtype=f32),
+                    f32 if residual else None)
+        return args
+
+    def gelu_bwd(in_place=True, bias=f32, y=True, approximate="none", shape=(10, 256)):
+        def args():
+            dy, x = torch.randn(shape, dtype=bf16), torch.randn(shape, dtype=bf16)
+            dx = dy if in_place else torch.randn(shape, dtype=bf16)
+            return (dy, x, torch.randn(shape[-1], dtype=bias) if bias else None, approximate, dx,
+                    torch.empty(shape, dtype=bf16) if y else None)
+        return args
+
     def gelu(dtype=bf16, bias=bf16, approximate="none", shape=(2, 5, 256)):
         def args():
             return (torch.randn(shape, dtype=dtype), torch.randn(shape[-1], dtype=bias) if bias else None, approximate)
@@ -146,6 +166,12 @@ def _cases():
         ("attention backward", "attention_bwd", attn_bwd()),
         ("attention backward dropout N=17", "attention_bwd", attn_bwd(dropout=0.1, n=17)),
         ("attention backward d=72 fp16", "attention_bwd", attn_bwd(dtype=f16, heads=3, head_dim=72)),
+        ("ln backward", "add_layer_norm_bwd", ln_bwd()),
+        ("ln backward residual, layer scale", "add_layer_norm_bwd", ln_bwd(residual=True, gamma=True)),
+        ("ln backward odd width fp16", "add_layer_norm_bwd", ln_bwd(dtype=f16, shape=(3, 7, 72))),
+        ("bias gelu backward in place", "bias_gelu_bwd", gelu_bwd()),
+        ("bias gelu backward not in place", "bias_gelu_bwd", gelu_bwd(in_place=False)),
+        ("bias gelu backward no bias, no y", "bias_gelu_bwd", gelu_bwd(bias=None, y=False, approximate="tanh")),
         ("bias gelu", "bias_gelu_fwd", gelu()),
         ("bias gelu fp32 bias tanh", "bias_gelu_fwd", gelu(bias=f32, approximate="tanh")),
         ("bias gelu no bias", "bias_gelu_fwd", gelu(bias=None, approximate="quick")),

@@ -98,6 +98,28 @@ def test_one_node_step_equals_the_per_op_path(name, precision, seed):
     _assert_same(got, _run(model, images, precision, seed, enabled=False))
 
 
+def test_steps_replayed_from_launch_plans_equal_the_per_op_path(seed):
+    """Four training steps and inference calls on new images: from the third call of a signature
+    on, the block's ops replay their launch plans (ops/_plans.py) where launches are bound (on a
+    GPU; under the interpreter the bodies run every time, and this checks the C++ glue around
+    them), and every output and gradient must still be the per-op path's, bit for bit."""
+    model = MODELS["timm layer scale, drop path, attention dropout"]().to(DEVICE).train()
+    for i in range(4):
+        images = torch.randn(3, 3, 16, 16, device=DEVICE)
+        _assert_same(_run(model, images, "bf16 autocast", seed + i),
+                     _run(model, images, "bf16 autocast", seed + i, enabled=False))
+    model.eval()
+    for i in range(4):
+        images = torch.randn(3, 3, 16, 16, device=DEVICE)
+        with torch.no_grad():
+            got, want = (_run(model, images, "bf16 autocast", seed, enabled=enabled, backward=False)
+                         for enabled in (True, False))
+        _assert_same(got, want)
+    if DEVICE.type == "cuda":
+        counts = block_step_module.cpp_step().launch_plan_counts()
+        assert all(c["planned"] > 0 and c["refused"] == 0 for c in counts.values()), counts
+
+
 def test_dropout_draws_new_masks_each_call(seed):
     model = _reference(attn_drop_rate=0.5, drop_path_rate=0.5).to(DEVICE).train()
     images = torch.randn(3, 3, 16, 16, device=DEVICE)
@@ -309,12 +331,14 @@ def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
         assert count[0] == TINY["depth"]
         with pytest.raises(ValueError, match="an op failed"):
             out.sum().backward()
-        for name in ("_setup", "_bias_gelu_fwd_impl"):  # an op context's set-up; an op body (its launch plan's too)
-            monkeypatch.setattr(block_step_module, name, fails)
-            block_step_module._load_cpp_step()
-            with pytest.raises(ValueError, match="an op failed"):
-                model(images)
-            monkeypatch.undo()
+        monkeypatch.setattr(block_step_module, "add_layer_norm_bwd_partials", fails)
+        block_step_module._load_cpp_step()
+        with pytest.raises(ValueError, match="an op failed"):
+            model(images).sum().backward()
+        monkeypatch.setattr(block_step_module, "_bias_gelu_fwd_impl", fails)
+        block_step_module._load_cpp_step()
+        with pytest.raises(ValueError, match="an op failed"):
+            model(images)
     finally:
         monkeypatch.undo()
         block_step_module._load_cpp_step()

@@ -34,9 +34,9 @@ def op_calls():
 
 
 def test_a_replay_launches_what_the_body_launches(op_calls):
-    """Per case (add + LayerNorm, attention and bias + GELU forwards and attention's packed backward
-    over dtypes, optional inputs, dropout, odd widths and head dims, a misaligned and a
-    non-contiguous input): four calls through
+    """Per case (every body the block step plans: add + LayerNorm, attention and bias + GELU
+    forwards and backwards, over dtypes, optional inputs, dropout, odd widths and head dims, a
+    misaligned and a non-contiguous input, a tensor written in place): four calls through
     the plan table (body, recording, two replays, the last on new tensors) hand the C launcher the
     body's kernels, specializations, grids, scalars and pointers (each named after the input it is
     or the output it points into), and return outputs of the body's dtypes, shapes and strides."""
@@ -49,6 +49,14 @@ def test_a_replay_launches_what_the_body_launches(op_calls):
         grew = "refused" if case["name"] == "ln non-contiguous x" else "planned"
         assert counts[grew] == before[grew] + 1, (case["name"], counts, before)
         previous[case["site"]] = counts
+
+
+def test_an_input_written_in_place_is_keyed(op_calls):
+    """bias + GELU's backward writes dz over dY when handed one tensor as both: a call handing two
+    tensors of the same shapes must not replay the in-place call's plan (which would write dz over
+    dY), and the other way round."""
+    dx = {case["name"]: case["body"]["launches"][0][2][3] for case in op_calls["cases"] if case["site"] == "bias_gelu_bwd"}
+    assert dx["bias gelu backward in place"] == "in 0" and dx["bias gelu backward not in place"] == "in 4"
 
 
 def test_a_misaligned_input_gets_its_own_plan(op_calls):
@@ -66,7 +74,8 @@ def test_training_and_inference_launch_the_same_with_and_without_plans():
     assert [r["name"] for r in planned["rounds"]] == [r["name"] for r in plain["rounds"]]
     for ours, theirs in zip(planned["rounds"], plain["rounds"]):
         assert ours["launches"] == theirs["launches"], ours["name"]
-    assert set(planned["counts"]) == {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd"}
+    assert set(planned["counts"]) == {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd",
+                                      "add_layer_norm_bwd", "bias_gelu_bwd"}
     for site, counts in planned["counts"].items():
         assert counts["planned"] > 0 and counts["refused"] == 0, (site, counts)
     assert all(counts == {"seen": 0, "refused": 0, "planned": 0} for counts in plain["counts"].values())

@@ -6,15 +6,16 @@ add + LayerNorms, three Linears and their autocast casts, the qkv unbind, attent
 fused MLP) is an autograd node of its own, with its Python `autograd.Function` or C++ node,
 its saved-tensor packing and its engine call in backward, and each submodule a `__call__`.
 Here the whole block is one C++ autograd node (csrc/block_step.cpp): its forward runs each op's
-`impl` with autograd off and keeps each op's context on one tape; its backward runs, in
-reverse, the same `backward` each op registered (`FusedOp.backward`; attention's writes dq, dk
-and dv straight into one packed qkv gradient, where autograd's unbind would stack three
-copies) and, for the Linears, aten's own addmm/mm backward formulas. The aten work between the
-ops (casts, GEMMs, views) is C++; each op's kernels are still launched by its Python `impl` and
-`backward`, called back through the functions this file hands the extension (`_load_cpp_step`),
-so no op's host logic is written twice. Same kernels in the same order with the same roundings
-as the per-op path, so outputs and gradients are the per-op path's, bit for bit
-(tests/test_block_step.py).
+`impl` with autograd off and saves what each op's `setup_context` would; its backward runs, in
+reverse, what each op's registered `backward` does (attention's writes dq, dk and dv straight
+into one packed qkv gradient, where autograd's unbind would stack three copies) and, for the
+Linears, aten's own addmm/mm backward formulas. The aten work (casts, GEMMs, views, the
+backwards' sums and casts) is C++; each op's kernels are still launched by its Python body
+(the functions this file hands the extension, `_load_cpp_step`), or from C++ out of the launch
+plan recorded from that body at an earlier call of the same signature (ops/_plans.py), so the
+host logic that launches (configs, grids, scalars) is written once. Same kernels in the same
+order with the same roundings as the per-op path, so outputs and gradients are the per-op
+path's, bit for bit (tests/test_block_step.py).
 
 What it covers. `carried_block_step` takes this path for a block that it reproduces exactly
 (`fast_path_spec`): fused norms, vit_kernels' attention and fused MLP over plain
@@ -35,9 +36,8 @@ from torch import Tensor, nn
 from .._dispatch import TRACED_LAUNCHES, runs_kernel, tracing
 from ..ops import _launcher, _plans
 from ..ops.attention import _attn_fwd_kernel, _flash_attention_fwd, flash_attention_bwd_into
-from ..ops.bias_gelu import _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel
-from ..ops.bias_gelu_linear import _bias_gelu_linear_fwd
-from ..ops.layer_norm import _add_layer_norm_fwd, _add_layer_norm_fwd_kernel
+from ..ops.bias_gelu import _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_partials
+from ..ops.layer_norm import _add_layer_norm_fwd, _add_layer_norm_fwd_kernel, add_layer_norm_bwd_partials
 from ._hooks import global_hooks_installed, runs_plainly
 from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
@@ -109,20 +109,6 @@ def fast_path_spec(block, branch: Tensor) -> Optional[BlockStepSpec]:
     )
 
 
-class _OpContext:
-    """The part of an autograd ctx that the ops' setup_context and backward use."""
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-
-def _setup(op, tape: list, inputs: tuple, output) -> None:
-    """`op`'s context for this call (its impl's `inputs` and `output`), appended to `tape`."""
-    ctx = _OpContext()
-    op.setup_context(ctx, inputs, output)
-    tape.append(ctx)
-
-
 def _attention_backward(d_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         softmax_scale: float, dropout_p: float, seed: Optional[Tensor], deterministic: bool) -> Tensor:
     """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d] (the
@@ -161,9 +147,8 @@ def _load_cpp_step():
         return str(err)
     if not hasattr(module, "set_launch_plans"):
         return f"the extension loaded from {_extension.load()} predates csrc/launch_plan.cpp: rebuild it"
-    module.set_block_step_bridge(_setup, _add_layer_norm_fwd, _flash_attention_fwd, _bias_gelu_linear_fwd,
-                                 _bias_gelu_fwd_impl, _add_layer_norm_fwd.backward, _bias_gelu_linear_fwd.backward,
-                                 _attention_backward)
+    module.set_block_step_bridge(_add_layer_norm_fwd.impl, _flash_attention_fwd.impl, _bias_gelu_fwd_impl,
+                                 add_layer_norm_bwd_partials, bias_gelu_backward_partials, _attention_backward)
     set_launch_plans(module, os.environ.get(LAUNCH_PLANS_ENV) != "0")
     return module
 

@@ -3,8 +3,8 @@
 Why. Inside the one-node block step (nn/block_step.py) each op's Python body (its allocations, its
 grid and arguments, its bound launch) costs the host 20-40 us a call where eager's equivalent
 costs a few (benchmarks/results/cpu-host-overhead-2026-12-06.md). At a given signature of its
-inputs (every tensor's dtype, device, sizes, strides and address modulo 16; every scalar's
-value) a body does the same thing every time: allocate the same outputs, launch the same
+inputs (every tensor's dtype, device, sizes, strides, address modulo 16 and which other argument
+shares its address; every scalar's value) a body does the same thing every time: allocate the same outputs, launch the same
 compiled kernels with the same grids and scalars, the pointers being its inputs' and outputs'.
 `record` runs a body once, watching it, and returns that as a plan; csrc/launch_plan.cpp keys
 plans by signature and replays one with at::empty_strided and direct calls of each compiled
@@ -19,7 +19,8 @@ What makes a plan safe. A replay is only right if the body's every effect is in 
   a cast, a reduction or a read of a value would be work the replay skips;
 - every returned value is a tensor of its own allocation, made by the body (not an input's
   storage, not a tensor kept from before, not another output's), filling it from its first byte;
-- every pointer a launch gets is exactly one input's address, or inside one output's storage or
+- every pointer a launch gets is exactly an input's address (the signature holds which inputs
+  share an address: a tensor handed twice, to be written in place), or inside one output or
   one other allocation of the body (scratch, such as attention's delta: the replay allocates it
   too, for the launches' time).
 The scalars a launch gets are constants of the plan: the key holds everything an op body may
@@ -137,12 +138,10 @@ def _plan_of(inputs: tuple, outputs: tuple, launches: list, allocated: dict) -> 
                 template.append((0, 0, 0, value))  # a constant
                 continue
             address = value.data_ptr()
-            owners = addresses.get(address, ())
-            if len(owners) == 1:
-                template.append((1, owners[0], 0, None))  # the input's address
+            owners = addresses.get(address)
+            if owners:  # the first input at that address (the key holds which inputs share one)
+                template.append((1, owners[0], 0, None))
                 continue
-            if owners:
-                return None  # two inputs at one address: which one the body meant is unknown
             inside = [j for j, (start, nbytes) in enumerate(spans) if start <= address < start + max(nbytes, 1)]
             if len(inside) == 1:
                 template.append((2, inside[0], address - spans[inside[0]][0], None))  # inside an output

@@ -248,6 +248,15 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
     given (the forward's output, recomputed for a caller that did not keep it); returns dbias
     (float32) or None without a bias. dx2 may be dy2 itself: each element is read before it
     is written, by the same program."""
+    partial = bias_gelu_backward_partials(dy2, x2, bias, approximate, dx2, y2)
+    return partial.sum(0) if bias is not None else None
+
+
+def bias_gelu_backward_partials(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], approximate: str, dx2: Tensor,
+                                y2: Optional[Tensor] = None) -> Tensor:
+    """bias_gelu_backward_into's launch: returns dbias's float32 partial sums [groups, H] (an
+    empty tensor without a bias), summed over groups by the caller (the one-node block step
+    replays this part from its launch plan, ops/_plans.py, and sums in C++)."""
     n_rows, n_cols = x2.shape
     interpreted_kernel = interpreted(_bias_gelu_bwd_kernel)
     block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
@@ -270,7 +279,7 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
         )
     elif partial is not None:
         partial.zero_()
-    return partial.sum(0) if partial is not None else None
+    return partial if partial is not None else torch.empty((0,), dtype=torch.float32, device=x2.device)
 
 
 def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:

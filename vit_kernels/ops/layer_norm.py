@@ -351,8 +351,28 @@ def _add_layer_norm_bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dresidual, the parameter gradients): dresidual is an empty tensor when not
     computed; the parameter gradients are one float32 [k, D] tensor, a row for each of weight,
-    bias and gamma that is given, in that order (one reduction launch for all of them; the
-    autograd glue splits and casts them).
+    bias and gamma that is given, in that order (one reduction for all of them; the autograd
+    glue splits and casts them)."""
+    dx, dresidual, partials = add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, row_scale,
+                                                          stats, residual_dtype)
+    return dx, dresidual, partials.sum(1)
+
+
+def add_layer_norm_bwd_partials(
+    dy: Tensor,
+    dresidual_out: Optional[Tensor],
+    x: Optional[Tensor],
+    h: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    gamma: Optional[Tensor],
+    row_scale: Optional[Tensor],
+    stats: Tensor,
+    residual_dtype: Optional[torch.dtype],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward's launch: (dx, dresidual, the parameter gradients' float32 partial sums
+    [k, programs, D]), summed over programs by the caller (the one-node block step replays
+    this part from its launch plan, ops/_plans.py, and sums in C++).
 
     `x` is needed only with gamma (dgamma = sum(dh * row_scale * x)); `h` is the stored
     h_new (x itself when it was not stored). dresidual is computed when residual_dtype
@@ -424,7 +444,7 @@ def _add_layer_norm_bwd_impl(
         )
     else:
         partials.zero_()
-    return dx, dresidual, partials.sum(1)
+    return dx, dresidual, partials
 
 
 def _add_layer_norm_bwd_fake(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats, residual_dtype):
