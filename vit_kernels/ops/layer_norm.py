@@ -358,19 +358,9 @@ def _add_layer_norm_bwd_impl(
     return dx, dresidual, partials.sum(1)
 
 
-def add_layer_norm_bwd_partials(
-    dy: Tensor,
-    dresidual_out: Optional[Tensor],
-    x: Optional[Tensor],
-    h: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    gamma: Optional[Tensor],
-    row_scale: Optional[Tensor],
-    stats: Tensor,
-    residual_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The backward's launch: (dx, dresidual, the parameter gradients' float32 partial sums
+def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats,
+                                residual_dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """_add_layer_norm_bwd_impl's arguments (the types there). The backward's launch: (dx, dresidual, the parameter gradients' float32 partial sums
     [k, programs, D]), summed over programs by the caller (the one-node block step replays
     this part from its launch plan, ops/_plans.py, and sums in C++).
 
