@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # tests/test_gpu_compile.py (every launch compiled for sm_80 and sm_90, registers, spills, wgmma,
-# SASS counts; no GPU needed) and tests/test_launcher.py (bound launches against that release's own
-# specialization and launch path) against other Triton releases than the installed one.
+# SASS counts; no GPU needed), tests/test_launcher.py (bound launches against that release's own
+# specialization and launch path) and tests/test_launch_plans.py (plans recorded from that
+# release's bound launches, replayed as its bodies launch) against other Triton releases than the
+# installed one.
 #
 #   bash scripts/compile_check_tritons.sh [VERSION ...]        (default: 3.6.0 3.9.0)
 #
@@ -24,6 +26,7 @@ for version in "${VERSIONS[@]}"; do
     fi
     echo "== triton $version"
     env -u TRITON_INTERPRET PYTHONPATH="$target:$PWD${PYTHONPATH:+:$PYTHONPATH}" \
-        python -m pytest -q -p no:cacheprovider tests/test_launcher.py tests/test_gpu_compile.py || status=1
+        python -m pytest -q -p no:cacheprovider tests/test_launcher.py tests/test_launch_plans.py tests/test_gpu_compile.py \
+        || status=1
 done
 exit $status

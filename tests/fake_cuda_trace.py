@@ -30,7 +30,6 @@ from vit_kernels import _dispatch  # noqa: E402
 _dispatch._cuda_properties = lambda index: types.SimpleNamespace(multi_processor_count=132, major=9, minor=0)
 logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").setLevel(logging.ERROR)
 
-from vit_kernels.nn.block_step import _OpContext  # noqa: E402
 attention, bias_gelu, bias_gelu_linear, layer_norm = (  # the modules, which ops/ shadows with the functions
     importlib.import_module(f"vit_kernels.ops.{name}") for name in ("attention", "bias_gelu", "bias_gelu_linear",
                                                                     "layer_norm"))
@@ -52,6 +51,13 @@ def _calls(graph_module) -> list:
     return calls
 
 
+class _Context:
+    """The part of an autograd ctx that the ops' setup_context and backward use."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
 def _forward_and_backward(fused, n_grads, arguments):
     """fn(*tensors): the op on `arguments` with their tensors replaced by `tensors`, then its
     registered backward with ones for the first n_grads outputs."""
@@ -59,7 +65,7 @@ def _forward_and_backward(fused, n_grads, arguments):
         given = iter(tensors)
         inputs = tuple(next(given) if isinstance(a, torch.Tensor) else a for a in arguments)
         output = fused.op(*inputs)
-        ctx = _OpContext()
+        ctx = _Context()
         ctx.needs_input_grad = tuple(isinstance(a, torch.Tensor) for a in inputs)
         fused.setup_context(ctx, inputs, output)
         outputs = output if isinstance(output, tuple) else (output,)
