@@ -138,6 +138,28 @@ def test_record_refuses_an_interpreted_kernel():
     assert torch.allclose(out, torch.nn.functional.gelu(x), atol=1e-6)
 
 
+def test_a_recording_while_another_thread_records_just_runs_the_body():
+    """Recordings swap process-wide hooks (every Launcher's call, JITFunction.run): one at a time;
+    a second thread's body runs plainly and is tried again later."""
+    import threading
+
+    inside, release, results = threading.Event(), threading.Event(), []
+
+    def slow(t):
+        inside.set()
+        release.wait(10)
+        return torch.empty_like(t)
+
+    first = threading.Thread(target=lambda: results.append(_plans.record(slow, torch.randn(3))))
+    first.start()
+    assert inside.wait(10)
+    out, plan, again = _plans.record(lambda t: torch.empty_like(t), torch.randn(4))
+    release.set()
+    first.join(10)
+    assert out.shape == (4,) and plan is None and again
+    assert results[0][1] is not None  # the first recording was not disturbed
+
+
 def test_recording_leaves_every_launcher_as_it_was():
     before = {key: launcher.call for key, (_, launcher) in _launcher._LAUNCHERS.items()}
     from triton.runtime.jit import JITFunction

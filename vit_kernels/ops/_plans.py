@@ -154,10 +154,23 @@ def _plan_of(inputs: tuple, outputs: tuple, launches: list, allocated: dict) -> 
     return tuple(output_plans), tuple(launch_plans), tuple((nbytes, device) for _, nbytes, device in scratch)
 
 
+_RECORDING = threading.Lock()  # one recording at a time: each swaps process-wide hooks and restores them
+
+
 def record(body, *inputs):
     """(body(*inputs), its plan or None, whether to try again at a later call): the body runs
     once, for real, watched. Again later: a launch was not bound yet (the kernel's first at its
-    signature, an autotuner's tuning); such a call may bind it."""
+    signature, an autotuner's tuning), which such a call may bind; or another thread was
+    recording (the body then just runs)."""
+    if not _RECORDING.acquire(blocking=False):
+        return body(*inputs), None, True
+    try:
+        return _record(body, inputs)
+    finally:
+        _RECORDING.release()
+
+
+def _record(body, inputs: tuple):
     launches = _Launches()
     launchers = [launcher for _, launcher in _launcher._LAUNCHERS.values()]
     originals = [launcher.call for launcher in launchers]
