@@ -1,14 +1,13 @@
 // Launch plans, keyed and replayed (vit_kernels/ops/_plans.py records them and says why).
 //
-// A signature is a vector of integers: per tensor argument its dtype, device, sizes, strides and
+// A signature is a vector of integers: per tensor argument its dtype, device, sizes, strides,
 // address modulo 16 (Triton specializes pointers on 16-byte alignment) and which earlier argument
-// shares its address, or a mark for None; per
-// scalar its type and value. A plan is replayed only on the device Triton launched on while recording. A site's first call at a
+// shares its address, or a mark for None; per scalar its type and value. A site's first call at a
 // signature runs the body; its second records (ops/_plans.record; a few times while its launches
-// are not all bound yet); later ones replay: the outputs
-// by at::empty_strided, each launch by a direct call of the compiled kernel's C launcher with the
-// arguments Triton's bound path would hand it (pointers as integers), on the current stream.
-// A signature the recording refused runs the body on every call.
+// are not all bound yet); later ones replay: the outputs by at::empty_strided, each launch by a
+// direct call of the compiled kernel's C launcher with the arguments Triton's bound path would
+// hand it (pointers as integers), on the current stream, and only on the device Triton launched
+// on while recording. A signature the recording refused runs the body on every call.
 
 #include "launch_plan.h"
 
@@ -71,7 +70,7 @@ constexpr size_t kMaxEntries = 64;  // per site; past it the table is cleared an
 
 // What the plans need from Python, set once by nn/block_step.py; `record` None: plans are off.
 struct Bridge {
-  py::object record;           // ops/_plans.record(body, *args) -> (result, plan or None)
+  py::object record;           // ops/_plans.record(body, *args) -> (result, plan or None, try again)
   py::object launcher_module;  // ops/_launcher: its `driver` (device and stream, as the Launcher asks)
   py::object hooks_installed;  // ops/_launcher._hooks_installed
   py::object traced;           // _dispatch.TRACED_LAUNCHES
@@ -225,12 +224,21 @@ py::tuple python_args(const std::vector<OpArg>& args) {
   return out;
 }
 
+std::vector<Tensor> run_body(const py::object& body, const std::vector<OpArg>& args) {
+  return tensors_of(body(*python_args(args)));
+}
+
+// The device Triton launches on now, as the Launcher asks (ops/_launcher.py).
+int64_t current_device(const Bridge& b) {
+  return b.launcher_module.attr("driver").attr("active").attr("get_current_device")().cast<int64_t>();
+}
+
 }  // namespace
 
 std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const std::vector<OpArg>& args) {
   Bridge* b = bridge;
   if (b == nullptr || b->record.is_none() || py::bool_(b->traced.attr("on")) || py::bool_(b->hooks_installed())) {
-    return tensors_of(body(*python_args(args)));
+    return run_body(body, args);
   }
   std::vector<int64_t> key;
   key.reserve(16 * args.size());
@@ -239,7 +247,7 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
     if (a.is_tensor) {
       tensor_key(key, a.tensor, args.data(), i);
     } else if (!scalar_key(key, a.scalar.ptr())) {
-      return tensors_of(body(*python_args(args)));
+      return run_body(body, args);
     }
   }
   // Python runs inside the body, the recording and a launch: another thread may change the table
@@ -249,7 +257,7 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
   if (found == entries.end()) {
     if (entries.size() >= kMaxEntries) entries.clear();
     entries.push_back({key, State::kSeen, nullptr, -1, 0});
-    return tensors_of(body(*python_args(args)));
+    return run_body(body, args);
   }
   if (found->state == State::kPlanned) {
     std::shared_ptr<const Plan> plan = found->plan;
@@ -257,20 +265,16 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
     // The driver is asked only for a plan that launches: where none was recorded (the interpreter)
     // there may be no driver.
     int64_t planned_on = found->device;
-    py::object active = b->launcher_module.attr("driver").attr("active");
-    py::object device = active.attr("get_current_device")();
-    if (device.cast<int64_t>() != planned_on) return tensors_of(body(*python_args(args)));
-    return replay(*plan, args, active, device);
+    if (current_device(*b) != planned_on) return run_body(body, args);
+    return replay(*plan, args, b->launcher_module.attr("driver").attr("active"), py::int_(planned_on));
   }
-  if (found->state == State::kRefused) return tensors_of(body(*python_args(args)));
+  if (found->state == State::kRefused) return run_body(body, args);
   py::tuple recorded = b->record(body, *python_args(args));
   std::shared_ptr<const Plan> plan;
   int64_t device = -1;
   if (!recorded[1].is_none()) {
     plan = plan_from_python(recorded[1]);
-    if (!plan->launches.empty()) {
-      device = b->launcher_module.attr("driver").attr("active").attr("get_current_device")().cast<int64_t>();
-    }
+    if (!plan->launches.empty()) device = current_device(*b);
   }
   found = std::find_if(entries.begin(), entries.end(), [&key](const Entry& e) { return e.key == key; });
   if (found != entries.end()) {

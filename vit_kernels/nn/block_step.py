@@ -157,7 +157,7 @@ LAUNCH_PLANS_ENV = "VIT_KERNELS_LAUNCH_PLANS"  # "0": every op body runs in Pyth
 
 
 def set_launch_plans(module, enabled: bool) -> None:
-    """Turns the launch plans of the block step's forward ops (ops/_plans.py) on or off; either
+    """Turns the launch plans of the block step's op bodies (ops/_plans.py) on or off; either
     way, every plan kept so far is dropped."""
     module.set_launch_plans(_plans.record if enabled else None, _launcher, _launcher._hooks_installed,
                             TRACED_LAUNCHES)

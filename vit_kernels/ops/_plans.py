@@ -89,13 +89,10 @@ class _Launches:
             entry = launcher.bound_entry(args, kwargs)
             if entry is None:
                 self.complete = False
-                return original(grid, *args, **kwargs)
-            run, function, metadata, arguments = entry
-            grid = (*grid, 1, 1)[:3]
-            self.launches.append((run, function, metadata, grid, arguments))
-            active = _launcher.driver.active
-            run(*grid, active.get_current_stream(active.get_current_device()), function, metadata, None, None, None,
-                *arguments)
+            else:
+                run, function, metadata, arguments = entry
+                self.launches.append((run, function, metadata, (*grid, 1, 1)[:3], arguments))
+            return original(grid, *args, **kwargs)  # the launch itself, as the body would make it
         return call
 
 
