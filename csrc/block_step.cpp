@@ -4,7 +4,7 @@
 // Here: the node, the aten work between the ops (casts, GEMMs, views, the Linears' backward
 // formulas), what each op's setup_context saves and each op's backward glue (the sums and casts
 // around its launches). The launches stay in each op's Python body (configs, grids, the bound
-// launch), called back through `Bridge` or replayed from its launch plan (csrc/launch_plan.cpp),
+// launch), called back through `op_bodies()` (csrc/op_nodes.h) or replayed from its launch plan (csrc/launch_plan.cpp),
 // so no op's kernel-side host logic is written twice. The ops run in the per-op path's order with
 // its roundings: outputs and gradients are bit-equal to it (tests/test_block_step.py), which holds
 // the glue written here to the Python it twins.
@@ -13,7 +13,7 @@
 // calls a block, and of the ops' bodies, is host time eager's block does not spend
 // (benchmarks/results/cpu-host-overhead-2026-12-06.md measures what it saves).
 
-#include "launch_plan.h"
+#include "op_nodes.h"
 
 #include <ATen/autocast_mode.h>
 #include <torch/csrc/DynamicTypes.h>
@@ -31,16 +31,6 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
-
-// The op bodies this node calls (or replays), set once by nn/block_step.py at its first C++ step.
-struct Bridge {
-  py::object layer_norm, attention, bias_gelu;  // the forwards' impls (the fused MLP's is bias_gelu, then fc2)
-  py::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_partials
-  py::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
-  py::object attention_backward;   // _attention_backward(d_attn, q, k, v, out, lse, scale, p, seed,
-                                   //   deterministic) -> packed [B, N, 3 * D] gradient
-};
-Bridge* bridge = nullptr;  // never freed: a py::object must not outlive the interpreter's finalization
 
 // The tensor arguments, in the order of nn/block.py's _one_node_block_step call after `spec`.
 enum Slot {
@@ -65,11 +55,6 @@ struct Spec {
 
 Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 
-// as_dtype in ops/_triton_helpers.py: no call when the dtype is already right.
-Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
-  return !t.defined() || t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
 // _dispatch.linear_compute_dtype: autocast's dtype for a Linear on x, else x's.
 at::ScalarType linear_compute_dtype(const Tensor& x) {
   auto device = x.device().type();
@@ -93,10 +78,6 @@ Tensor as_rows(const Tensor& t, int64_t n_cols) {
   return t2.stride(-1) == 1 || t2.size(0) == 0 ? t2 : t2.contiguous();
 }
 
-py::object dtype_object(at::ScalarType dtype) {
-  return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
-}
-
 // What the backward reads, in the node's save_for_backward order: what each op's setup_context
 // saves in the per-op path (ops/layer_norm.py, ops/attention.py, ops/bias_gelu_linear.py), then the
 // Linears' inputs.
@@ -107,12 +88,6 @@ enum Saved {
   kHidden, kMlpBias, kMlpWeight,
   kY1c, kQkvWc, kAttnOut2d, kProjWc, kY2c, kFc1Wc,
   kSavedCount
-};
-
-// An add + LayerNorm's context attributes (ops/layer_norm._setup_context).
-struct LayerNormMeta {
-  bool has_residual, store_residual;
-  at::ScalarType residual_dtype;  // the residual input's, where there is one
 };
 
 struct Forward {
@@ -126,7 +101,7 @@ struct Forward {
 Forward block_forward(const Spec& spec, bool for_backward, const std::array<Tensor, kSlots>& t) {
   const Tensor& branch = t[kBranch];
   const int64_t batch = branch.size(0), n_tokens = branch.size(1), dim = branch.size(2);
-  Bridge& b = *bridge;
+  const OpBodies& b = op_bodies();
   auto rd1 = residual_dtype(branch, t[kResidual], spec.residual_in_fp32_1);
   bool store = t[kResidual].defined() || t[kGammaIn].defined() || t[kRowScaleIn].defined() ||
                rd1 != branch.scalar_type();
@@ -176,30 +151,6 @@ Forward block_forward(const Spec& spec, bool for_backward, const std::array<Tens
   return f;
 }
 
-// ops/layer_norm.py's _backward: its launch replayed from its plan (add_layer_norm_bwd_partials),
-// the parameter gradients summed and cast here. `s`: its saved tensors (x with gamma, h, weight,
-// bias, gamma, row_scale, stats).
-struct LayerNormGrads {
-  Tensor dx, dresidual, dweight, dbias, dgamma;
-};
-LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out, const Tensor* s,
-                                   const LayerNormMeta& m) {
-  bool separate = m.has_residual && (s[4].defined() || s[5].defined() || m.residual_dtype != dy.scalar_type());
-  auto r = call_planned(PlanSite::kAddLayerNormBwd, bridge->layer_norm_backward,
-                        {dy, m.store_residual ? dresidual_out : Tensor(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                         separate ? dtype_object(m.residual_dtype) : py::object(py::none())});
-  LayerNormGrads g;
-  g.dx = r[0];
-  if (m.has_residual) g.dresidual = separate ? r[1] : r[0];
-  Tensor sums = r[2].sum(1);
-  int64_t row = 0;
-  Tensor* grads[3] = {&g.dweight, &g.dbias, &g.dgamma};
-  for (int i = 0; i < 3; ++i) {
-    if (s[2 + i].defined()) *grads[i] = as_dtype(sums.select(0, row++), s[2 + i].scalar_type());
-  }
-  return g;
-}
-
 // ops/bias_gelu_linear.py's backward (_backward, _bias_gelu_linear_bwd_impl) with its input's
 // gradient needed, as it always is here: its bias + GELU pass replayed from its plan
 // (bias_gelu_backward_partials), the sums and GEMMs here.
@@ -212,7 +163,7 @@ MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, c
   Tensor dout2 = as_rows(dout, weight.size(0)), x2 = as_rows(x, x.size(-1));
   Tensor y2 = needs_weight ? at::empty(x2.sizes(), x.options()) : Tensor();
   Tensor dz2 = at::matmul(dout2, weight);  // dY, overwritten with dz by the pass
-  Tensor partial = call_planned(PlanSite::kBiasGeluBwd, bridge->bias_gelu_backward,
+  Tensor partial = call_planned(PlanSite::kBiasGeluBwd, op_bodies().bias_gelu_backward,
                                 {dz2, x2, bias, approximate, dz2, y2})[0];
   MlpGrads g;
   g.dx = dz2.view(x.sizes());
@@ -280,29 +231,18 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     py::gil_scoped_acquire gil;  // for the op bodies (the autograd engine's device threads run this without)
     variable_list saved = ctx->get_saved_variables();
-    // Once differentiable (Python's @once_differentiable): computed without a graph, and under
-    // create_graph the gradients lead to a node that fails if differentiated.
     bool create_graph = at::GradMode::is_enabled();
     variable_list out;
     {
       at::AutoGradMode no_grad(false);
       out = run_backward(ctx, grads[0], grads[1], saved);
     }
-    bool grads_need_grad = false;
-    for (const auto& g : grads) grads_need_grad |= g.defined() && g.requires_grad();
-    if (!create_graph || !grads_need_grad) return out;
-    for (auto& g : out) {
-      if (g.defined()) g = g.detach().requires_grad_(true);
-    }
-    auto error = std::make_shared<torch::autograd::DelayedError>(
-        "vit_kernels' one-node block step is once differentiable: its backward cannot be differentiated "
-        "(double backward)", static_cast<int64_t>(out.size()));
-    return error->apply(std::move(out));
+    return once_differentiable(std::move(out), create_graph, "one-node block step");
   }
 
   static variable_list run_backward(AutogradContext* ctx, const Tensor& d_out, const Tensor& d_h2,
                                     const variable_list& s) {
-    Bridge& b = *bridge;
+    const OpBodies& b = op_bodies();
     int64_t needs = ctx->saved_data["needs"].toInt();
     auto need = [needs](int slot) { return bool(needs >> slot & 1); };
     auto d = ctx->saved_data["dtypes"].toIntVector();
@@ -360,7 +300,6 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
 };
 
 std::array<OptTensor, kSlots> slots(const py::args& tensors) {
-  TORCH_CHECK(bridge != nullptr, "vit_kernels: the block step's Python functions were not set (nn/block_step.py)");
   TORCH_CHECK(static_cast<int>(tensors.size()) == kSlots, "block_step: expected ", int(kSlots), " tensors, got ",
               tensors.size());
   std::array<OptTensor, kSlots> out;
@@ -391,20 +330,13 @@ py::tuple block_forward_no_grad(const py::object& spec_object, const py::args& t
   return py::make_tuple(f.out, f.h2);
 }
 
-void set_block_step_bridge(py::object layer_norm, py::object attention, py::object bias_gelu,
-                           py::object layer_norm_backward, py::object bias_gelu_backward, py::object attention_backward) {
-  if (bridge == nullptr) bridge = new Bridge;
-  *bridge = Bridge{std::move(layer_norm), std::move(attention), std::move(bias_gelu), std::move(layer_norm_backward),
-                   std::move(bias_gelu_backward), std::move(attention_backward)};
-}
-
 }  // namespace
 
 void define_block_step(py::module_& m) {
-  m.def("set_block_step_bridge", &set_block_step_bridge);
   m.def("block_step", &block_step);
   m.def("block_forward_no_grad", &block_forward_no_grad);
   define_launch_plans(m);
+  define_op_nodes(m);
 }
 
 }  // namespace vit_kernels

@@ -303,13 +303,39 @@ py::dict launch_plan_counts() {
   py::dict out;
   if (bridge == nullptr) return out;
   const char* names[] = {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd",
-                         "add_layer_norm_bwd", "bias_gelu_bwd"};
+                         "add_layer_norm_bwd", "bias_gelu_bwd", "flash_attention_bwd"};
   for (int i = 0; i < static_cast<int>(PlanSite::kCount); ++i) {
     int64_t counts[3] = {0, 0, 0};
     for (const auto& e : bridge->sites[i]) counts[static_cast<int>(e.state)]++;
     out[names[i]] = py::dict(py::arg("seen") = counts[0], py::arg("refused") = counts[1], py::arg("planned") = counts[2]);
   }
   return out;
+}
+
+// _validate.checked_once's signature of `args` as bytes: per tensor (exactly a torch.Tensor or an
+// nn.Parameter, strided) its type, dtype, device, sizes and strides; per scalar what a plan's key
+// holds. The tuple signature costs several us a call in attribute reads and tuple hashing; this one
+// is a buffer. None for an argument it does not cover (another Tensor subclass, another type):
+// the caller then builds the tuple signature.
+py::object check_signature(const py::tuple& args, const py::handle& parameter_type) {
+  std::vector<int64_t> key;
+  key.reserve(12 * args.size());
+  for (const auto& arg : args) {
+    PyObject* value = arg.ptr();
+    bool parameter = Py_TYPE(value) == reinterpret_cast<PyTypeObject*>(parameter_type.ptr());
+    if (THPVariable_CheckExact(value) || parameter) {
+      const Tensor& t = THPVariable_Unpack(value);
+      if (t.layout() != at::kStrided) return py::none();
+      key.insert(key.end(), {parameter ? -11 : -10, static_cast<int64_t>(t.scalar_type()),
+                             static_cast<int64_t>(t.device().type()), static_cast<int64_t>(t.device().index()),
+                             t.dim()});
+      key.insert(key.end(), t.sizes().begin(), t.sizes().end());
+      key.insert(key.end(), t.strides().begin(), t.strides().end());
+    } else if (THPVariable_Check(value) || !scalar_key(key, value)) {
+      return py::none();
+    }
+  }
+  return py::bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
 }
 
 // call_planned from Python, for tests: `site` by index, `args` as the body takes them.
@@ -335,6 +361,7 @@ void define_launch_plans(py::module_& m) {
   m.def("set_launch_plans", &set_launch_plans);
   m.def("launch_plan_counts", &launch_plan_counts);
   m.def("call_planned", &call_planned_py);
+  m.def("check_signature", &check_signature);
 }
 
 }  // namespace vit_kernels

@@ -28,7 +28,9 @@ struct VIT_KERNELS_HIDDEN OpArg {
 
 // The op bodies whose plans are kept, each in its own table.
 enum class PlanSite {
-  kAddLayerNormFwd, kAttentionFwd, kBiasGeluFwd, kAttentionBwd, kAddLayerNormBwd, kBiasGeluBwd, kCount
+  kAddLayerNormFwd, kAttentionFwd, kBiasGeluFwd, kAttentionBwd, kAddLayerNormBwd, kBiasGeluBwd,
+  kFlashAttentionBwd,  // the per-op backward (dq, dk, dv apart); kAttentionBwd is the block's packed one
+  kCount
 };
 
 // body(*args)'s tensors (a tuple's, or the one tensor it returns): replayed from the plan of this

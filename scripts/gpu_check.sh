@@ -80,7 +80,7 @@ if [ "${STAGES[0]}" = lease ]; then
     # pytest benchmarks/ in short: one shape per op (ViT-B's), fwd+bwd, ours and eager, and the
     # ViT-B/16 training step of timm and timm after swap_modules, graphed and not.
     : "${BENCH_TIMEOUT_S:=90}" "${BENCH_K:=ViT-B and ((fwd+bwd and (vit_kernels or eager)) or (train and timm and not compile))}"
-    : "${TEST_FILES:=tests/test_attention.py tests/test_bias_gelu.py tests/test_bias_gelu_linear.py tests/test_layer_norm.py tests/test_patch_embed.py tests/test_cuda_graph.py tests/test_host_sync.py tests/test_block_step.py tests/test_compile.py}"
+    : "${TEST_FILES:=tests/test_attention.py tests/test_bias_gelu.py tests/test_bias_gelu_linear.py tests/test_layer_norm.py tests/test_patch_embed.py tests/test_cuda_graph.py tests/test_host_sync.py tests/test_block_step.py tests/test_op_nodes.py tests/test_compile.py}"
     : "${MAIN_OPS:=flash_attention bias_gelu bias_gelu_linear vit}" "${MAIN_VIT_MODELS:=ViT-B/16}"
     : "${DIAG_PARTS:=switches attention}" "${ATTN_KINDS:=dkdv}"
     export ATTN_KINDS

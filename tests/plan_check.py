@@ -48,14 +48,16 @@ def _cache_named_stand_in(self, key, signature, device, constexprs, options, att
 JITFunction._do_compile = _cache_named_stand_in
 
 from vit_kernels.nn import block_step  # noqa: E402
-from vit_kernels.ops.attention import _flash_attention_fwd  # noqa: E402
+from vit_kernels.ops import _nodes  # noqa: E402
+from vit_kernels.ops.attention import (_flash_attention_bwd, _flash_attention_fwd,  # noqa: E402
+                                       flash_attention_bwd_packed)
 from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_impl, bias_gelu_backward_partials  # noqa: E402
 from vit_kernels.ops.layer_norm import _add_layer_norm_fwd, add_layer_norm_bwd_partials  # noqa: E402
 
-SITES = {"add_layer_norm_fwd": 0, "attention_fwd": 1, "bias_gelu_fwd": 2, "attention_bwd": 3, "add_layer_norm_bwd": 4,
-         "bias_gelu_bwd": 5}
+SITES = {name: index for index, name in enumerate(_nodes.PLAN_SITES)}
 BODIES = {"add_layer_norm_fwd": _add_layer_norm_fwd.impl, "attention_fwd": _flash_attention_fwd.impl,
-          "bias_gelu_fwd": _bias_gelu_fwd_impl, "attention_bwd": block_step._attention_backward,
+          "bias_gelu_fwd": _bias_gelu_fwd_impl, "attention_bwd": flash_attention_bwd_packed,
+          "flash_attention_bwd": _flash_attention_bwd.impl,
           "add_layer_norm_bwd": add_layer_norm_bwd_partials, "bias_gelu_bwd": bias_gelu_backward_partials}
 
 
@@ -126,6 +128,15 @@ def _cases():
                     head_dim ** -0.5, dropout, seed, True)
         return args
 
+    def flash_attn_bwd(dtype=bf16, n=5, dropout=0.0, heads=2, head_dim=32, deterministic=True):
+        def args():
+            q, k, v = torch.randn(2, n, 3, heads, head_dim, dtype=dtype).unbind(2)
+            seed = torch.randint(0, 2**31, (), dtype=torch.int64) if dropout else None
+            return (torch.randn(2, n, heads, head_dim, dtype=dtype), q, k, v,
+                    torch.randn(2, n, heads, head_dim, dtype=dtype), torch.randn(2, heads, n, dtype=f32),
+                    head_dim ** -0.5, dropout, seed, deterministic)
+        return args
+
     def ln_bwd(dtype=bf16, residual=False, gamma=False, shape=(2, 5, 64)):
         def args():
             d, rows = shape[-1], shape[0] * shape[1]
@@ -166,6 +177,10 @@ def _cases():
         ("attention backward", "attention_bwd", attn_bwd()),
         ("attention backward dropout N=17", "attention_bwd", attn_bwd(dropout=0.1, n=17)),
         ("attention backward d=72 fp16", "attention_bwd", attn_bwd(dtype=f16, heads=3, head_dim=72)),
+        ("per-op attention backward", "flash_attention_bwd", flash_attn_bwd()),
+        ("per-op attention backward dropout N=17 fp16", "flash_attention_bwd",
+         flash_attn_bwd(dtype=f16, dropout=0.1, n=17)),
+        ("per-op attention backward, atomic dQ", "flash_attention_bwd", flash_attn_bwd(deterministic=False)),
         ("ln backward", "add_layer_norm_bwd", ln_bwd()),
         ("ln backward residual, layer scale", "add_layer_norm_bwd", ln_bwd(residual=True, gamma=True)),
         ("ln backward odd width fp16", "add_layer_norm_bwd", ln_bwd(dtype=f16, shape=(3, 7, 72))),
@@ -231,7 +246,7 @@ def vit_step():
 def main():
     torch.manual_seed(0)
     if "--no-plans" in sys.argv:
-        block_step.set_launch_plans(block_step.cpp_step(), False)
+        _nodes.set_launch_plans(block_step.cpp_step(), False)
     print(json.dumps({"ops": ops, "vit-step": vit_step}[sys.argv[1]](), default=str))
 
 

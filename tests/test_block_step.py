@@ -9,6 +9,7 @@ silently did not run would compare the per-op path with itself.
 """
 
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -17,7 +18,12 @@ import torch.nn.functional as F
 import vit_kernels
 import vit_kernels.nn.block as block_module
 import vit_kernels.nn.block_step as block_step_module
+from vit_kernels.ops import _nodes
 from vit_kernels.testing import kernel_device
+
+# By module path: the package's `bias_gelu` is the function of that name.
+attention_ops, bias_gelu_ops, layer_norm_ops = (importlib.import_module(f"vit_kernels.ops.{name}")
+                                                for name in ("attention", "bias_gelu", "layer_norm"))
 
 DEVICE = kernel_device()
 TINY = dict(img_size=16, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=5)
@@ -288,7 +294,7 @@ def test_without_the_cpp_step_blocks_take_the_per_op_path(seed, monkeypatch):
     model = _timm(init_values=0.1).to(DEVICE).train()
     images = torch.randn(2, 3, 16, 16, device=DEVICE)
     want = _run(model, images, "float32", seed, enabled=False)
-    monkeypatch.setattr(block_step_module, "_cpp_step", "no extension here")
+    monkeypatch.setattr(_nodes, "_loaded", "no extension here")
     got = _run(model, images, "float32", seed)
     assert got[2] == 0 and block_step_module.cpp_step() is None
     assert block_step_module.cpp_step_unavailable() == "no extension here"
@@ -296,22 +302,22 @@ def test_without_the_cpp_step_blocks_take_the_per_op_path(seed, monkeypatch):
 
 
 def test_a_stale_extension_is_named(monkeypatch):
-    """An extension built before csrc/launch_plan.cpp existed (with or without the block step):
+    """An extension built before csrc/op_nodes.cpp existed (with or without the block step):
     the reason says to rebuild it."""
     from types import SimpleNamespace
 
     from vit_kernels import _extension
 
     monkeypatch.setattr(_extension, "module", lambda: object())
-    assert "predates csrc/launch_plan.cpp" in block_step_module._load_cpp_step()
-    monkeypatch.setattr(_extension, "module", lambda: SimpleNamespace(block_step=None, set_block_step_bridge=None))
-    assert "predates csrc/launch_plan.cpp" in block_step_module._load_cpp_step()
+    assert "predates csrc/op_nodes.cpp" in _nodes.load()
+    monkeypatch.setattr(_extension, "module", lambda: SimpleNamespace(block_step=None, set_launch_plans=None))
+    assert "predates csrc/op_nodes.cpp" in _nodes.load()
 
     def no_extension():
         raise RuntimeError("vit_kernels: compiling the C++ extension failed")
 
     monkeypatch.setattr(_extension, "module", no_extension)
-    assert block_step_module._load_cpp_step() == "vit_kernels: compiling the C++ extension failed"
+    assert _nodes.load() == "vit_kernels: compiling the C++ extension failed"
 
 
 def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
@@ -324,23 +330,23 @@ def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
         raise ValueError("an op failed")
 
     try:
-        monkeypatch.setattr(block_step_module, "_attention_backward", fails)
-        block_step_module._load_cpp_step()  # hands the extension the module's functions again
+        monkeypatch.setattr(attention_ops, "flash_attention_bwd_packed", fails)
+        _nodes.load()  # hands the extension the op modules' functions again
         with one_node_steps() as count:
             out = model(images)
         assert count[0] == TINY["depth"]
         with pytest.raises(ValueError, match="an op failed"):
             out.sum().backward()
-        monkeypatch.setattr(block_step_module, "add_layer_norm_bwd_partials", fails)
-        block_step_module._load_cpp_step()
+        monkeypatch.setattr(layer_norm_ops, "add_layer_norm_bwd_partials", fails)
+        _nodes.load()
         with pytest.raises(ValueError, match="an op failed"):
             model(images).sum().backward()
-        monkeypatch.setattr(block_step_module, "_bias_gelu_fwd_impl", fails)
-        block_step_module._load_cpp_step()
+        monkeypatch.setattr(bias_gelu_ops, "_bias_gelu_fwd_impl", fails)
+        _nodes.load()
         with pytest.raises(ValueError, match="an op failed"):
             model(images)
     finally:
         monkeypatch.undo()
-        block_step_module._load_cpp_step()
+        _nodes.load()
     out = model(images)  # the real functions again
     out.sum().backward()

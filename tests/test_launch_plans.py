@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import vit_kernels.nn.block_step as block_step
 from vit_kernels._dispatch import TRACED_LAUNCHES
-from vit_kernels.ops import _launcher, _plans
+from vit_kernels.ops import _launcher, _nodes, _plans
 
 
 def _plan_check(*args):
@@ -34,8 +33,8 @@ def op_calls():
 
 
 def test_a_replay_launches_what_the_body_launches(op_calls):
-    """Per case (every body the block step plans: add + LayerNorm, attention and bias + GELU
-    forwards and backwards, over dtypes, optional inputs, dropout, odd widths and head dims, a
+    """Per case (every body the nodes plan: add + LayerNorm, attention and bias + GELU
+    forwards and backwards, attention's per-op backward, over dtypes, optional inputs, dropout, odd widths and head dims, a
     misaligned and a non-contiguous input, a tensor written in place): four calls through
     the plan table (body, recording, two replays, the last on new tensors) hand the C launcher the
     body's kernels, specializations, grids, scalars and pointers (each named after the input it is
@@ -46,7 +45,8 @@ def test_a_replay_launches_what_the_body_launches(op_calls):
             assert call == case["body"], (case["name"], i)
         assert case["body"]["launches"], case["name"]
         counts, before = case["counts"], previous.get(case["site"], {"planned": 0, "refused": 0})
-        grew = "refused" if case["name"] == "ln non-contiguous x" else "planned"
+        # Refused: a non-contiguous x (the body copies it), atomic dQ (zero-filled and copied back).
+        grew = "refused" if case["name"] in ("ln non-contiguous x", "per-op attention backward, atomic dQ") else "planned"
         assert counts[grew] == before[grew] + 1, (case["name"], counts, before)
         previous[case["site"]] = counts
 
@@ -74,10 +74,10 @@ def test_training_and_inference_launch_the_same_with_and_without_plans():
     assert [r["name"] for r in planned["rounds"]] == [r["name"] for r in plain["rounds"]]
     for ours, theirs in zip(planned["rounds"], plain["rounds"]):
         assert ours["launches"] == theirs["launches"], ours["name"]
-    assert set(planned["counts"]) == {"add_layer_norm_fwd", "attention_fwd", "bias_gelu_fwd", "attention_bwd",
-                                      "add_layer_norm_bwd", "bias_gelu_bwd"}
+    assert set(planned["counts"]) == set(_nodes.PLAN_SITES)
     for site, counts in planned["counts"].items():
-        assert counts["planned"] > 0 and counts["refused"] == 0, (site, counts)
+        if site != "flash_attention_bwd":  # the per-op attention's backward: every block is one node here
+            assert counts["planned"] > 0 and counts["refused"] == 0, (site, counts)
     assert all(counts == {"seen": 0, "refused": 0, "planned": 0} for counts in plain["counts"].values())
 
 
@@ -173,11 +173,11 @@ def test_recording_leaves_every_launcher_as_it_was():
 
 @pytest.fixture
 def plan_table():
-    module = block_step.cpp_step()
+    module = _nodes.extension()
     if module is None:
-        pytest.skip(f"no C++ extension: {block_step.cpp_step_unavailable()}")
+        pytest.skip(f"no C++ extension: {_nodes.unavailable()}")
     yield module
-    block_step.set_launch_plans(module, os.environ.get(block_step.LAUNCH_PLANS_ENV) != "0")
+    _nodes.set_launch_plans(module, os.environ.get(_nodes.LAUNCH_PLANS_ENV) != "0")
 
 
 def _counted(body):
@@ -190,7 +190,7 @@ def _counted(body):
 
 
 def test_the_table_runs_then_records_then_replays(plan_table):
-    block_step.set_launch_plans(plan_table, True)
+    _nodes.set_launch_plans(plan_table, True)
     body, calls = _counted(lambda t, scale: (torch.empty_like(t), torch.empty((3,), dtype=torch.float32)))
     x = torch.randn(4, 8)
     outs = [plan_table.call_planned(2, body, x, 0.5) for _ in range(4)]
@@ -207,7 +207,7 @@ def test_the_table_runs_then_records_then_replays(plan_table):
 
 
 def test_a_refused_signature_runs_its_body_every_time(plan_table):
-    block_step.set_launch_plans(plan_table, True)
+    _nodes.set_launch_plans(plan_table, True)
     body, calls = _counted(lambda t: t * 2)
     x = torch.randn(4, 8)
     for _ in range(4):
@@ -220,13 +220,13 @@ def test_plans_step_aside_for_hooks_tracing_and_when_off(plan_table, monkeypatch
     body, calls = _counted(lambda t: torch.empty_like(t))
     x = torch.randn(4, 8)
     for setting in ("hooks", "traced", "off"):
-        block_step.set_launch_plans(plan_table, True)
+        _nodes.set_launch_plans(plan_table, True)
         if setting == "hooks":
             plan_table.set_launch_plans(_plans.record, _launcher, lambda: True, TRACED_LAUNCHES)
         elif setting == "traced":
             monkeypatch.setattr(TRACED_LAUNCHES, "on", True)
         else:
-            block_step.set_launch_plans(plan_table, False)
+            _nodes.set_launch_plans(plan_table, False)
         calls.clear()
         for _ in range(4):
             plan_table.call_planned(1, body, x)
@@ -236,7 +236,7 @@ def test_plans_step_aside_for_hooks_tracing_and_when_off(plan_table, monkeypatch
 
 
 def test_an_unkeyable_argument_runs_the_body(plan_table):
-    block_step.set_launch_plans(plan_table, True)
+    _nodes.set_launch_plans(plan_table, True)
     body, calls = _counted(lambda t, extra: torch.empty_like(t))
     x = torch.randn(4, 8)
     for _ in range(4):
@@ -246,10 +246,46 @@ def test_an_unkeyable_argument_runs_the_body(plan_table):
 
 
 def test_an_error_in_a_body_reaches_the_caller(plan_table):
-    block_step.set_launch_plans(plan_table, True)
+    _nodes.set_launch_plans(plan_table, True)
 
     def fails(t):
         raise ValueError("a body failed")
     for _ in range(3):  # the first call, then the recording
         with pytest.raises(ValueError, match="a body failed"):
             plan_table.call_planned(0, fails, torch.randn(2))
+
+
+def test_the_bytes_check_signature_keeps_apart_what_the_tuple_one_does(plan_table):
+    """check_signature (checked_once's fast signature): calls whose tuple signatures differ get
+    different bytes, calls whose tuple signatures agree the same; arguments it does not cover
+    (another Tensor subclass, a sparse tensor, a list, an int subclass) give None, and the tuple
+    signature is built instead."""
+    import enum
+    import warnings
+
+    from vit_kernels import _validate
+
+    x = torch.randn(3, 4)
+    samples = [
+        (x, None, 1.0), (x, None, True), (x, None, 1), (x, None, "1.0"), (x.t(), None, 1.0),
+        (x.to(torch.bfloat16), None, 1.0), (torch.nn.Parameter(x), None, 1.0), (torch.randn(4, 3), None, 1.0),
+        (torch.empty(3, 4, device="meta"), None, 1.0), (x, torch.float16, 1.0), (x, torch.float32, 1.0),
+        (x, None, -0.5), (x, None, "tanh"), (x, None, "none"), (x[None], None, 1.0), (torch.tensor(2.0),), (),
+    ]
+    signatures = [plan_table.check_signature(args, torch.nn.Parameter) for args in samples]
+    assert all(isinstance(s, bytes) for s in signatures)
+    assert len(set(signatures)) == len(samples)
+    assert len({_validate.python_signature(args, torch.Tensor) for args in samples}) == len(samples)
+    assert plan_table.check_signature((torch.randn(3, 4), None, 1.0), torch.nn.Parameter) == signatures[0]
+
+    class Flag(enum.IntEnum):
+        ON = 1
+
+    class Subclass(torch.Tensor):
+        pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CSR support is "in beta"
+        sparse = torch.eye(3).to_sparse_csr()
+    for args in ((x, [1.0]), (x, Flag.ON), (x.as_subclass(Subclass),), (sparse,), (x, 2**70)):
+        assert plan_table.check_signature(args, torch.nn.Parameter) is None, args

@@ -133,10 +133,16 @@ class FusedOp:
     """
 
     def __init__(self, op, impl: Callable, function=None, setup_context: Optional[Callable] = None,
-                 backward: Optional[Callable] = None):
+                 backward: Optional[Callable] = None, node=None):
         self.op, self.impl, self.function = op, impl, function
         # For callers that run several ops under one autograd node (nn/block_step.py).
         self.setup_context, self.backward = setup_context, backward
+        # What an eager call runs: with a gradient, the op as one autograd node; without, `impl`.
+        # With `node` (ops/_nodes.CppNode), the extension's C++ node and `impl` through its launch
+        # plan, looked up at the first call (importing vit_kernels asks for no extension).
+        self.node = node
+        self.apply = self._attach_then_apply if node is not None else function.apply if function else None
+        self.run = self._attach_then_run if node is not None else impl
 
     def __call__(self, *inputs):
         if tracing():
@@ -146,13 +152,27 @@ class FusedOp:
         if torch.is_grad_enabled():
             for t in inputs:  # a loop, not any(generator): this runs for every op call
                 if isinstance(t, torch.Tensor) and t.requires_grad:
-                    return self.function.apply(*inputs)
-        return self.impl(*inputs)
+                    return self.apply(*inputs)
+        return self.run(*inputs)
+
+    def attach(self) -> None:
+        """Looks up the C++ node again (tests do, after changing what the extension gets)."""
+        apply, run = self.node.resolve(self.impl)
+        self.apply = apply or self.function.apply
+        self.run = run or self.impl
+
+    def _attach_then_apply(self, *inputs):
+        self.attach()
+        return self.apply(*inputs)
+
+    def _attach_then_run(self, *inputs):
+        self.attach()
+        return self.run(*inputs)
 
 
 def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, backward: Optional[Callable] = None,
               setup_context: Optional[Callable] = None, non_differentiable: Sequence[int] = (),
-              kernel=None) -> FusedOp:
+              kernel=None, node=None) -> FusedOp:
     """Register `vit_kernels::<name>` and return it as a FusedOp: the one way every op is defined.
 
     - `impl` given: a Python custom op made from it, no mutated inputs. With `kernel` (a Triton
@@ -168,6 +188,9 @@ def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, bac
       registered on the op and run by the eager bypass alike. Outputs at the positions in
       `non_differentiable` get no gradient; gradients of unused outputs reach `backward` as None
       (not materialized zeros). An op without `backward` is a backward op: see FusedOp.
+    - `node` (ops/_nodes.CppNode): the same autograd as one C++ node, which an eager call takes
+      where the extension loads; it must compute what `setup_context` and `backward` do, bit for
+      bit (tests/test_op_nodes.py).
     """
     qualname = f"vit_kernels::{name}"
     if impl is None:
@@ -199,7 +222,7 @@ def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, bac
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
-    return FusedOp(op, impl, function, setup_context, backward)
+    return FusedOp(op, impl, function, setup_context, backward, node)
 
 
 @functools.lru_cache(maxsize=None)

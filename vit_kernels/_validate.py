@@ -78,6 +78,25 @@ def _signature_of(args: tuple, tensor_type: type) -> tuple:
     return _signature_of(args, tensor_type)
 
 
+class _FastSignature:
+    """The C++ extension's check_signature (csrc/launch_plan.cpp), set when ops/_nodes loads it:
+    a bytes signature, several times cheaper than the tuple, for the arguments it covers."""
+
+    function = None
+
+
+FAST_SIGNATURE = _FastSignature()
+
+
+def _signature(args: tuple):
+    fast = FAST_SIGNATURE.function
+    if fast is not None:
+        signature = fast(args, torch.nn.Parameter)
+        if signature is not None:
+            return signature
+    return _signature_of(args, torch.Tensor)
+
+
 def checked_once(check):
     """`check(*args)` run once per signature of its arguments, not on every call: a ViT step calls
     each op dozens of times with the same few signatures, and a full check costs several us of
@@ -98,7 +117,7 @@ def checked_once(check):
             check(*args)
             return
         try:
-            signature = _signature_of(args, torch.Tensor)
+            signature = _signature(args)
             if signature in passed:
                 return
         except (TypeError, RuntimeError):

@@ -11,7 +11,7 @@ reverse, what each op's registered `backward` does (attention's writes dq, dk an
 into one packed qkv gradient, where autograd's unbind would stack three copies) and, for the
 Linears, aten's own addmm/mm backward formulas. The aten work (casts, GEMMs, views, the
 backwards' sums and casts) is C++; each op's kernels are still launched by its Python body
-(the functions this file hands the extension, `_load_cpp_step`), or from C++ out of the launch
+(the functions ops/_nodes.load hands the extension), or from C++ out of the launch
 plan recorded from that body at an earlier call of the same signature (ops/_plans.py), so the
 host logic that launches (configs, grids, scalars) is written once. Same kernels in the same
 order with the same roundings as the per-op path, so outputs and gradients are the per-op
@@ -26,18 +26,17 @@ Every tensor the backward needs goes through the node's `save_for_backward`, so 
 checkpointing and saved-tensor hooks see it.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .._dispatch import TRACED_LAUNCHES, runs_kernel, tracing
-from ..ops import _launcher, _plans
-from ..ops.attention import _attn_fwd_kernel, _flash_attention_fwd, flash_attention_bwd_into
-from ..ops.bias_gelu import _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_partials
-from ..ops.layer_norm import _add_layer_norm_fwd, _add_layer_norm_fwd_kernel, add_layer_norm_bwd_partials
+from .._dispatch import runs_kernel, tracing
+from ..ops import _nodes
+from ..ops.attention import _attn_fwd_kernel
+from ..ops.bias_gelu import _bias_gelu_fwd_kernel
+from ..ops.layer_norm import _add_layer_norm_fwd_kernel
 from ._hooks import global_hooks_installed, runs_plainly
 from .attention import FlashAttention
 from .layer_norm import FusedLayerNorm
@@ -80,9 +79,7 @@ def fast_path_spec(block, branch: Tensor) -> Optional[BlockStepSpec]:
         return None
     if global_hooks_installed():
         return None
-    if _cpp_step is None:
-        cpp_step()
-    if isinstance(_cpp_step, str):
+    if cpp_step() is None:
         return None
     modules = block._modules
     norm1, norm2, attn, mlp = modules["norm1"], modules["norm2"], modules["attn"], modules["mlp"]
@@ -109,58 +106,16 @@ def fast_path_spec(block, branch: Tensor) -> Optional[BlockStepSpec]:
     )
 
 
-def _attention_backward(d_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        softmax_scale: float, dropout_p: float, seed: Optional[Tensor], deterministic: bool) -> Tensor:
-    """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d] (the
-    node calls it with its attention context's saved tensors and attributes)."""
-    batch, n_tokens, n_heads, head_dim = q.shape
-    d_qkv = torch.empty((batch, n_tokens, 3, n_heads, head_dim), dtype=q.dtype, device=q.device)
-    flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, softmax_scale, dropout_p,
-                             seed, deterministic)
-    return d_qkv.view(batch, n_tokens, 3 * n_heads * head_dim)
-
-
-_cpp_step = None  # the extension module with csrc/block_step.cpp, or why there is none (a str)
-
-
 def cpp_step():
     """The extension module whose `block_step` and `block_forward_no_grad` run a block as one node
     (csrc/block_step.cpp), or None where the extension cannot be loaded or is a stale build
     without them: `cpp_step_unavailable()` then says why, and blocks take the per-op path."""
-    global _cpp_step
-    if _cpp_step is None:
-        _cpp_step = _load_cpp_step()
-    return None if isinstance(_cpp_step, str) else _cpp_step
+    return _nodes.extension()
 
 
 def cpp_step_unavailable() -> Optional[str]:
     """Why cpp_step() returned None after it was asked, or None."""
-    return _cpp_step if isinstance(_cpp_step, str) else None
-
-
-def _load_cpp_step():
-    from .. import _extension  # not at import: importing vit_kernels asks for no extension
-
-    try:
-        module = _extension.module()
-    except RuntimeError as err:
-        return str(err)
-    if not hasattr(module, "set_launch_plans"):
-        return f"the extension loaded from {_extension.load()} predates csrc/launch_plan.cpp: rebuild it"
-    module.set_block_step_bridge(_add_layer_norm_fwd.impl, _flash_attention_fwd.impl, _bias_gelu_fwd_impl,
-                                 add_layer_norm_bwd_partials, bias_gelu_backward_partials, _attention_backward)
-    set_launch_plans(module, os.environ.get(LAUNCH_PLANS_ENV) != "0")
-    return module
-
-
-LAUNCH_PLANS_ENV = "VIT_KERNELS_LAUNCH_PLANS"  # "0": every op body runs in Python on every call
-
-
-def set_launch_plans(module, enabled: bool) -> None:
-    """Turns the launch plans of the block step's op bodies (ops/_plans.py) on or off; either
-    way, every plan kept so far is dropped."""
-    module.set_launch_plans(_plans.record if enabled else None, _launcher, _launcher._hooks_installed,
-                            TRACED_LAUNCHES)
+    return _nodes.unavailable()
 
 
 def block_step_forward(spec: BlockStepSpec, *tensors):
@@ -170,5 +125,5 @@ def block_step_forward(spec: BlockStepSpec, *tensors):
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
-                return _cpp_step.block_step(spec, *tensors)
-    return _cpp_step.block_forward_no_grad(spec, *tensors)
+                return _nodes.extension().block_step(spec, *tensors)
+    return _nodes.extension().block_forward_no_grad(spec, *tensors)

@@ -48,6 +48,7 @@ from .._dispatch import (cuda_properties, define_op, inductor_generates, inducto
 from .._validate import check_float_tensor, check_number, check_same_device, checked_once
 from . import _tuning
 from ._launcher import launcher_for
+from ._nodes import CppNode
 from ._triton_helpers import LAUNCH_OPTIONS, cdiv, next_power_of_2
 from .attention_configs import KERNEL_KINDS, as_configs, tiles_for
 from .attention_kernels import (
@@ -312,6 +313,19 @@ def flash_attention_bwd_into(dq: Tensor, dk: Tensor, dv: Tensor, dout: Tensor, q
         dq.copy_(dq_accum)
 
 
+def flash_attention_bwd_packed(d_attn: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                      softmax_scale: float, dropout_p: float, seed: Optional[Tensor],
+                               deterministic: bool) -> Tensor:
+    """Attention's backward written straight into one packed qkv gradient, [B, N, 3 * H * d]: the
+    one-node block step's (csrc/block_step.cpp calls it with its attention context's saved tensors
+    and attributes, and owns the qkv Linear's backward)."""
+    batch, n_tokens, n_heads, head_dim = q.shape
+    d_qkv = torch.empty((batch, n_tokens, 3, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    flash_attention_bwd_into(*d_qkv.unbind(2), d_attn.view(q.shape), q, k, v, out, lse, softmax_scale, dropout_p,
+                             seed, deterministic)
+    return d_qkv.view(batch, n_tokens, 3 * n_heads * head_dim)
+
+
 def _flash_attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, dropout_p, seed, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
@@ -337,7 +351,8 @@ def _backward(ctx, dout, _dlse):
 # options, enable_fp_fusion=False above; an older one would contract its exponents.
 _flash_attention_fwd = define_op("flash_attention_fwd", _flash_attention_fwd_impl, fake=_flash_attention_fwd_fake,
                                  setup_context=_setup_context, backward=_backward, non_differentiable=(1,),
-                                 kernel=_attn_fwd_kernel if inductor_keeps_launch_options() else None)
+                                 kernel=_attn_fwd_kernel if inductor_keeps_launch_options() else None,
+                                 node=CppNode("flash_attention_node", "attention_fwd"))
 _flash_attention_bwd = define_op("flash_attention_bwd", _flash_attention_bwd_impl, fake=_flash_attention_bwd_fake,
                                  kernel=_attn_bwd_dkdv_kernel)
 

@@ -52,6 +52,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from ._launcher import launcher_for
+from ._nodes import CppNode
 from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
@@ -502,7 +503,8 @@ def _backward(ctx, dy, dresidual_out, _dstats):
 
 _add_layer_norm_fwd = define_op("add_layer_norm_fwd", _add_layer_norm_fwd_impl, fake=_add_layer_norm_fwd_fake,
                                 setup_context=_setup_context, backward=_backward, non_differentiable=(2,),
-                                kernel=_add_layer_norm_fwd_kernel)
+                                kernel=_add_layer_norm_fwd_kernel,
+                                node=CppNode("add_layer_norm_node", "add_layer_norm_fwd"))
 _add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake,
                                 kernel=_add_layer_norm_bwd_kernel)
 

@@ -1,0 +1,202 @@
+// One op as one C++ autograd node, on the per-op path (the path every swapped model takes outside
+// the one-node block step: transformers', torchvision's, a model whose block the step does not
+// fuse): add + LayerNorm, and attention.
+//
+// Why: an op under a Python autograd.Function pays for its Python on both sides of the step:
+// apply, setup_context and save_for_backward in the forward, the engine's call back into Python
+// and the backward glue in the backward. At the batch sizes where a ViT step is host-bound that is
+// what makes the op slower than eager's two aten calls (benchmarks/results/, the per-op host
+// rows). Here the node is C++, the forward body and the backward's launch are replayed from
+// their launch plans (csrc/launch_plan.cpp), and the glue is C++ (layer_norm_backward, shared with
+// the block node). Each node saves what its op's _setup_context saves and computes what its
+// _backward computes, with the same roundings: tests/test_op_nodes.py holds them bit-equal.
+//
+// Also here: what the nodes share (op_nodes.h).
+
+#include "op_nodes.h"
+
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/python.h>
+
+namespace vit_kernels {
+
+namespace py = pybind11;
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = std::optional<Tensor>;
+
+namespace {
+OpBodies* bodies = nullptr;  // never freed: a py::object must not outlive the interpreter's finalization
+}
+
+const OpBodies& op_bodies() {
+  TORCH_CHECK(bodies != nullptr, "vit_kernels: the C++ nodes' op bodies were not set (ops/_plans.attach_nodes)");
+  return *bodies;
+}
+
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) {
+  return !t.defined() || t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+py::object dtype_object(at::ScalarType dtype) {
+  return py::reinterpret_borrow<py::object>(reinterpret_cast<PyObject*>(torch::getTHPDtype(dtype)));
+}
+
+LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out, const Tensor* s,
+                                   const LayerNormMeta& m) {
+  bool separate = m.has_residual && (s[4].defined() || s[5].defined() || m.residual_dtype != dy.scalar_type());
+  auto r = call_planned(PlanSite::kAddLayerNormBwd, op_bodies().layer_norm_backward,
+                        {dy, m.store_residual ? dresidual_out : Tensor(), s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+                         separate ? dtype_object(m.residual_dtype) : py::object(py::none())});
+  LayerNormGrads g;
+  g.dx = r[0];
+  if (m.has_residual) g.dresidual = separate ? r[1] : r[0];
+  Tensor sums = r[2].sum(1);
+  int64_t row = 0;
+  Tensor* grads[3] = {&g.dweight, &g.dbias, &g.dgamma};
+  for (int i = 0; i < 3; ++i) {
+    if (s[2 + i].defined()) *grads[i] = as_dtype(sums.select(0, row++), s[2 + i].scalar_type());
+  }
+  return g;
+}
+
+variable_list once_differentiable(variable_list out, bool create_graph, const char* what) {
+  if (!create_graph) return out;
+  for (auto& g : out) {
+    if (g.defined()) g = g.detach().requires_grad_(true);
+  }
+  auto error = std::make_shared<torch::autograd::DelayedError>(
+      std::string("vit_kernels' ") + what + " is once differentiable: its backward cannot be differentiated "
+      "(double backward)", static_cast<int64_t>(out.size()));
+  return error->apply(std::move(out));
+}
+
+// ops/layer_norm's add_layer_norm_fwd: its define_op forward, _setup_context and _backward.
+struct AddLayerNormNode : public torch::autograd::Function<AddLayerNormNode> {
+  static variable_list forward(AutogradContext* ctx, const OptTensor& x, const OptTensor& residual,
+                               const OptTensor& weight, const OptTensor& bias, const OptTensor& gamma,
+                               const OptTensor& row_scale, const py::object& eps, const py::object& residual_dtype,
+                               bool store_residual) {
+    auto value = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
+    Tensor x_ = value(x), residual_ = value(residual), gamma_ = value(gamma);
+    auto out = call_planned(PlanSite::kAddLayerNormFwd, op_bodies().layer_norm,
+                            {x_, residual_, value(weight), value(bias), gamma_, value(row_scale), eps, residual_dtype,
+                             py::bool_(store_residual)});
+    ctx->save_for_backward({gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, value(weight),
+                            value(bias), gamma_, value(row_scale), out[2]});
+    int64_t needs = 0;  // bit i: tensor argument i requires a gradient (Python's ctx.needs_input_grad)
+    const OptTensor* inputs[] = {&x, &residual, &weight, &bias, &gamma};
+    for (int i = 0; i < 5; ++i) needs |= int64_t(inputs[i]->has_value() && (*inputs[i])->requires_grad()) << i;
+    ctx->saved_data["meta"] = std::vector<int64_t>{
+        residual_.defined(), store_residual, residual_.defined() ? int64_t(residual_.scalar_type()) : -1, needs};
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({out[2]});
+    return {out[0], out[1], out[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    py::gil_scoped_acquire gil;  // for the op body (the autograd engine's device threads run this without)
+    variable_list s = ctx->get_saved_variables();
+    auto meta = ctx->saved_data["meta"].toIntVector();
+    LayerNormMeta m{bool(meta[0]), bool(meta[1]), static_cast<at::ScalarType>(meta[2] < 0 ? 0 : meta[2])};
+    bool create_graph = at::GradMode::is_enabled();
+    variable_list out(9);
+    {
+      at::AutoGradMode no_grad(false);
+      Tensor dy = grads[0];
+      if (!dy.defined()) {
+        const Tensor& like = s[0].defined() ? s[0] : s[1];
+        dy = at::zeros(s[1].sizes(), s[1].options().dtype(like.scalar_type()));
+      }
+      auto g = layer_norm_backward(dy, grads[1], s.data(), m);
+      out[0] = g.dx;
+      out[1] = g.dresidual;
+      out[2] = g.dweight;
+      out[3] = g.dbias;
+      out[4] = g.dgamma;
+      for (int i = 0; i < 5; ++i) {
+        if (!(meta[3] >> i & 1)) out[i] = Tensor();  // an absent or frozen input gets none (CppNode insists)
+      }
+    }
+    return once_differentiable(std::move(out), create_graph, "add_layer_norm");
+  }
+};
+
+
+// ops/attention's flash_attention_fwd: its define_op forward, _setup_context and _backward.
+struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                               const py::object& softmax_scale, const py::object& dropout_p, const OptTensor& seed,
+                               const py::object& deterministic) {
+    Tensor seed_ = seed.has_value() ? *seed : Tensor();
+    auto out = call_planned(PlanSite::kAttentionFwd, op_bodies().attention,
+                            {q, k, v, softmax_scale, dropout_p, seed_, deterministic});
+    ctx->save_for_backward({q, k, v, out[0], out[1], seed_});
+    ctx->saved_data["needs"] =
+        int64_t(q.requires_grad()) | int64_t(k.requires_grad()) << 1 | int64_t(v.requires_grad()) << 2;
+    ctx->saved_data["softmax_scale"] = softmax_scale.cast<double>();
+    ctx->saved_data["dropout_p"] = dropout_p.cast<double>();
+    ctx->saved_data["deterministic"] = deterministic.cast<bool>();
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({out[1]});
+    return {out[0], out[1]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    py::gil_scoped_acquire gil;  // for the op body (the autograd engine's device threads run this without)
+    bool create_graph = at::GradMode::is_enabled();
+    variable_list out(7);
+    if (grads[0].defined()) {  // else out was not used: no gradient
+      at::AutoGradMode no_grad(false);
+      variable_list s = ctx->get_saved_variables();
+      auto d = call_planned(PlanSite::kFlashAttentionBwd, op_bodies().flash_attention_backward,
+                            {grads[0], s[0], s[1], s[2], s[3], s[4],
+                             py::float_(ctx->saved_data["softmax_scale"].toDouble()),
+                             py::float_(ctx->saved_data["dropout_p"].toDouble()), s[5],
+                             py::bool_(ctx->saved_data["deterministic"].toBool())});
+      int64_t needs = ctx->saved_data["needs"].toInt();
+      for (int i = 0; i < 3; ++i) {
+        if (needs >> i & 1) out[i] = d[i];
+      }
+    }
+    return once_differentiable(std::move(out), create_graph, "flash_attention");
+  }
+};
+
+namespace {
+
+// (y, h_new or an empty tensor, stats) as one node, the arguments as add_layer_norm_fwd takes them.
+py::tuple add_layer_norm_node(const OptTensor& x, const OptTensor& residual, const OptTensor& weight,
+                              const OptTensor& bias, const OptTensor& gamma, const OptTensor& row_scale,
+                              const py::object& eps, const py::object& residual_dtype, bool store_residual) {
+  auto out = AddLayerNormNode::apply(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual);
+  return py::make_tuple(out[0], out[1], out[2]);
+}
+
+// (out, lse) as one node, the arguments as flash_attention_fwd takes them.
+py::tuple flash_attention_node(const Tensor& q, const Tensor& k, const Tensor& v, const py::object& softmax_scale,
+                               const py::object& dropout_p, const OptTensor& seed, const py::object& deterministic) {
+  auto out = FlashAttentionNode::apply(q, k, v, softmax_scale, dropout_p, seed, deterministic);
+  return py::make_tuple(out[0], out[1]);
+}
+
+void set_op_bodies(py::object layer_norm, py::object attention, py::object bias_gelu, py::object layer_norm_backward,
+                   py::object bias_gelu_backward, py::object attention_backward, py::object flash_attention_backward) {
+  if (bodies == nullptr) bodies = new OpBodies;
+  *bodies = OpBodies{std::move(layer_norm), std::move(attention), std::move(bias_gelu), std::move(layer_norm_backward),
+                     std::move(bias_gelu_backward), std::move(attention_backward),
+                     std::move(flash_attention_backward)};
+}
+
+}  // namespace
+
+void define_op_nodes(py::module_& m) {
+  m.def("set_op_bodies", &set_op_bodies);
+  m.def("add_layer_norm_node", &add_layer_norm_node);
+  m.def("flash_attention_node", &flash_attention_node);
+}
+
+}  // namespace vit_kernels

@@ -1,0 +1,54 @@
+// What the C++ autograd nodes share (csrc/block_step.cpp: a block as one node; csrc/op_nodes.cpp:
+// an op as one node): the op bodies they call back or replay, and the glue around an op's
+// launches written once for both.
+#pragma once
+
+#include "launch_plan.h"
+
+#include <torch/csrc/autograd/variable.h>
+
+namespace vit_kernels {
+
+// The op bodies the nodes call (or replay from their launch plans), set once from Python
+// (ops/_plans.attach_nodes). Hidden like the pybind11 objects it holds.
+struct VIT_KERNELS_HIDDEN OpBodies {
+  pybind11::object layer_norm;           // ops/layer_norm._add_layer_norm_fwd_impl
+  pybind11::object attention;            // ops/attention's forward impl
+  pybind11::object bias_gelu;            // ops/bias_gelu's forward impl
+  pybind11::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_partials
+  pybind11::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
+  pybind11::object attention_backward;   // nn/block_step._attention_backward(d_attn, q, k, v, out, lse,
+                                         //   scale, p, seed, deterministic) -> packed [B, N, 3 * D] gradient
+  pybind11::object flash_attention_backward;  // ops/attention._flash_attention_bwd_impl -> (dq, dk, dv)
+};
+const OpBodies& op_bodies();  // raises when they were not set
+
+// as_dtype in ops/_triton_helpers.py: no call when the dtype is already right.
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype);
+
+pybind11::object dtype_object(at::ScalarType dtype);
+
+// An add + LayerNorm's context attributes (ops/layer_norm._setup_context).
+struct LayerNormMeta {
+  bool has_residual, store_residual;
+  at::ScalarType residual_dtype;  // the residual input's, where there is one
+};
+
+// ops/layer_norm.py's _backward: its launch replayed from its plan (add_layer_norm_bwd_partials),
+// the parameter gradients summed and cast here. `s`: its saved tensors (x with gamma, h, weight,
+// bias, gamma, row_scale, stats).
+struct LayerNormGrads {
+  at::Tensor dx, dresidual, dweight, dbias, dgamma;
+};
+LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& dresidual_out, const at::Tensor* s,
+                                   const LayerNormMeta& m);
+
+// A node's backward computes its gradients with autograd off (Python's @once_differentiable). Under
+// create_graph they must not pass for constants (a gradient penalty would silently lose its term),
+// so they then lead to a node that raises if differentiated; `what` names the node.
+torch::autograd::variable_list once_differentiable(torch::autograd::variable_list out, bool create_graph,
+                                                   const char* what);
+
+void define_op_nodes(pybind11::module_& m);
+
+}  // namespace vit_kernels

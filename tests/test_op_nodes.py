@@ -1,0 +1,199 @@
+"""The per-op C++ autograd nodes (csrc/op_nodes.cpp) against the Python autograd they replace.
+
+An eager call of add_layer_norm or flash_attention with a gradient runs as one C++ node where the
+extension loads (ops/_nodes.CppNode), and without one through its launch plan. A node must save
+and compute what its op's `_setup_context` and `_backward` do, with the same roundings: here every
+output and gradient of the two is compared bit for bit, over the ops' variants, on fresh inputs.
+(The numerics rule itself is held by tests/test_layer_norm.py and tests/test_attention.py, which
+run the nodes too.)
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from vit_kernels.ops import _nodes, add_layer_norm, flash_attention
+from vit_kernels.ops import attention as attention_ops
+from vit_kernels.ops import layer_norm as layer_norm_ops
+from vit_kernels.testing import kernel_device
+
+DEVICE = kernel_device()
+OP = layer_norm_ops._add_layer_norm_fwd
+ATTENTION = attention_ops._flash_attention_fwd
+
+
+@pytest.fixture
+def node():
+    """The ops' C++ nodes attached; skips where the extension cannot be loaded."""
+    if _nodes.extension() is None:
+        pytest.skip(f"no C++ extension: {_nodes.unavailable()}")
+    for op in (OP, ATTENTION):
+        op.attach()
+        assert op.apply is not op.function.apply
+    yield
+    for op in (OP, ATTENTION):
+        op.attach()
+
+
+def _inputs(dtype, residual, gamma, row_scale, affine, residual_dtype=None):
+    batch, tokens, hidden = 3, 7, 48
+    x = torch.randn(batch, tokens, hidden, dtype=dtype, device=DEVICE)
+    inputs = {
+        "x": x,
+        "residual": (torch.randn(batch, tokens, hidden, device=DEVICE) + 0.5).to(residual_dtype or dtype) if residual else None,
+        "weight": (1 + 0.5 * torch.randn(hidden, device=DEVICE)) if affine else None,
+        "bias": 0.5 * torch.randn(hidden, device=DEVICE) if affine else None,
+        "gamma": (0.1 + torch.rand(hidden, device=DEVICE)).to(dtype) if gamma else None,
+        "row_scale": (torch.tensor([0.0, 2.0, 1.0], device=DEVICE)).to(dtype) if row_scale else None,
+    }
+    return inputs
+
+
+def _run(inputs, grads, frozen=(), **kwargs):
+    """(outputs, gradients by name) of add_layer_norm on fresh leaves; `grads` (dy, dh) may hold None."""
+    leaves = {name: (t.detach().clone().requires_grad_(name != "row_scale" and name not in frozen)
+                     if t is not None else None) for name, t in inputs.items()}
+    y, h = add_layer_norm(**leaves, **kwargs)
+    outputs = [o for o, g in zip((y, h), grads) if g is not None]
+    torch.autograd.backward(outputs, [g for g in grads if g is not None])
+    return (y.detach(), h.detach()), {name: t.grad for name, t in leaves.items() if t is not None}
+
+
+def _python_autograd(monkeypatch):
+    for op in (OP, ATTENTION):
+        monkeypatch.setattr(op, "apply", op.function.apply)
+
+
+VARIANTS = list(itertools.product([torch.float32, torch.bfloat16], [False, True], [False, True], [False, True]))
+
+
+@pytest.mark.parametrize("dtype,residual,gamma,row_scale", VARIANTS)
+def test_the_node_equals_the_python_autograd(node, monkeypatch, dtype, residual, gamma, row_scale):
+    inputs = _inputs(dtype, residual, gamma, row_scale, affine=True)
+    grads = (torch.randn_like(inputs["x"]), torch.randn_like(inputs["x"]))
+    got = _run(inputs, grads)
+    _python_autograd(monkeypatch)
+    want = _run(inputs, grads)
+    _assert_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["residual_in_fp32", "fp32_residual", "no_affine", "frozen", "dy_only", "dh_only",
+                                  "strided"])
+def test_the_node_equals_the_python_autograd_in_its_corners(node, monkeypatch, case):
+    kwargs, frozen = {}, ()
+    inputs = _inputs(torch.bfloat16, residual=True, gamma=case != "no_affine", row_scale=False,
+                     affine=case != "no_affine", residual_dtype=torch.float32 if case == "fp32_residual" else None)
+    if case == "residual_in_fp32":
+        kwargs["residual_in_fp32"] = True
+    if case == "frozen":
+        frozen = ("weight", "residual")
+    if case == "strided":  # rows read in place at a row stride
+        inputs["x"] = torch.randn(3, 7, 96, dtype=torch.bfloat16, device=DEVICE)[..., :48]
+    x = inputs["x"]
+    dy = torch.randn(x.shape, dtype=x.dtype, device=DEVICE)
+    dh = torch.randn(x.shape, dtype=torch.float32 if case in ("residual_in_fp32", "fp32_residual") else x.dtype,
+                     device=DEVICE)
+    grads = (None if case == "dh_only" else dy, None if case == "dy_only" else dh)
+    got = _run(inputs, grads, frozen, **kwargs)
+    _python_autograd(monkeypatch)
+    want = _run(inputs, grads, frozen, **kwargs)
+    _assert_equal(got, want)
+    if frozen:
+        assert set(got[1]) == set(want[1])
+
+
+def test_h_new_is_x_itself_when_nothing_is_added(node):
+    """No residual, no scale, no cast: h_new is x (the node's second output is an empty tensor)."""
+    inputs = _inputs(torch.float32, residual=False, gamma=False, row_scale=False, affine=True)
+    x = inputs["x"].requires_grad_()
+    y, h = add_layer_norm(x, None, inputs["weight"], inputs["bias"])
+    assert h is x and y.grad_fn is not None
+
+
+def test_a_double_backward_raises(node):
+    inputs = _inputs(torch.float32, residual=True, gamma=False, row_scale=False, affine=True)
+    x, residual = (inputs[n].requires_grad_() for n in ("x", "residual"))
+    y, _ = add_layer_norm(x, residual, inputs["weight"], inputs["bias"])
+    (dx,) = torch.autograd.grad(y, x, torch.randn_like(y), create_graph=True)
+    assert dx.requires_grad  # never a constant: a gradient penalty would silently lose its term
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        dx.sum().backward()
+
+
+def test_stats_get_no_gradient_and_saved_tensor_hooks_see_the_saves(node):
+    inputs = _inputs(torch.float32, residual=True, gamma=True, row_scale=False, affine=True)
+    leaves = {n: t.requires_grad_() for n, t in inputs.items() if t is not None}
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y, h, stats = OP(leaves["x"], leaves["residual"], leaves["weight"], leaves["bias"], leaves["gamma"], None,
+                         1e-6, torch.float32, True)
+    assert not stats.requires_grad and y.requires_grad and h.requires_grad
+    assert len(packed) == 6  # x (with gamma), h_new, weight, bias, gamma, stats
+    torch.autograd.backward((y, h), (torch.randn_like(y), torch.randn_like(h)))
+
+
+def test_without_the_extension_the_python_autograd_runs(monkeypatch):
+    monkeypatch.setattr(_nodes, "_loaded", "no extension here")
+    OP.attach()
+    try:
+        assert OP.apply == OP.function.apply and OP.run is OP.impl
+        inputs = _inputs(torch.float32, residual=True, gamma=False, row_scale=False, affine=True)
+        x = inputs["x"].requires_grad_()
+        y, _ = add_layer_norm(x, inputs["residual"], inputs["weight"], inputs["bias"])
+        assert type(y.grad_fn).__name__.startswith("Eager_add_layer_norm_fwd")
+    finally:
+        monkeypatch.undo()
+        OP.attach()
+
+
+def _assert_equal(got, want):
+    for name, a, b in zip(("y", "h_new"), got[0], want[0]):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
+    assert set(got[1]) == set(want[1])
+    for name in want[1]:
+        a, b = got[1][name], want[1][name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype,dropout_p,deterministic,frozen", [
+    (torch.float32, 0.0, True, ""), (torch.bfloat16, 0.0, False, ""), (torch.float16, 0.2, True, ""),
+    (torch.bfloat16, 0.2, False, "k"), (torch.float32, 0.0, False, "qv"),
+])
+def test_the_attention_node_equals_the_python_autograd(node, monkeypatch, dtype, dropout_p, deterministic, frozen):
+    """Dropout masks are drawn from torch's generator, seeded alike for both runs."""
+    q, k, v = (torch.randn(2, 9, 2, 16, dtype=dtype, device=DEVICE) for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_(name not in frozen) for name, t in zip("qkv", (q, k, v))]
+        torch.manual_seed(7)
+        out = flash_attention(*leaves, dropout_p=dropout_p, deterministic=deterministic)
+        out.backward(dout)
+        return out.detach(), [t.grad for t in leaves]
+
+    got = run()
+    _python_autograd(monkeypatch)
+    want = run()
+    assert torch.equal(got[0], want[0])
+    for name, a, b in zip("qkv", got[1], want[1]):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        if name == "q" and not deterministic and DEVICE.type == "cuda":
+            torch.testing.assert_close(a, b)  # float32 atomics add in the order the GPU schedules
+        else:
+            assert torch.equal(a, b), name
+
+
+def test_the_attention_node_raises_on_a_double_backward(node):
+    q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v)
+    assert out.grad_fn.name().startswith("torch::autograd::CppNode<vit_kernels::FlashAttentionNode")
+    (dq,) = torch.autograd.grad(out, q, torch.randn_like(out), create_graph=True)
+    assert dq.requires_grad
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        dq.sum().backward()
