@@ -233,6 +233,22 @@ def test_double_backward_fails_loudly(seed):
         grad.sum().backward()
 
 
+def test_forward_mode_ad_is_refused(seed):
+    """Inside a dual level no block takes the node (whose ops would return no tangent): the per-op
+    path runs, and the first fused op a dual input reaches refuses it (no op has a forward-mode
+    derivative)."""
+    import torch.autograd.forward_ad as fwAD
+
+    model = _timm(init_values=0.1).to(DEVICE).eval()
+    images = torch.randn(2, 3, 16, 16, device=DEVICE)
+    with fwAD.dual_level(), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            model(fwAD.make_dual(images, torch.randn_like(images)))
+        with one_node_steps() as count:
+            model(images)
+        assert count[0] == 0
+
+
 def test_tracing_takes_the_per_op_path(seed):
     from torch.utils._python_dispatch import TorchDispatchMode
 

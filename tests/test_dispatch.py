@@ -105,6 +105,22 @@ def test_eager_path_is_taken_and_matches_the_custom_op_bitwise(seed, op):
 
 
 @pytest.mark.parametrize("op", list(CASES))
+def test_forward_mode_ad_is_refused_not_silently_dropped(seed, op):
+    """A kernel returns no tangent: a dual input must raise, with gradients on or off, never
+    give a jvp of zero. A plain input inside a dual level runs as usual."""
+    import torch.autograd.forward_ad as fwAD
+
+    inputs, public, _, _ = CASES[op](kernel_device())
+    plain = [t.detach() for t in inputs]
+    with fwAD.dual_level():
+        dual = [fwAD.make_dual(plain[0], torch.randn_like(plain[0])), *plain[1:]]
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad), pytest.raises(NotImplementedError, match="forward-mode"):
+                public(*dual)
+        public(*plain)
+
+
+@pytest.mark.parametrize("op", list(CASES))
 def test_without_gradients_the_implementation_runs_alone(seed, op):
     inputs, public, _, _ = CASES[op](kernel_device())
     with torch.no_grad():

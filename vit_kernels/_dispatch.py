@@ -20,6 +20,7 @@ import threading
 from typing import Callable, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import _compat  # noqa: F401  (mends the interpreter before any kernel runs)
@@ -147,6 +148,8 @@ class FusedOp:
     def __call__(self, *inputs):
         if tracing():
             return self.op(*inputs)
+        if forward_ad._current_level >= 0:  # inside forward_ad.dual_level() (torch.func.jvp makes its own)
+            refuse_dual_tensors(self.op, inputs)
         if self.function is None:
             return self.op(*inputs) if torch.is_grad_enabled() else self.impl(*inputs)
         if torch.is_grad_enabled():
@@ -168,6 +171,18 @@ class FusedOp:
     def _attach_then_run(self, *inputs):
         self.attach()
         return self.run(*inputs)
+
+
+def refuse_dual_tensors(op, inputs) -> None:
+    """NotImplementedError where an input carries a forward-mode tangent: no op has a forward-mode
+    derivative, and a kernel (or the registered op, whose autograd has none either) would return
+    outputs without tangents, a jvp silently zero."""
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: vit_kernels' fused ops have no forward-mode derivative (forward_ad, torch.func.jvp); "
+                "run the model without swap_modules, or on the CPU without TRITON_INTERPRET (the "
+                "reference path), for forward-mode AD")
 
 
 def define_op(name: str, impl: Optional[Callable] = None, *, fake: Callable, backward: Optional[Callable] = None,

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
 from .._dispatch import runs_kernel, tracing
 from ..ops import _nodes
@@ -73,6 +74,8 @@ def fast_path_spec(block, branch: Tensor) -> Optional[BlockStepSpec]:
     Submodules are read from `_modules` (what nn.Module.__getattr__ reads, without its cost:
     this runs for every block of every step)."""
     if tracing() or branch.dtype not in _BLOCK_STEP_DTYPES or branch.dim() != 3:
+        return None
+    if forward_ad._current_level >= 0:  # the per-op path refuses a dual tensor (_dispatch.refuse_dual_tensors)
         return None
     if not (runs_kernel(_add_layer_norm_fwd_kernel, branch) and runs_kernel(_attn_fwd_kernel, branch)
             and runs_kernel(_bias_gelu_fwd_kernel, branch)):
