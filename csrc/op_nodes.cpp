@@ -33,7 +33,7 @@ OpBodies* bodies = nullptr;  // never freed: a py::object must not outlive the i
 }
 
 const OpBodies& op_bodies() {
-  TORCH_CHECK(bodies != nullptr, "vit_kernels: the C++ nodes' op bodies were not set (ops/_plans.attach_nodes)");
+  TORCH_CHECK(bodies != nullptr, "vit_kernels: the C++ nodes' op bodies were not set (ops/_nodes.load)");
   return *bodies;
 }
 
@@ -124,7 +124,6 @@ struct AddLayerNormNode : public torch::autograd::Function<AddLayerNormNode> {
     return once_differentiable(std::move(out), create_graph, "add_layer_norm");
   }
 };
-
 
 // ops/attention's flash_attention_fwd: its define_op forward, _setup_context and _backward.
 struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode> {

@@ -10,15 +10,15 @@
 namespace vit_kernels {
 
 // The op bodies the nodes call (or replay from their launch plans), set once from Python
-// (ops/_plans.attach_nodes). Hidden like the pybind11 objects it holds.
+// (ops/_nodes.load). Hidden like the pybind11 objects it holds.
 struct VIT_KERNELS_HIDDEN OpBodies {
   pybind11::object layer_norm;           // ops/layer_norm._add_layer_norm_fwd_impl
   pybind11::object attention;            // ops/attention's forward impl
   pybind11::object bias_gelu;            // ops/bias_gelu's forward impl
   pybind11::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_partials
   pybind11::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
-  pybind11::object attention_backward;   // nn/block_step._attention_backward(d_attn, q, k, v, out, lse,
-                                         //   scale, p, seed, deterministic) -> packed [B, N, 3 * D] gradient
+  pybind11::object attention_backward;   // ops/attention.flash_attention_bwd_packed(d_attn, q, k, v, out,
+                                         //   lse, scale, p, seed, deterministic) -> packed [B, N, 3 * D]
   pybind11::object flash_attention_backward;  // ops/attention._flash_attention_bwd_impl -> (dq, dk, dv)
 };
 const OpBodies& op_bodies();  // raises when they were not set

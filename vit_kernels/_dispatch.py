@@ -125,7 +125,8 @@ class FusedOp:
     benchmarks/results/ holds the numbers), and a ViT step at a small batch is host-bound. So
     an eager call runs `impl`, the function the op was made from, directly: under a plain
     autograd.Function with the same `setup_context` and `backward` when an input needs a
-    gradient, alone otherwise.
+    gradient, alone otherwise; for an op defined with a C++ node (ops/_nodes.CppNode), that node
+    and `impl` replayed from its launch plan instead, once the extension loads.
 
     An op without a backward (the backward ops themselves) goes through `op` while gradients
     are on, which inside a backward means create_graph=True: the op, which has no autograd,

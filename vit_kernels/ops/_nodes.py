@@ -1,8 +1,8 @@
 """The C++ extension's autograd nodes and launch plans, set up once a process.
 
 csrc/block_step.cpp runs a whole block as one node (nn/block_step.py); csrc/op_nodes.cpp runs one
-op as one node on the per-op path (add + LayerNorm: `define_op(..., node=...)`); both call the
-op bodies handed over here, or replay them from their launch plans (ops/_plans.py,
+op as one node on the per-op path (add + LayerNorm and attention: `define_op(..., node=...)`);
+both call the op bodies handed over here, or replay them from their launch plans (ops/_plans.py,
 csrc/launch_plan.cpp). Loaded at the first call that can use it, not at import: importing
 vit_kernels asks for no extension. Where it cannot be loaded, everything runs in Python, and
 `unavailable()` says why.
