@@ -72,12 +72,6 @@ at::ScalarType residual_dtype(const Tensor& x, const Tensor& residual, bool resi
 
 std::optional<Tensor> opt(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
 
-// ops/_triton_helpers.as_rows
-Tensor as_rows(const Tensor& t, int64_t n_cols) {
-  Tensor t2 = t.reshape({-1, n_cols});
-  return t2.stride(-1) == 1 || t2.size(0) == 0 ? t2 : t2.contiguous();
-}
-
 // What the backward reads, in the node's save_for_backward order: what each op's setup_context
 // saves in the per-op path (ops/layer_norm.py, ops/attention.py, ops/bias_gelu_linear.py), then the
 // Linears' inputs.
@@ -149,28 +143,6 @@ Forward block_forward(const Spec& spec, bool for_backward, const std::array<Tens
                y1c, qkv_wc, attn_out, proj_wc, y2c, fc1_wc};
   }
   return f;
-}
-
-// ops/bias_gelu_linear.py's backward (_backward, _bias_gelu_linear_bwd_impl) with its input's
-// gradient needed, as it always is here: its bias + GELU pass replayed from its plan
-// (bias_gelu_backward_partials), the sums and GEMMs here.
-struct MlpGrads {
-  Tensor dx, dbias, dweight, dlinear_bias;
-};
-MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, const Tensor& weight, bool needs_bias,
-                      bool needs_weight, bool needs_linear_bias, const py::object& approximate,
-                      at::ScalarType linear_bias_dtype) {
-  Tensor dout2 = as_rows(dout, weight.size(0)), x2 = as_rows(x, x.size(-1));
-  Tensor y2 = needs_weight ? at::empty(x2.sizes(), x.options()) : Tensor();
-  Tensor dz2 = at::matmul(dout2, weight);  // dY, overwritten with dz by the pass
-  Tensor partial = call_planned(PlanSite::kBiasGeluBwd, op_bodies().bias_gelu_backward,
-                                {dz2, x2, bias, approximate, dz2, y2})[0];
-  MlpGrads g;
-  g.dx = dz2.view(x.sizes());
-  if (needs_bias && bias.defined()) g.dbias = as_dtype(partial.sum(0), bias.scalar_type());
-  if (needs_weight) g.dweight = as_dtype(at::matmul(dout2.t(), y2), weight.scalar_type());
-  if (needs_linear_bias) g.dlinear_bias = as_dtype(at::sum(dout2, {0}, false, at::kFloat), linear_bias_dtype);
-  return g;
 }
 
 // aten's backward of F.linear (addmm / mm on the rows of a row-major [..., in] input), autocast's casts
@@ -255,7 +227,7 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
     LayerNormMeta ln1{bool(l[0]), bool(l[1]), static_cast<at::ScalarType>(l[2])};
     LayerNormMeta ln2{bool(l[3]), bool(l[4]), static_cast<at::ScalarType>(l[5])};
 
-    auto mlp = mlp_backward(d_out, s[kHidden], s[kMlpBias], s[kMlpWeight], need(kFc1Bias), need(kFc2Weight),
+    auto mlp = mlp_backward(d_out, s[kHidden], s[kMlpBias], s[kMlpWeight], true, need(kFc1Bias), need(kFc2Weight),
                             need(kFc2Bias), py::str(ctx->saved_data["approximate"].toStringRef()), dtype(kFc2BiasC));
     Tensor d_fc2_weight = as_dtype(mlp.dweight, dtype(kFc2W));
     Tensor d_fc2_bias = d[kFc2B] < 0 ? Tensor() : as_dtype(mlp.dlinear_bias, dtype(kFc2B));

@@ -1,6 +1,6 @@
 // One op as one C++ autograd node, on the per-op path (the path every swapped model takes outside
 // the one-node block step: transformers', torchvision's, a model whose block the step does not
-// fuse): add + LayerNorm, and attention.
+// fuse): add + LayerNorm, attention, and the fused MLP's bias + GELU + fc2.
 //
 // Why: an op under a Python autograd.Function pays for its Python on both sides of the step:
 // apply, setup_context and save_for_backward in the forward, the engine's call back into Python
@@ -60,6 +60,32 @@ LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out
   for (int i = 0; i < 3; ++i) {
     if (s[2 + i].defined()) *grads[i] = as_dtype(sums.select(0, row++), s[2 + i].scalar_type());
   }
+  return g;
+}
+
+Tensor as_rows(const Tensor& t, int64_t n_cols) {
+  Tensor t2 = t.reshape({-1, n_cols});
+  return t2.stride(-1) == 1 || t2.size(0) == 0 ? t2 : t2.contiguous();
+}
+
+MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, const Tensor& weight, bool needs_dx,
+                      bool needs_bias, bool needs_weight, bool needs_linear_bias, const py::object& approximate,
+                      at::ScalarType linear_bias_dtype) {
+  Tensor dout2 = as_rows(dout, weight.size(0)), x2 = as_rows(x, x.size(-1));
+  MlpGrads g;
+  Tensor y2;
+  if (needs_dx) {
+    y2 = needs_weight ? at::empty(x2.sizes(), x.options()) : Tensor();
+    Tensor dz2 = at::matmul(dout2, weight);  // dY, overwritten with dz by the pass
+    Tensor partial = call_planned(PlanSite::kBiasGeluBwd, op_bodies().bias_gelu_backward,
+                                  {dz2, x2, bias, approximate, dz2, y2})[0];
+    g.dx = dz2.view(x.sizes());
+    if (needs_bias && bias.defined()) g.dbias = as_dtype(partial.sum(0), bias.scalar_type());
+  } else if (needs_weight) {
+    y2 = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x2, bias, approximate})[0];
+  }
+  if (needs_weight) g.dweight = as_dtype(at::matmul(dout2.t(), y2), weight.scalar_type());
+  if (needs_linear_bias) g.dlinear_bias = as_dtype(at::sum(dout2, {0}, false, at::kFloat), linear_bias_dtype);
   return g;
 }
 
@@ -165,6 +191,47 @@ struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode>
   }
 };
 
+// ops/bias_gelu_linear's bias_gelu_linear_fwd (the fused MLP's activation and fc2): its define_op
+// forward, _setup_context and _backward.
+struct BiasGeluLinearNode : public torch::autograd::Function<BiasGeluLinearNode> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& bias, const Tensor& weight,
+                               const OptTensor& linear_bias, const py::object& approximate) {
+    Tensor bias_ = bias.has_value() ? *bias : Tensor();
+    Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x, bias_, approximate})[0];
+    Tensor out = at::linear(gelu, weight, linear_bias);
+    ctx->save_for_backward({x, bias_, weight});
+    const bool needs[] = {x.requires_grad(), bias_.defined() && bias_.requires_grad(), weight.requires_grad(),
+                          linear_bias.has_value() && linear_bias->requires_grad()};
+    int64_t bits = 0;
+    for (int i = 0; i < 4; ++i) bits |= int64_t(needs[i]) << i;
+    ctx->saved_data["needs"] = bits;
+    ctx->saved_data["linear_bias_dtype"] = linear_bias.has_value() ? int64_t(linear_bias->scalar_type()) : -1;
+    ctx->saved_data["approximate"] = approximate.cast<std::string>();
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    py::gil_scoped_acquire gil;  // for the op bodies (the autograd engine's device threads run this without)
+    bool create_graph = at::GradMode::is_enabled();
+    variable_list out(5);
+    {
+      at::AutoGradMode no_grad(false);
+      variable_list s = ctx->get_saved_variables();
+      int64_t needs = ctx->saved_data["needs"].toInt();
+      auto need = [needs](int i) { return bool(needs >> i & 1); };
+      int64_t linear_bias_dtype = ctx->saved_data["linear_bias_dtype"].toInt();
+      auto g = mlp_backward(grads[0], s[0], s[1], s[2], need(0) || need(1), need(1), need(2), need(3),
+                            py::str(ctx->saved_data["approximate"].toStringRef()),
+                            static_cast<at::ScalarType>(linear_bias_dtype < 0 ? 0 : linear_bias_dtype));
+      if (need(0)) out[0] = g.dx;
+      if (need(1)) out[1] = g.dbias;
+      if (need(2)) out[2] = g.dweight;
+      if (need(3)) out[3] = g.dlinear_bias;
+    }
+    return once_differentiable(std::move(out), create_graph, "bias_gelu_linear");
+  }
+};
+
 namespace {
 
 // (y, h_new or an empty tensor, stats) as one node, the arguments as add_layer_norm_fwd takes them.
@@ -182,6 +249,11 @@ py::tuple flash_attention_node(const Tensor& q, const Tensor& k, const Tensor& v
   return py::make_tuple(out[0], out[1]);
 }
 
+Tensor bias_gelu_linear_node(const Tensor& x, const OptTensor& bias, const Tensor& weight, const OptTensor& linear_bias,
+                             const py::object& approximate) {
+  return BiasGeluLinearNode::apply(x, bias, weight, linear_bias, approximate)[0];
+}
+
 void set_op_bodies(py::object layer_norm, py::object attention, py::object bias_gelu, py::object layer_norm_backward,
                    py::object bias_gelu_backward, py::object attention_backward, py::object flash_attention_backward) {
   if (bodies == nullptr) bodies = new OpBodies;
@@ -196,6 +268,7 @@ void define_op_nodes(py::module_& m) {
   m.def("set_op_bodies", &set_op_bodies);
   m.def("add_layer_norm_node", &add_layer_norm_node);
   m.def("flash_attention_node", &flash_attention_node);
+  m.def("bias_gelu_linear_node", &bias_gelu_linear_node);
 }
 
 }  // namespace vit_kernels

@@ -43,6 +43,19 @@ struct LayerNormGrads {
 LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& dresidual_out, const at::Tensor* s,
                                    const LayerNormMeta& m);
 
+// ops/_triton_helpers.as_rows
+at::Tensor as_rows(const at::Tensor& t, int64_t n_cols);
+
+// ops/bias_gelu_linear.py's backward (_backward, _bias_gelu_linear_bwd_impl): its bias + GELU pass
+// replayed from its plan (bias_gelu_backward_partials; without `needs_dx`, the forward's), the
+// sums and GEMMs here. Each gradient is computed where its `needs_` says so (dx with needs_dx).
+struct MlpGrads {
+  at::Tensor dx, dbias, dweight, dlinear_bias;
+};
+MlpGrads mlp_backward(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& bias, const at::Tensor& weight,
+                      bool needs_dx, bool needs_bias, bool needs_weight, bool needs_linear_bias,
+                      const pybind11::object& approximate, at::ScalarType linear_bias_dtype);
+
 // A node's backward computes its gradients with autograd off (Python's @once_differentiable). Under
 // create_graph they must not pass for constants (a gradient penalty would silently lose its term),
 // so they then lead to a node that raises if differentiated; `what` names the node.

@@ -127,8 +127,11 @@ def forward_and_backward(fn):
 
 
 def vit_cases():
-    """timm's ViT-B/16 layout (12 blocks) at a tiny width and image, eager and swapped."""
+    """timm's ViT-B/16 layout (12 blocks) at a tiny width and image, eager and swapped; and the same
+    layout as transformers' ViT, eager and swapped (its blocks take the per-op path: the one-node
+    block step is for timm's and our blocks)."""
     import timm
+    import transformers
 
     import vit_kernels
 
@@ -137,13 +140,20 @@ def vit_cases():
                                   num_classes=10)
         return vit_kernels.swap_modules(model)[0] if swap else model
 
+    def make_transformers(swap):
+        config = transformers.ViTConfig(hidden_size=64, num_hidden_layers=12, num_attention_heads=2,
+                                        intermediate_size=256, image_size=32, patch_size=16, num_labels=10)
+        model = transformers.ViTForImageClassification(config)
+        return vit_kernels.swap_modules(model)[0] if swap else model
+
     images = torch.randn(1, 3, 32, 32)
-    models = {"timm": make(False), "timm swapped": make(True)}
+    models = {"timm": make(False), "timm swapped": make(True), "transformers": make_transformers(False),
+              "transformers swapped": make_transformers(True)}
 
     def train_step(model):
         def run():
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(images).float().sum()
+                loss = _logits(model(images)).float().sum()
             loss.backward()
         return run
 
@@ -154,6 +164,10 @@ def vit_cases():
         return run
 
     return models, train_step, inference
+
+
+def _logits(output):
+    return output.logits if hasattr(output, "logits") else output
 
 
 def saved_activation_bytes(model, images) -> int:
@@ -250,6 +264,12 @@ def main():
             times, ratios = interleaved_seconds([make_run(models[name]) for name in names], max(args.reps // 50, 14))
             print(f"{mode:10s} " + "  ".join(f"{name} {t * 1e3:.2f}" for name, t in zip(names, times))
                   + f"  swapped/timm {ratios[0]:.2f}", flush=True)
+        print("transformers' ViT, the same layout (the per-op path), ms per step")
+        for mode, make_run in (("train step", train_step), ("inference", inference)):
+            names = ("transformers swapped", "transformers")
+            times, ratios = interleaved_seconds([make_run(models[name]) for name in names], max(args.reps // 50, 14))
+            print(f"{mode:10s} " + "  ".join(f"{name} {t * 1e3:.2f}" for name, t in zip(names, times))
+                  + f"  swapped/eager {ratios[0]:.2f}", flush=True)
     if args.profile:
         ours = forward_and_backward(dict((name, fn) for name, fn, _ in cases)[args.profile])
         profile = cProfile.Profile()

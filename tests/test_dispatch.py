@@ -202,7 +202,7 @@ def test_host_overhead_script_runs_both_ways(triton_launch):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert ("launch path kept" in out.stdout) is triton_launch, out.stdout
-    for row in ("add_layer_norm", "flash_attention", "bias_gelu", "train step", "inference"):
+    for row in ("add_layer_norm", "flash_attention", "bias_gelu", "train step", "inference", "transformers swapped"):
         assert row in out.stdout, out.stdout
 
 

@@ -1,19 +1,20 @@
 """The per-op C++ autograd nodes (csrc/op_nodes.cpp) against the Python autograd they replace.
 
-An eager call of add_layer_norm or flash_attention with a gradient runs as one C++ node where the
-extension loads (ops/_nodes.CppNode), and without one through its launch plan. A node must save
+An eager call of add_layer_norm, flash_attention or bias_gelu_linear with a gradient runs as one C++
+node where the extension loads (ops/_nodes.CppNode), and without one through its launch plan. A node must save
 and compute what its op's `_setup_context` and `_backward` do, with the same roundings: here every
 output and gradient of the two is compared bit for bit, over the ops' variants, on fresh inputs.
-(The numerics rule itself is held by tests/test_layer_norm.py and tests/test_attention.py, which
-run the nodes too.)
+(The numerics rule itself is held by tests/test_layer_norm.py, tests/test_attention.py and
+tests/test_bias_gelu_linear.py, which run the nodes too.)
 """
 
+import importlib
 import itertools
 
 import pytest
 import torch
 
-from vit_kernels.ops import _nodes, add_layer_norm, flash_attention
+from vit_kernels.ops import _nodes, add_layer_norm, bias_gelu_linear, flash_attention
 from vit_kernels.ops import attention as attention_ops
 from vit_kernels.ops import layer_norm as layer_norm_ops
 from vit_kernels.testing import kernel_device
@@ -21,6 +22,9 @@ from vit_kernels.testing import kernel_device
 DEVICE = kernel_device()
 OP = layer_norm_ops._add_layer_norm_fwd
 ATTENTION = attention_ops._flash_attention_fwd
+# By module path: the package's `bias_gelu_linear` is the function of that name.
+MLP = importlib.import_module("vit_kernels.ops.bias_gelu_linear")._bias_gelu_linear_fwd
+OPS = (OP, ATTENTION, MLP)
 
 
 @pytest.fixture
@@ -28,11 +32,11 @@ def node():
     """The ops' C++ nodes attached; skips where the extension cannot be loaded."""
     if _nodes.extension() is None:
         pytest.skip(f"no C++ extension: {_nodes.unavailable()}")
-    for op in (OP, ATTENTION):
+    for op in OPS:
         op.attach()
         assert op.apply is not op.function.apply
     yield
-    for op in (OP, ATTENTION):
+    for op in OPS:
         op.attach()
 
 
@@ -61,7 +65,7 @@ def _run(inputs, grads, frozen=(), **kwargs):
 
 
 def _python_autograd(monkeypatch):
-    for op in (OP, ATTENTION):
+    for op in OPS:
         monkeypatch.setattr(op, "apply", op.function.apply)
 
 
@@ -197,3 +201,50 @@ def test_the_attention_node_raises_on_a_double_backward(node):
     assert dq.requires_grad
     with pytest.raises(RuntimeError, match="once differentiable"):
         dq.sum().backward()
+
+
+@pytest.mark.parametrize("dtype,bias,linear_bias,approximate,frozen,autocast", [
+    (torch.float32, True, True, "none", "", False), (torch.bfloat16, True, False, "tanh", "", False),
+    (torch.float32, False, True, "quick", "", False), (torch.float32, True, True, "none", "x,bias", False),
+    (torch.float32, True, True, "none", "weight", False), (torch.float32, True, True, "tanh", "linear_bias", False),
+    (torch.float32, True, True, "none", "x", False), (torch.float32, True, True, "none", "", True),
+])
+def test_the_mlp_node_equals_the_python_autograd(node, monkeypatch, dtype, bias, linear_bias, approximate, frozen,
+                                                  autocast):
+    """Frozen x and bias: the node's backward has no dz pass, only fc2's weight gradient (the GELU
+    output recomputed by the forward's pass). Under bf16 autocast fc2's weight and bias are cast."""
+    inputs = {"x": torch.randn(3, 5, 96, dtype=dtype, device=DEVICE),
+              "bias": torch.randn(96, device=DEVICE) if bias else None,
+              "weight": torch.randn(40, 96, device=DEVICE).to(dtype) * 0.1,
+              "linear_bias": torch.randn(40, device=DEVICE).to(dtype) if linear_bias else None}
+    dout = torch.randn(3, 5, 40, dtype=torch.bfloat16 if autocast else dtype, device=DEVICE)
+
+    def run():
+        leaves = {name: (t.detach().clone().requires_grad_(name not in frozen.split(",")) if t is not None else None)
+                  for name, t in inputs.items()}
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            out = bias_gelu_linear(leaves["x"], leaves["bias"], leaves["weight"], leaves["linear_bias"], approximate)
+        out.backward(dout)
+        return out.detach(), {name: t.grad for name, t in leaves.items() if t is not None}
+
+    got = run()
+    _python_autograd(monkeypatch)
+    want = run()
+    assert got[0].dtype == want[0].dtype and torch.equal(got[0], want[0])
+    assert set(got[1]) == set(want[1])
+    for name in want[1]:
+        a, b = got[1][name], want[1][name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_the_mlp_node_raises_on_a_double_backward(node):
+    x = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, 32, device=DEVICE, requires_grad=True)
+    out = bias_gelu_linear(x, torch.randn(32, device=DEVICE), weight)
+    assert out.grad_fn.name().startswith("torch::autograd::CppNode<vit_kernels::BiasGeluLinearNode")
+    (dx,) = torch.autograd.grad(out, x, torch.randn_like(out), create_graph=True)
+    assert dx.requires_grad
+    with pytest.raises(RuntimeError, match="once differentiable"):
+        dx.sum().backward()

@@ -1,8 +1,8 @@
 """The C++ extension's autograd nodes and launch plans, set up once a process.
 
 csrc/block_step.cpp runs a whole block as one node (nn/block_step.py); csrc/op_nodes.cpp runs one
-op as one node on the per-op path (add + LayerNorm and attention: `define_op(..., node=...)`);
-both call the op bodies handed over here, or replay them from their launch plans (ops/_plans.py,
+op as one node on the per-op path (add + LayerNorm, attention, the fused MLP's bias + GELU + fc2:
+`define_op(..., node=...)`); both call the op bodies handed over here, or replay them from their launch plans (ops/_plans.py,
 csrc/launch_plan.cpp). Loaded at the first call that can use it, not at import: importing
 vit_kernels asks for no extension. Where it cannot be loaded, everything runs in Python, and
 `unavailable()` says why.
@@ -74,15 +74,20 @@ def set_launch_plans(module, enabled: bool) -> None:
 @dataclass(frozen=True)
 class CppNode:
     """An op's C++ node (csrc/op_nodes.cpp): the extension function that applies it, and the
-    launch-plan site (PLAN_SITES) of the op's forward body, which runs planned without a gradient."""
+    launch-plan site (PLAN_SITES) of the op's forward body where that body is planned (its site's
+    one body: a site keys plans by arguments, not by body), which then runs planned without a
+    gradient."""
 
     function: str
-    plan_site: str
+    plan_site: Optional[str] = None
 
     def resolve(self, impl):
-        """(the node's apply, `impl` called through its launch plan), or (None, None) without the extension."""
+        """(the node's apply, `impl` as an eager call without a gradient runs it), or (None, None)
+        without the extension."""
         module = extension()
         if module is None:
             return None, None
+        if self.plan_site is None:
+            return getattr(module, self.function), impl
         return getattr(module, self.function), functools.partial(module.call_planned,
                                                                  PLAN_SITES.index(self.plan_site), impl)

@@ -30,6 +30,7 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import define_op, inductor_generates, linear_compute_dtype, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
+from ._nodes import CppNode
 from ._triton_helpers import as_dtype, as_rows
 from .bias_gelu import APPROXIMATIONS, _bias_gelu_fwd_impl, _bias_gelu_fwd_kernel, bias_gelu_backward_into
 
@@ -105,7 +106,8 @@ def _backward(ctx, dout):
 
 
 _bias_gelu_linear_fwd = define_op("bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, fake=_bias_gelu_linear_fwd_fake,
-                                  setup_context=_setup_context, backward=_backward, kernel=_bias_gelu_fwd_kernel)
+                                  setup_context=_setup_context, backward=_backward, kernel=_bias_gelu_fwd_kernel,
+                                  node=CppNode("bias_gelu_linear_node"))  # fc2's GEMM: its impl is not planned
 _bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake,
                                   kernel=_bias_gelu_fwd_kernel)
 
