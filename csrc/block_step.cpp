@@ -53,8 +53,6 @@ struct Spec {
         num_heads(spec.attr("num_heads").cast<int64_t>()), head_dim(spec.attr("head_dim").cast<int64_t>()) {}
 };
 
-Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
-
 // _dispatch.linear_compute_dtype: autocast's dtype for a Linear on x, else x's.
 at::ScalarType linear_compute_dtype(const Tensor& x) {
   auto device = x.device().type();
@@ -177,11 +175,8 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
         &proj_weight, &proj_bias, &gamma1, &row_scale1, &norm2_weight, &norm2_bias, &fc1_weight, &fc1_bias,
         &fc2_weight, &fc2_bias};
     std::array<Tensor, kSlots> t;
-    int64_t needs = 0;  // bit i: slot i requires a gradient (Python's ctx.needs_input_grad)
-    for (int i = 0; i < kSlots; ++i) {
-      t[i] = value_or_undefined(*args[i]);
-      if (t[i].defined() && t[i].requires_grad()) needs |= int64_t{1} << i;
-    }
+    for (int i = 0; i < kSlots; ++i) t[i] = value_or_undefined(*args[i]);
+    int64_t needs = requires_grad_bits(t);  // bit i: slot i requires a gradient
     Forward f = block_forward(spec, true, t);
     ctx->save_for_backward(f.saved);
     ctx->saved_data["needs"] = needs;
@@ -201,15 +196,8 @@ struct BlockStep : public torch::autograd::Function<BlockStep> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    py::gil_scoped_acquire gil;  // for the op bodies (the autograd engine's device threads run this without)
-    variable_list saved = ctx->get_saved_variables();
-    bool create_graph = at::GradMode::is_enabled();
-    variable_list out;
-    {
-      at::AutoGradMode no_grad(false);
-      out = run_backward(ctx, grads[0], grads[1], saved);
-    }
-    return once_differentiable(std::move(out), create_graph, "one-node block step");
+    return once_differentiable("one-node block step",
+                               [&] { return run_backward(ctx, grads[0], grads[1], ctx->get_saved_variables()); });
   }
 
   static variable_list run_backward(AutogradContext* ctx, const Tensor& d_out, const Tensor& d_h2,

@@ -89,8 +89,13 @@ MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, c
   return g;
 }
 
-variable_list once_differentiable(variable_list out, bool create_graph, const char* what) {
-  if (!create_graph) return out;
+int64_t requires_grad_bits(at::ArrayRef<Tensor> tensors) {
+  int64_t bits = 0;
+  for (size_t i = 0; i < tensors.size(); ++i) bits |= int64_t(tensors[i].defined() && tensors[i].requires_grad()) << i;
+  return bits;
+}
+
+variable_list error_on_differentiation(variable_list out, const char* what) {
   for (auto& g : out) {
     if (g.defined()) g = g.detach().requires_grad_(true);
   }
@@ -106,48 +111,39 @@ struct AddLayerNormNode : public torch::autograd::Function<AddLayerNormNode> {
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& gamma,
                                const OptTensor& row_scale, const py::object& eps, const py::object& residual_dtype,
                                bool store_residual) {
-    auto value = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
-    Tensor x_ = value(x), residual_ = value(residual), gamma_ = value(gamma);
+    Tensor x_ = value_or_undefined(x), residual_ = value_or_undefined(residual), weight_ = value_or_undefined(weight),
+           bias_ = value_or_undefined(bias), gamma_ = value_or_undefined(gamma),
+           row_scale_ = value_or_undefined(row_scale);
     auto out = call_planned(PlanSite::kAddLayerNormFwd, op_bodies().layer_norm,
-                            {x_, residual_, value(weight), value(bias), gamma_, value(row_scale), eps, residual_dtype,
+                            {x_, residual_, weight_, bias_, gamma_, row_scale_, eps, residual_dtype,
                              py::bool_(store_residual)});
-    ctx->save_for_backward({gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, value(weight),
-                            value(bias), gamma_, value(row_scale), out[2]});
-    int64_t needs = 0;  // bit i: tensor argument i requires a gradient (Python's ctx.needs_input_grad)
-    const OptTensor* inputs[] = {&x, &residual, &weight, &bias, &gamma};
-    for (int i = 0; i < 5; ++i) needs |= int64_t(inputs[i]->has_value() && (*inputs[i])->requires_grad()) << i;
+    ctx->save_for_backward({gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, weight_, bias_, gamma_,
+                            row_scale_, out[2]});
     ctx->saved_data["meta"] = std::vector<int64_t>{
-        residual_.defined(), store_residual, residual_.defined() ? int64_t(residual_.scalar_type()) : -1, needs};
+        residual_.defined(), store_residual, residual_.defined() ? int64_t(residual_.scalar_type()) : -1,
+        requires_grad_bits({x_, residual_, weight_, bias_, gamma_})};
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({out[2]});
     return {out[0], out[1], out[2]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    py::gil_scoped_acquire gil;  // for the op body (the autograd engine's device threads run this without)
-    variable_list s = ctx->get_saved_variables();
-    auto meta = ctx->saved_data["meta"].toIntVector();
-    LayerNormMeta m{bool(meta[0]), bool(meta[1]), static_cast<at::ScalarType>(meta[2] < 0 ? 0 : meta[2])};
-    bool create_graph = at::GradMode::is_enabled();
-    variable_list out(9);
-    {
-      at::AutoGradMode no_grad(false);
+    return once_differentiable("add_layer_norm", [&] {
+      variable_list s = ctx->get_saved_variables();
+      auto meta = ctx->saved_data["meta"].toIntVector();
+      LayerNormMeta m{bool(meta[0]), bool(meta[1]), static_cast<at::ScalarType>(meta[2] < 0 ? 0 : meta[2])};
       Tensor dy = grads[0];
       if (!dy.defined()) {
         const Tensor& like = s[0].defined() ? s[0] : s[1];
         dy = at::zeros(s[1].sizes(), s[1].options().dtype(like.scalar_type()));
       }
       auto g = layer_norm_backward(dy, grads[1], s.data(), m);
-      out[0] = g.dx;
-      out[1] = g.dresidual;
-      out[2] = g.dweight;
-      out[3] = g.dbias;
-      out[4] = g.dgamma;
+      variable_list out{g.dx, g.dresidual, g.dweight, g.dbias, g.dgamma, Tensor(), Tensor(), Tensor(), Tensor()};
       for (int i = 0; i < 5; ++i) {
         if (!(meta[3] >> i & 1)) out[i] = Tensor();  // an absent or frozen input gets none (CppNode insists)
       }
-    }
-    return once_differentiable(std::move(out), create_graph, "add_layer_norm");
+      return out;
+    });
   }
 };
 
@@ -156,12 +152,11 @@ struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode>
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const py::object& softmax_scale, const py::object& dropout_p, const OptTensor& seed,
                                const py::object& deterministic) {
-    Tensor seed_ = seed.has_value() ? *seed : Tensor();
+    Tensor seed_ = value_or_undefined(seed);
     auto out = call_planned(PlanSite::kAttentionFwd, op_bodies().attention,
                             {q, k, v, softmax_scale, dropout_p, seed_, deterministic});
     ctx->save_for_backward({q, k, v, out[0], out[1], seed_});
-    ctx->saved_data["needs"] =
-        int64_t(q.requires_grad()) | int64_t(k.requires_grad()) << 1 | int64_t(v.requires_grad()) << 2;
+    ctx->saved_data["needs"] = requires_grad_bits({q, k, v});
     ctx->saved_data["softmax_scale"] = softmax_scale.cast<double>();
     ctx->saved_data["dropout_p"] = dropout_p.cast<double>();
     ctx->saved_data["deterministic"] = deterministic.cast<bool>();
@@ -171,11 +166,9 @@ struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode>
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    py::gil_scoped_acquire gil;  // for the op body (the autograd engine's device threads run this without)
-    bool create_graph = at::GradMode::is_enabled();
-    variable_list out(7);
-    if (grads[0].defined()) {  // else out was not used: no gradient
-      at::AutoGradMode no_grad(false);
+    return once_differentiable("flash_attention", [&] {
+      variable_list out(7);
+      if (!grads[0].defined()) return out;  // out was not used: no gradient
       variable_list s = ctx->get_saved_variables();
       auto d = call_planned(PlanSite::kFlashAttentionBwd, op_bodies().flash_attention_backward,
                             {grads[0], s[0], s[1], s[2], s[3], s[4],
@@ -186,8 +179,8 @@ struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode>
       for (int i = 0; i < 3; ++i) {
         if (needs >> i & 1) out[i] = d[i];
       }
-    }
-    return once_differentiable(std::move(out), create_graph, "flash_attention");
+      return out;
+    });
   }
 };
 
@@ -196,26 +189,18 @@ struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode>
 struct BiasGeluLinearNode : public torch::autograd::Function<BiasGeluLinearNode> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& bias, const Tensor& weight,
                                const OptTensor& linear_bias, const py::object& approximate) {
-    Tensor bias_ = bias.has_value() ? *bias : Tensor();
+    Tensor bias_ = value_or_undefined(bias), linear_bias_ = value_or_undefined(linear_bias);
     Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x, bias_, approximate})[0];
     Tensor out = at::linear(gelu, weight, linear_bias);
     ctx->save_for_backward({x, bias_, weight});
-    const bool needs[] = {x.requires_grad(), bias_.defined() && bias_.requires_grad(), weight.requires_grad(),
-                          linear_bias.has_value() && linear_bias->requires_grad()};
-    int64_t bits = 0;
-    for (int i = 0; i < 4; ++i) bits |= int64_t(needs[i]) << i;
-    ctx->saved_data["needs"] = bits;
+    ctx->saved_data["needs"] = requires_grad_bits({x, bias_, weight, linear_bias_});
     ctx->saved_data["linear_bias_dtype"] = linear_bias.has_value() ? int64_t(linear_bias->scalar_type()) : -1;
     ctx->saved_data["approximate"] = approximate.cast<std::string>();
     return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    py::gil_scoped_acquire gil;  // for the op bodies (the autograd engine's device threads run this without)
-    bool create_graph = at::GradMode::is_enabled();
-    variable_list out(5);
-    {
-      at::AutoGradMode no_grad(false);
+    return once_differentiable("bias_gelu_linear", [&] {
       variable_list s = ctx->get_saved_variables();
       int64_t needs = ctx->saved_data["needs"].toInt();
       auto need = [needs](int i) { return bool(needs >> i & 1); };
@@ -223,12 +208,13 @@ struct BiasGeluLinearNode : public torch::autograd::Function<BiasGeluLinearNode>
       auto g = mlp_backward(grads[0], s[0], s[1], s[2], need(0) || need(1), need(1), need(2), need(3),
                             py::str(ctx->saved_data["approximate"].toStringRef()),
                             static_cast<at::ScalarType>(linear_bias_dtype < 0 ? 0 : linear_bias_dtype));
+      variable_list out(5);
       if (need(0)) out[0] = g.dx;
       if (need(1)) out[1] = g.dbias;
       if (need(2)) out[2] = g.dweight;
       if (need(3)) out[3] = g.dlinear_bias;
-    }
-    return once_differentiable(std::move(out), create_graph, "bias_gelu_linear");
+      return out;
+    });
   }
 };
 

@@ -56,11 +56,31 @@ MlpGrads mlp_backward(const at::Tensor& dout, const at::Tensor& x, const at::Ten
                       bool needs_dx, bool needs_bias, bool needs_weight, bool needs_linear_bias,
                       const pybind11::object& approximate, at::ScalarType linear_bias_dtype);
 
-// A node's backward computes its gradients with autograd off (Python's @once_differentiable). Under
-// create_graph they must not pass for constants (a gradient penalty would silently lose its term),
-// so they then lead to a node that raises if differentiated; `what` names the node.
-torch::autograd::variable_list once_differentiable(torch::autograd::variable_list out, bool create_graph,
-                                                   const char* what);
+// An absent optional tensor as an undefined one (what an op body gets as None).
+inline at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// Bit i set where tensor i is defined and requires a gradient (Python's ctx.needs_input_grad).
+int64_t requires_grad_bits(at::ArrayRef<at::Tensor> tensors);
+
+// The gradients of a node once they must not pass for constants: leading to a node that raises
+// if differentiated (`what` names the node).
+torch::autograd::variable_list error_on_differentiation(torch::autograd::variable_list out, const char* what);
+
+// A node's backward: `compute()` runs holding the GIL (the op bodies are Python; the autograd
+// engine's device threads run a backward without it) and with autograd off (Python's
+// @once_differentiable). Under create_graph its gradients must not pass for constants (a gradient
+// penalty would silently lose its term): error_on_differentiation.
+template <typename Compute>
+torch::autograd::variable_list once_differentiable(const char* what, Compute&& compute) {
+  pybind11::gil_scoped_acquire gil;
+  bool create_graph = at::GradMode::is_enabled();
+  torch::autograd::variable_list out;
+  {
+    at::AutoGradMode no_grad(false);
+    out = compute();
+  }
+  return create_graph ? error_on_differentiation(std::move(out), what) : out;
+}
 
 void define_op_nodes(pybind11::module_& m);
 
