@@ -75,6 +75,10 @@ struct Bridge {
   py::object hooks_installed;  // ops/_launcher._hooks_installed
   py::object traced;           // _dispatch.TRACED_LAUNCHES
   std::vector<Entry> sites[static_cast<int>(PlanSite::kCount)];
+  // The attribute names read on every call, made once (pybind11's attr(const char*) makes a
+  // string each time).
+  py::str on{"on"}, driver{"driver"}, active{"active"}, get_current_device{"get_current_device"},
+      get_current_stream{"get_current_stream"};
 };
 Bridge* bridge = nullptr;  // never freed: its py::objects must not outlive the interpreter's finalization
 
@@ -118,14 +122,15 @@ bool scalar_key(std::vector<int64_t>& key, PyObject* value) {
   return true;
 }
 
-// `earlier`: the arguments before this one; the key notes the first of them at this tensor's address
-// (an op may be handed one tensor twice, to write it in place: a plan maps a pointer to the first).
-void tensor_key(std::vector<int64_t>& key, const Tensor& t, const OpArg* earlier, size_t n_earlier) {
+// `address`: this tensor's; `earlier`: the addresses of the arguments before it (an address no
+// tensor has for a non-tensor or None). The key notes the first of them at this tensor's address (an op may be
+// handed one tensor twice, to write it in place: a plan maps a pointer to the first).
+void tensor_key(std::vector<int64_t>& key, const Tensor& t, const void* address, const void* const* earlier,
+                size_t n_earlier) {
   if (!t.defined()) {
     key.push_back(-1);
     return;
   }
-  const void* address = t.const_data_ptr();
   key.insert(key.end(), {static_cast<int64_t>(t.scalar_type()), static_cast<int64_t>(t.device().type()),
                          static_cast<int64_t>(t.device().index()), t.dim()});
   key.insert(key.end(), t.sizes().begin(), t.sizes().end());
@@ -133,8 +138,7 @@ void tensor_key(std::vector<int64_t>& key, const Tensor& t, const OpArg* earlier
   key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(address) & 15));
   int64_t same_address = -1;
   for (size_t j = 0; j < n_earlier && same_address < 0; ++j) {
-    const Tensor& e = earlier[j].tensor;
-    if (earlier[j].is_tensor && e.defined() && e.const_data_ptr() == address) same_address = static_cast<int64_t>(j);
+    if (earlier[j] == address) same_address = static_cast<int64_t>(j);
   }
   key.push_back(same_address);
 }
@@ -182,7 +186,7 @@ std::vector<Tensor> replay(const Plan& plan, const std::vector<OpArg>& args, con
   for (const auto& [bytes, device] : plan.scratch) {
     scratch.push_back(at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(device)));
   }
-  py::object stream = active.attr("get_current_stream")(device);
+  py::object stream = active.attr(bridge->get_current_stream)(device);
   std::vector<PyObject*> argv;
   std::vector<py::object> made;  // the addresses made for this launch
   for (const auto& launch : plan.launches) {
@@ -228,24 +232,31 @@ std::vector<Tensor> run_body(const py::object& body, const std::vector<OpArg>& a
   return tensors_of(body(*python_args(args)));
 }
 
-// The device Triton launches on now, as the Launcher asks (ops/_launcher.py).
-int64_t current_device(const Bridge& b) {
-  return b.launcher_module.attr("driver").attr("active").attr("get_current_device")().cast<int64_t>();
+// Triton's active driver, as the Launcher asks it (ops/_launcher.py), and the device it launches on now.
+py::object active_driver(const Bridge& b) { return b.launcher_module.attr(b.driver).attr(b.active); }
+
+int64_t current_device(const Bridge& b, const py::object& active) {
+  return active.attr(b.get_current_device)().cast<int64_t>();
 }
 
 }  // namespace
 
 std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const std::vector<OpArg>& args) {
   Bridge* b = bridge;
-  if (b == nullptr || b->record.is_none() || py::bool_(b->traced.attr("on")) || py::bool_(b->hooks_installed())) {
+  if (b == nullptr || b->record.is_none() || py::bool_(b->traced.attr(b->on)) || py::bool_(b->hooks_installed())) {
     return run_body(body, args);
   }
   std::vector<int64_t> key;
   key.reserve(16 * args.size());
+  // Each tensor's address read once (data_ptr checks the storage); no tensor's is kNotATensor.
+  static const char not_a_tensor = 0;
+  const void* const kNotATensor = &not_a_tensor;
+  std::vector<const void*> addresses(args.size(), kNotATensor);
   for (size_t i = 0; i < args.size(); ++i) {
     const OpArg& a = args[i];
     if (a.is_tensor) {
-      tensor_key(key, a.tensor, args.data(), i);
+      if (a.tensor.defined()) addresses[i] = a.tensor.const_data_ptr();
+      tensor_key(key, a.tensor, addresses[i], addresses.data(), i);
     } else if (!scalar_key(key, a.scalar.ptr())) {
       return run_body(body, args);
     }
@@ -265,8 +276,9 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
     // The driver is asked only for a plan that launches: where none was recorded (the interpreter)
     // there may be no driver.
     int64_t planned_on = found->device;
-    if (current_device(*b) != planned_on) return run_body(body, args);
-    return replay(*plan, args, b->launcher_module.attr("driver").attr("active"), py::int_(planned_on));
+    py::object active = active_driver(*b);
+    if (current_device(*b, active) != planned_on) return run_body(body, args);
+    return replay(*plan, args, active, py::int_(planned_on));
   }
   if (found->state == State::kRefused) return run_body(body, args);
   py::tuple recorded = b->record(body, *python_args(args));
@@ -274,7 +286,7 @@ std::vector<Tensor> call_planned(PlanSite site, const py::object& body, const st
   int64_t device = -1;
   if (!recorded[1].is_none()) {
     plan = plan_from_python(recorded[1]);
-    if (!plan->launches.empty()) device = current_device(*b);
+    if (!plan->launches.empty()) device = current_device(*b, active_driver(*b));
   }
   found = std::find_if(entries.begin(), entries.end(), [&key](const Entry& e) { return e.key == key; });
   if (found != entries.end()) {
