@@ -16,15 +16,15 @@
 #include "op_nodes.h"
 
 #include <torch/csrc/Dtype.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/python.h>
 
 namespace vit_kernels {
 
 namespace py = pybind11;
 using at::Tensor;
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<Tensor>;
 
@@ -54,6 +54,9 @@ LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out
   LayerNormGrads g;
   g.dx = r[0];
   if (m.has_residual) g.dresidual = separate ? r[1] : r[0];
+  // The sum and the rows of it below the autograd keys: autograd is off here, and a view made
+  // above them also makes view metadata nobody reads (host time only).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   Tensor sums = r[2].sum(1);
   int64_t row = 0;
   Tensor* grads[3] = {&g.dweight, &g.dbias, &g.dgamma};
@@ -105,139 +108,192 @@ variable_list error_on_differentiation(variable_list out, const char* what) {
   return error->apply(std::move(out));
 }
 
-// ops/layer_norm's add_layer_norm_fwd: its define_op forward, _setup_context and _backward.
-struct AddLayerNormNode : public torch::autograd::Function<AddLayerNormNode> {
-  static variable_list forward(AutogradContext* ctx, const OptTensor& x, const OptTensor& residual,
-                               const OptTensor& weight, const OptTensor& bias, const OptTensor& gamma,
-                               const OptTensor& row_scale, const py::object& eps, const py::object& residual_dtype,
-                               bool store_residual) {
-    Tensor x_ = value_or_undefined(x), residual_ = value_or_undefined(residual), weight_ = value_or_undefined(weight),
-           bias_ = value_or_undefined(bias), gamma_ = value_or_undefined(gamma),
-           row_scale_ = value_or_undefined(row_scale);
-    auto out = call_planned(PlanSite::kAddLayerNormFwd, op_bodies().layer_norm,
-                            {x_, residual_, weight_, bias_, gamma_, row_scale_, eps, residual_dtype,
-                             py::bool_(store_residual)});
-    ctx->save_for_backward({gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, weight_, bias_, gamma_,
-                            row_scale_, out[2]});
-    ctx->saved_data["meta"] = std::vector<int64_t>{
-        residual_.defined(), store_residual, residual_.defined() ? int64_t(residual_.scalar_type()) : -1,
-        requires_grad_bits({x_, residual_, weight_, bias_, gamma_})};
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({out[2]});
-    return {out[0], out[1], out[2]};
-  }
+// ops/layer_norm's add_layer_norm_fwd: its _setup_context's saves and its _backward, as a
+// hand-written node (make_node).
+struct AddLayerNormBackward : public torch::autograd::Node {
+  // x with gamma, h (h_new where stored, else x), weight, bias, gamma, row_scale, stats.
+  SavedVariable saved[7];
+  LayerNormMeta meta;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "vit_kernels::AddLayerNormBackward"; }
+
+  // grads: (dy, dh_new), either undefined where its output was not used; one gradient per input
+  // edge (x, residual, weight, bias, gamma), undefined where the input needs none.
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     return once_differentiable("add_layer_norm", [&] {
-      variable_list s = ctx->get_saved_variables();
-      auto meta = ctx->saved_data["meta"].toIntVector();
-      LayerNormMeta m{bool(meta[0]), bool(meta[1]), static_cast<at::ScalarType>(meta[2] < 0 ? 0 : meta[2])};
+      auto self = getptr();
+      Tensor s[7];
+      for (int i = 0; i < 7; ++i) s[i] = saved[i].unpack(self);
       Tensor dy = grads[0];
       if (!dy.defined()) {
         const Tensor& like = s[0].defined() ? s[0] : s[1];
         dy = at::zeros(s[1].sizes(), s[1].options().dtype(like.scalar_type()));
       }
-      auto g = layer_norm_backward(dy, grads[1], s.data(), m);
-      variable_list out{g.dx, g.dresidual, g.dweight, g.dbias, g.dgamma, Tensor(), Tensor(), Tensor(), Tensor()};
+      auto g = layer_norm_backward(dy, grads[1], s, meta);
+      variable_list out{g.dx, g.dresidual, g.dweight, g.dbias, g.dgamma};
       for (int i = 0; i < 5; ++i) {
-        if (!(meta[3] >> i & 1)) out[i] = Tensor();  // an absent or frozen input gets none (CppNode insists)
+        if (!task_should_compute_output(i)) out[i] = Tensor();
       }
       return out;
     });
   }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : saved) v.reset_data();
+  }
 };
 
-// ops/attention's flash_attention_fwd: its define_op forward, _setup_context and _backward.
-struct FlashAttentionNode : public torch::autograd::Function<FlashAttentionNode> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                               const py::object& softmax_scale, const py::object& dropout_p, const OptTensor& seed,
-                               const py::object& deterministic) {
-    Tensor seed_ = value_or_undefined(seed);
-    auto out = call_planned(PlanSite::kAttentionFwd, op_bodies().attention,
-                            {q, k, v, softmax_scale, dropout_p, seed_, deterministic});
-    ctx->save_for_backward({q, k, v, out[0], out[1], seed_});
-    ctx->saved_data["needs"] = requires_grad_bits({q, k, v});
-    ctx->saved_data["softmax_scale"] = softmax_scale.cast<double>();
-    ctx->saved_data["dropout_p"] = dropout_p.cast<double>();
-    ctx->saved_data["deterministic"] = deterministic.cast<bool>();
-    ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({out[1]});
-    return {out[0], out[1]};
-  }
+// ops/attention's flash_attention_fwd: its _setup_context's saves and its _backward (make_node).
+struct FlashAttentionBackward : public torch::autograd::Node {
+  SavedVariable saved[6];  // q, k, v, out, lse, seed
+  double softmax_scale = 0, dropout_p = 0;
+  bool deterministic = false;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "vit_kernels::FlashAttentionBackward"; }
+
+  // grads: (dout), undefined where out was not used; one gradient per input edge (q, k, v).
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     return once_differentiable("flash_attention", [&] {
-      variable_list out(7);
+      variable_list out(3);
       if (!grads[0].defined()) return out;  // out was not used: no gradient
-      variable_list s = ctx->get_saved_variables();
+      auto self = getptr();
+      Tensor s[6];
+      for (int i = 0; i < 6; ++i) s[i] = saved[i].unpack(self);
       auto d = call_planned(PlanSite::kFlashAttentionBwd, op_bodies().flash_attention_backward,
-                            {grads[0], s[0], s[1], s[2], s[3], s[4],
-                             py::float_(ctx->saved_data["softmax_scale"].toDouble()),
-                             py::float_(ctx->saved_data["dropout_p"].toDouble()), s[5],
-                             py::bool_(ctx->saved_data["deterministic"].toBool())});
-      int64_t needs = ctx->saved_data["needs"].toInt();
+                            {grads[0], s[0], s[1], s[2], s[3], s[4], py::float_(softmax_scale), py::float_(dropout_p),
+                             s[5], py::bool_(deterministic)});
       for (int i = 0; i < 3; ++i) {
-        if (needs >> i & 1) out[i] = d[i];
+        if (task_should_compute_output(i)) out[i] = d[i];
       }
       return out;
     });
   }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : saved) v.reset_data();
+  }
 };
 
-// ops/bias_gelu_linear's bias_gelu_linear_fwd (the fused MLP's activation and fc2): its define_op
-// forward, _setup_context and _backward.
-struct BiasGeluLinearNode : public torch::autograd::Function<BiasGeluLinearNode> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& bias, const Tensor& weight,
-                               const OptTensor& linear_bias, const py::object& approximate) {
-    Tensor bias_ = value_or_undefined(bias), linear_bias_ = value_or_undefined(linear_bias);
-    Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x, bias_, approximate})[0];
-    Tensor out = at::linear(gelu, weight, linear_bias);
-    ctx->save_for_backward({x, bias_, weight});
-    ctx->saved_data["needs"] = requires_grad_bits({x, bias_, weight, linear_bias_});
-    ctx->saved_data["linear_bias_dtype"] = linear_bias.has_value() ? int64_t(linear_bias->scalar_type()) : -1;
-    ctx->saved_data["approximate"] = approximate.cast<std::string>();
-    return {out};
-  }
+// ops/bias_gelu_linear's bias_gelu_linear_fwd (the fused MLP's activation and fc2): its
+// _setup_context's saves and its _backward (make_node).
+struct BiasGeluLinearBackward : public torch::autograd::Node {
+  SavedVariable saved[3];  // x, bias, weight
+  at::ScalarType linear_bias_dtype = at::ScalarType::Undefined;
+  std::string approximate;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  std::string name() const override { return "vit_kernels::BiasGeluLinearBackward"; }
+
+  // grads: (dout); one gradient per input edge (x, bias, weight, linear_bias).
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
     return once_differentiable("bias_gelu_linear", [&] {
-      variable_list s = ctx->get_saved_variables();
-      int64_t needs = ctx->saved_data["needs"].toInt();
-      auto need = [needs](int i) { return bool(needs >> i & 1); };
-      int64_t linear_bias_dtype = ctx->saved_data["linear_bias_dtype"].toInt();
-      auto g = mlp_backward(grads[0], s[0], s[1], s[2], need(0) || need(1), need(1), need(2), need(3),
-                            py::str(ctx->saved_data["approximate"].toStringRef()),
-                            static_cast<at::ScalarType>(linear_bias_dtype < 0 ? 0 : linear_bias_dtype));
-      variable_list out(5);
-      if (need(0)) out[0] = g.dx;
-      if (need(1)) out[1] = g.dbias;
-      if (need(2)) out[2] = g.dweight;
-      if (need(3)) out[3] = g.dlinear_bias;
+      variable_list out(4);
+      if (!grads[0].defined()) return out;
+      bool need[4];
+      for (int i = 0; i < 4; ++i) need[i] = task_should_compute_output(i);
+      Tensor x = saved[0].unpack(), bias = saved[1].unpack(), weight = saved[2].unpack();
+      auto g = mlp_backward(grads[0], x, bias, weight, need[0] || need[1], need[1], need[2], need[3],
+                            py::str(approximate), linear_bias_dtype);
+      if (need[0]) out[0] = g.dx;
+      if (need[1]) out[1] = g.dbias;
+      if (need[2]) out[2] = g.dweight;
+      if (need[3]) out[3] = g.dlinear_bias;
       return out;
     });
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : saved) v.reset_data();
   }
 };
 
 namespace {
 
-// (y, h_new or an empty tensor, stats) as one node, the arguments as add_layer_norm_fwd takes them.
+// (y, h_new or an empty tensor, stats), the arguments as add_layer_norm_fwd takes them; y and
+// h_new from one AddLayerNormBackward where an input needs a gradient.
 py::tuple add_layer_norm_node(const OptTensor& x, const OptTensor& residual, const OptTensor& weight,
                               const OptTensor& bias, const OptTensor& gamma, const OptTensor& row_scale,
                               const py::object& eps, const py::object& residual_dtype, bool store_residual) {
-  auto out = AddLayerNormNode::apply(x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, store_residual);
+  refuse_functorch_transforms();
+  Tensor x_ = value_or_undefined(x), residual_ = value_or_undefined(residual), weight_ = value_or_undefined(weight),
+         bias_ = value_or_undefined(bias), gamma_ = value_or_undefined(gamma),
+         row_scale_ = value_or_undefined(row_scale);
+  std::vector<Tensor> out;
+  {
+    at::AutoGradMode no_grad(false);
+    out = call_planned(PlanSite::kAddLayerNormFwd, op_bodies().layer_norm,
+                       {x_, residual_, weight_, bias_, gamma_, row_scale_, eps, residual_dtype,
+                        py::bool_(store_residual)});
+  }
+  if (torch::autograd::compute_requires_grad(x_, residual_, weight_, bias_, gamma_)) {
+    auto node = make_node<AddLayerNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x_, residual_, weight_, bias_, gamma_));
+    torch::autograd::set_history(out[0], node);  // the outputs' (the gradients') order: y, h_new
+    torch::autograd::set_history(out[1], node);
+    Tensor saves[7] = {gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, weight_, bias_, gamma_,
+                       row_scale_, out[2]};
+    for (int i = 0; i < 7; ++i) node->saved[i] = SavedVariable(saves[i], /*is_output=*/i == 1 && store_residual);
+    node->meta = {residual_.defined(), store_residual,
+                  residual_.defined() ? residual_.scalar_type() : at::ScalarType::Undefined};
+    fire_creation_hooks(node);
+  }
   return py::make_tuple(out[0], out[1], out[2]);
 }
 
-// (out, lse) as one node, the arguments as flash_attention_fwd takes them.
+// (out, lse), the arguments as flash_attention_fwd takes them; out from one FlashAttentionBackward
+// where an input needs a gradient.
 py::tuple flash_attention_node(const Tensor& q, const Tensor& k, const Tensor& v, const py::object& softmax_scale,
                                const py::object& dropout_p, const OptTensor& seed, const py::object& deterministic) {
-  auto out = FlashAttentionNode::apply(q, k, v, softmax_scale, dropout_p, seed, deterministic);
+  refuse_functorch_transforms();
+  Tensor seed_ = value_or_undefined(seed);
+  std::vector<Tensor> out;
+  {
+    at::AutoGradMode no_grad(false);
+    out = call_planned(PlanSite::kAttentionFwd, op_bodies().attention,
+                       {q, k, v, softmax_scale, dropout_p, seed_, deterministic});
+  }
+  if (torch::autograd::compute_requires_grad(q, k, v)) {
+    auto node = make_node<FlashAttentionBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(q, k, v));
+    torch::autograd::set_history(out[0], node);
+    Tensor saves[6] = {q, k, v, out[0], out[1], seed_};
+    for (int i = 0; i < 6; ++i) node->saved[i] = SavedVariable(saves[i], /*is_output=*/i == 3);
+    node->softmax_scale = softmax_scale.cast<double>();
+    node->dropout_p = dropout_p.cast<double>();
+    node->deterministic = deterministic.cast<bool>();
+    fire_creation_hooks(node);
+  }
   return py::make_tuple(out[0], out[1]);
 }
 
+// The fused MLP's bias + GELU + fc2, the arguments as bias_gelu_linear_fwd takes them; from one
+// BiasGeluLinearBackward where an input needs a gradient.
 Tensor bias_gelu_linear_node(const Tensor& x, const OptTensor& bias, const Tensor& weight, const OptTensor& linear_bias,
                              const py::object& approximate) {
-  return BiasGeluLinearNode::apply(x, bias, weight, linear_bias, approximate)[0];
+  refuse_functorch_transforms();
+  Tensor bias_ = value_or_undefined(bias), linear_bias_ = value_or_undefined(linear_bias);
+  Tensor out;
+  {
+    at::AutoGradMode no_grad(false);
+    Tensor gelu = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x, bias_, approximate})[0];
+    out = at::linear(gelu, weight, linear_bias);
+  }
+  if (torch::autograd::compute_requires_grad(x, bias_, weight, linear_bias_)) {
+    auto node = make_node<BiasGeluLinearBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, bias_, weight, linear_bias_));
+    torch::autograd::set_history(out, node);
+    Tensor saves[3] = {x, bias_, weight};
+    for (int i = 0; i < 3; ++i) node->saved[i] = SavedVariable(saves[i], /*is_output=*/false);
+    node->linear_bias_dtype = linear_bias_.defined() ? linear_bias_.scalar_type() : at::ScalarType::Undefined;
+    node->approximate = approximate.cast<std::string>();
+    fire_creation_hooks(node);
+  }
+  return out;
 }
 
 void set_op_bodies(py::object layer_norm, py::object attention, py::object bias_gelu, py::object layer_norm_backward,

@@ -5,7 +5,11 @@
 
 #include "launch_plan.h"
 
+#include <ATen/FuncTorchTLS.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/variable.h>
+
+#include <type_traits>
 
 namespace vit_kernels {
 
@@ -80,6 +84,38 @@ torch::autograd::variable_list once_differentiable(const char* what, Compute&& c
     out = compute();
   }
   return create_graph ? error_on_differentiation(std::move(out), what) : out;
+}
+
+// A hand-written autograd node, made the way torch's generated ones are: a torch::autograd::Node
+// whose members are its saved variables. A torch::autograd::Function costs several us more a call
+// on each side of the step (its VariableInfo lists, the context's IValue map, _wrap_outputs, the
+// CppNode's checks of what backward returns), host time that eager's generated nodes do not spend
+// (benchmarks/results/cpu-host-overhead-2026-12-06.md). torch 2.6 holds nodes in std::shared_ptr
+// (deleted through deleteNode, which unlinks long graphs without deep recursion), newer torch in
+// c10::intrusive_ptr.
+template <typename T>
+auto make_node() {
+  using NodePtr = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<T>(new T(), [](T* node) { deleteNode(node); });  // found by ADL: torch::autograd's
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+// torch.autograd.graph.node_creation_hook (in newer torch) sees every node once it is wired and its
+// saves are stored, as torch's own nodes and Functions fire it.
+template <typename NodePtr>
+void fire_creation_hooks(const NodePtr& node) {
+#if __has_include(<torch/csrc/autograd/node_creation_hook.h>)
+  torch::autograd::fire_node_creation_hooks(node);
+#endif
+}
+
+// What torch::autograd::Function::apply checks first: under a functorch transform (torch.func.grad,
+// vmap) a C++ node would silently see unwrapped tensors, so the transform raises instead.
+inline void refuse_functorch_transforms() {
+  if (const auto& functorch_tls = at::functorch::functorchTLSAccessor()) functorch_tls->checkSupportsCppAutogradFunction();
 }
 
 void define_op_nodes(pybind11::module_& m);

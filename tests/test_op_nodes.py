@@ -197,7 +197,7 @@ def test_the_attention_node_equals_the_python_autograd(node, monkeypatch, dtype,
 def test_the_attention_node_raises_on_a_double_backward(node):
     q, k, v = (torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
     out = flash_attention(q, k, v)
-    assert out.grad_fn.name().startswith("torch::autograd::CppNode<vit_kernels::FlashAttentionNode")
+    assert out.grad_fn.name() == "vit_kernels::FlashAttentionBackward"
     (dq,) = torch.autograd.grad(out, q, torch.randn_like(out), create_graph=True)
     assert dq.requires_grad
     with pytest.raises(RuntimeError, match="once differentiable"):
@@ -238,8 +238,59 @@ def test_the_mlp_node_raises_on_a_double_backward(node):
     x = torch.randn(4, 32, device=DEVICE, requires_grad=True)
     weight = torch.randn(8, 32, device=DEVICE, requires_grad=True)
     out = bias_gelu_linear(x, torch.randn(32, device=DEVICE), weight)
-    assert out.grad_fn.name().startswith("torch::autograd::CppNode<vit_kernels::BiasGeluLinearNode")
+    assert out.grad_fn.name() == "vit_kernels::BiasGeluLinearBackward"
     (dx,) = torch.autograd.grad(out, x, torch.randn_like(out), create_graph=True)
     assert dx.requires_grad
     with pytest.raises(RuntimeError, match="once differentiable"):
         dx.sum().backward()
+
+
+def _call(op):
+    """(output, leaves) of one op's node on fresh leaves; `fn(*leaves)` calls it again."""
+    if op == "add_layer_norm":
+        leaves = [torch.randn(2, 5, 32, device=DEVICE, requires_grad=True) for _ in range(2)] + [
+            torch.randn(32, device=DEVICE, requires_grad=True) for _ in range(2)]
+        fn = lambda *t: add_layer_norm(*t)[0]  # noqa: E731
+    elif op == "flash_attention":
+        leaves = [torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3)]
+        fn = flash_attention
+    else:
+        leaves = [torch.randn(4, 32, device=DEVICE, requires_grad=True), torch.randn(32, device=DEVICE),
+                  torch.randn(8, 32, device=DEVICE, requires_grad=True)]
+        fn = bias_gelu_linear
+    return fn, leaves
+
+
+NODE_NAMES = {"add_layer_norm": "vit_kernels::AddLayerNormBackward",
+              "flash_attention": "vit_kernels::FlashAttentionBackward",
+              "bias_gelu_linear": "vit_kernels::BiasGeluLinearBackward"}
+
+
+@pytest.mark.parametrize("op", list(NODE_NAMES))
+def test_a_node_frees_its_saves_after_backward_unless_retained(node, op):
+    fn, leaves = _call(op)
+    out = fn(*leaves)
+    assert out.grad_fn.name() == NODE_NAMES[op]
+    dout = torch.randn_like(out)
+    out.backward(dout, retain_graph=True)
+    first = [t.grad.clone() for t in leaves if t.requires_grad]
+    out.backward(dout)  # retained: the same gradients again
+    for a, t in zip(first, [t for t in leaves if t.requires_grad]):
+        assert torch.equal(t.grad, 2 * a)
+    with pytest.raises(RuntimeError, match="second time"):
+        out.backward(dout)
+
+
+@pytest.mark.parametrize("op", list(NODE_NAMES))
+def test_a_node_refuses_functorch_transforms_and_fires_creation_hooks(node, op):
+    """torch.func.grad would hand a C++ node unwrapped tensors: it raises, as a C++
+    torch::autograd::Function does. torch.autograd.graph.node_creation_hook (newer torch) sees the node."""
+    fn, leaves = _call(op)
+    with pytest.raises(RuntimeError, match="functorch"):
+        torch.func.grad(lambda first, *rest: fn(first, *rest).sum())(*leaves)
+    if not hasattr(torch.autograd.graph, "node_creation_hook"):
+        pytest.skip("this torch has no node_creation_hook")
+    names = []
+    with torch.autograd.graph.node_creation_hook(lambda n: names.append(n.name())):
+        fn(*leaves)
+    assert NODE_NAMES[op] in names
