@@ -54,14 +54,10 @@ LayerNormGrads layer_norm_backward(const Tensor& dy, const Tensor& dresidual_out
   LayerNormGrads g;
   g.dx = r[0];
   if (m.has_residual) g.dresidual = separate ? r[1] : r[0];
-  // The sum and the rows of it below the autograd keys: autograd is off here, and a view made
-  // above them also makes view metadata nobody reads (host time only).
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  Tensor sums = r[2].sum(1);
-  int64_t row = 0;
+  size_t next = separate ? 2 : 1;  // then the gradient of each parameter given, in its dtype
   Tensor* grads[3] = {&g.dweight, &g.dbias, &g.dgamma};
   for (int i = 0; i < 3; ++i) {
-    if (s[2 + i].defined()) *grads[i] = as_dtype(sums.select(0, row++), s[2 + i].scalar_type());
+    if (s[2 + i].defined()) *grads[i] = r[next++];
   }
   return g;
 }

@@ -19,7 +19,7 @@ struct VIT_KERNELS_HIDDEN OpBodies {
   pybind11::object layer_norm;           // ops/layer_norm._add_layer_norm_fwd_impl
   pybind11::object attention;            // ops/attention's forward impl
   pybind11::object bias_gelu;            // ops/bias_gelu's forward impl
-  pybind11::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_partials
+  pybind11::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_grads
   pybind11::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
   pybind11::object attention_backward;   // ops/attention.flash_attention_bwd_packed(d_attn, q, k, v, out,
                                          //   lse, scale, p, seed, deterministic) -> packed [B, N, 3 * D]
@@ -38,9 +38,8 @@ struct LayerNormMeta {
   at::ScalarType residual_dtype;  // the residual input's, where there is one
 };
 
-// ops/layer_norm.py's _backward: its launch replayed from its plan (add_layer_norm_bwd_partials),
-// the parameter gradients summed and cast here. `s`: its saved tensors (x with gamma, h, weight,
-// bias, gamma, row_scale, stats).
+// ops/layer_norm.py's _backward: its two launches replayed from their plan (add_layer_norm_bwd_grads).
+// `s`: its saved tensors (x with gamma, h, weight, bias, gamma, row_scale, stats).
 struct LayerNormGrads {
   at::Tensor dx, dresidual, dweight, dbias, dgamma;
 };

@@ -252,6 +252,18 @@ def launch_everything(full: bool, arch: str) -> None:
             stats = torch.stack([torch.zeros(6), torch.ones(6)])  # mean, rstd
             layer_norm._add_layer_norm_bwd.op(x, x if everything else None, x if everything else None, x, params[0],
                                            params[1], gamma, row_scale, stats, res_dtype if everything else None)
+    # The backward's second stage at a GPU's count of partial rows (an H100's 132 SMs; CPU tensors
+    # give 4): its BLOCK_P of 128.
+    per_device = layer_norm.num_programs_for_reduction
+    layer_norm.num_programs_for_reduction = lambda device, per_sm=4: per_sm * 132
+    try:
+        for param_dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(2048, 768, dtype=torch.bfloat16)
+            weight, bias = (torch.randn(768, dtype=param_dtype) for _ in range(2))
+            stats = torch.stack([torch.zeros(2048), torch.ones(2048)])
+            layer_norm._add_layer_norm_bwd.op(x, None, None, x, weight, bias, None, None, stats, None)
+    finally:
+        layer_norm.num_programs_for_reduction = per_device
     attention_dtypes = (torch.bfloat16, torch.float16, torch.float32) if full else (torch.bfloat16,)
     attention_launches(attention.HEAD_DIMS if full else COMPILED_HEAD_DIMS[arch], attention_dtypes)
     attention.attention_dropout_mask(torch.tensor(3), 1, 1, 5, 5, 0.1, torch.device("cpu"))

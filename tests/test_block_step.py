@@ -353,7 +353,7 @@ def test_an_error_inside_the_node_reaches_the_caller(seed, monkeypatch):
         assert count[0] == TINY["depth"]
         with pytest.raises(ValueError, match="an op failed"):
             out.sum().backward()
-        monkeypatch.setattr(layer_norm_ops, "add_layer_norm_bwd_partials", fails)
+        monkeypatch.setattr(layer_norm_ops, "add_layer_norm_bwd_grads", fails)
         _nodes.load()
         with pytest.raises(ValueError, match="an op failed"):
             model(images).sum().backward()

@@ -26,9 +26,11 @@
 #   residual stream of a bf16 ViT then accumulates 24 or 32 blocks without bf16
 #   rounding at every add.
 # - dweight/dbias/dgamma: each backward program accumulates its rows in float32
-#   registers and writes one partial row; one torch.sum over the partials of all three
-#   (one buffer) is the second stage. No atomics and no spin locks, so gradients are
-#   bitwise reproducible.
+#   registers and writes one partial row; a second launch sums each parameter's partial
+#   rows in a fixed order and stores the gradient in the parameter's dtype. No atomics and
+#   no spin locks, so gradients are bitwise reproducible. (A torch.sum over the partials,
+#   then a row view and a cast per parameter, cost the host about 5 us a backward in aten
+#   calls; the second launch is one replayed call: benchmarks/results/, the add_layer_norm rows.)
 # - Row offsets are computed in int64: B*N*D passes 2^31 at ViT-H sizes.
 #
 # Alone, between CUDA events, the op can be slower than eager although the GPU's time is half
@@ -53,7 +55,7 @@ from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from ._launcher import launcher_for
 from ._nodes import CppNode
-from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, cast_for_store, cdiv, next_power_of_2
+from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
     check_number,
@@ -234,6 +236,61 @@ def _add_layer_norm_bwd_kernel(
         tl.store(DGAMMA_PARTIAL + pid * n_cols + cols, dgamma_acc, mask=col_mask)
 
 
+@triton.jit
+def _add_layer_norm_param_grads_kernel(
+    PARTIALS,
+    DW,
+    DB,
+    DGAMMA,
+    n_partials,
+    n_cols,
+    W_SLAB: tl.constexpr,
+    B_SLAB: tl.constexpr,
+    GAMMA_SLAB: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RNE_BF16_IN_SOFTWARE: tl.constexpr,
+):
+    """The backward's second stage: a column block of one parameter's gradient, the sum of its
+    float32 partial rows. PARTIALS holds a [n_partials, n_cols] slab per given parameter; program
+    axis 1 picks the slab, and *_SLAB says whose it is (-1: that parameter is not given). Each
+    lane of the [BLOCK_P, BLOCK_N] accumulator adds its rows in order, then one tree sum over
+    BLOCK_P: the same order on every run."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_cols
+    slab = tl.program_id(1)
+    base = PARTIALS + slab.to(tl.int64) * n_partials * n_cols
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows < n_partials)[:, None] & col_mask[None, :]
+        acc += tl.load(base + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if W_SLAB >= 0:
+        if slab == W_SLAB:
+            tl.store(DW + cols, cast_for_store(total, DW.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=col_mask)
+    if B_SLAB >= 0:
+        if slab == B_SLAB:
+            tl.store(DB + cols, cast_for_store(total, DB.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=col_mask)
+    if GAMMA_SLAB >= 0:
+        if slab == GAMMA_SLAB:
+            tl.store(DGAMMA + cols, cast_for_store(total, DGAMMA.dtype.element_ty, RNE_BF16_IN_SOFTWARE),
+                     mask=col_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_grads_config(n_cols: int, interpreted_kernel: bool) -> tuple[int, int, int]:
+    """(BLOCK_P, BLOCK_N, num_warps) of the second stage. GPU: 32 columns a program, so that a
+    ViT's D gives a few dozen programs per parameter, each reading its partial rows 128 at a time
+    (a [128, 32] float32 accumulator: 32 registers a thread at 4 warps). Interpreter: one program
+    per parameter, the 4 partial rows its backward makes (num_programs_for_reduction) a tile.
+    Not from the count of partial rows: under torch.compile with a symbolic batch it is symbolic,
+    and a constexpr must not be."""
+    if interpreted_kernel:
+        return 4, next_power_of_2(n_cols), 4
+    return 128, min(32, next_power_of_2(n_cols)), 4
+
+
 @functools.lru_cache(maxsize=None)
 def _block_config(n_cols: int, interpreted_kernel: bool, *, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols elements.
@@ -349,25 +406,28 @@ def _add_layer_norm_bwd_impl(
     row_scale: Optional[Tensor],
     stats: Tensor,
     residual_dtype: Optional[torch.dtype],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dresidual, the parameter gradients): dresidual is an empty tensor when not
-    computed; the parameter gradients are one float32 [k, D] tensor, a row for each of weight,
-    bias and gamma that is given, in that order (one reduction for all of them; the autograd
-    glue splits and casts them)."""
-    dx, dresidual, partials = add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, row_scale,
-                                                          stats, residual_dtype)
-    return dx, dresidual, partials.sum(1)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, dresidual, dweight, dbias, dgamma): dresidual is an empty tensor when not
+    computed, and so is the gradient of a parameter not given; each parameter's gradient is in
+    its dtype."""
+    dx, *rest = add_layer_norm_bwd_grads(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats,
+                                         residual_dtype)
+    rest = iter(rest)
+    dresidual = next(rest) if residual_dtype is not None else dy.new_empty((0,))
+    return (dx, dresidual, *(next(rest) if param is not None else dy.new_empty((0,), dtype=torch.float32)
+                             for param in (weight, bias, gamma)))
 
 
-def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats,
-                                residual_dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """_add_layer_norm_bwd_impl's arguments (the types there). The backward's launch: (dx, dresidual, the parameter gradients' float32 partial sums
-    [k, programs, D]), summed over programs by the caller (the one-node block step replays
-    this part from its launch plan, ops/_plans.py, and sums in C++).
+def add_layer_norm_bwd_grads(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats, residual_dtype) -> tuple:
+    """_add_layer_norm_bwd_impl's arguments (the types there). The backward's two launches:
+    (dx, dresidual where residual_dtype is given, then the gradient of each of weight, bias and
+    gamma that is given, in that order and in its dtype): only what is computed, each its own
+    allocation, so that the C++ nodes replay it from its launch plan (ops/_plans.py) with no
+    allocation to spare.
 
     `x` is needed only with gamma (dgamma = sum(dh * row_scale * x)); `h` is the stored
-    h_new (x itself when it was not stored). dresidual is computed when residual_dtype
-    is given; the autograd glue passes None where dresidual equals dx.
+    h_new (x itself when it was not stored). The autograd glue passes residual_dtype None where
+    dresidual equals dx.
     """
     n_cols = dy.shape[-1]
     dy2, dy_stride = as_row_pointer(dy, n_cols)
@@ -377,7 +437,7 @@ def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, ro
     dx = torch.empty_like(dy, memory_format=torch.contiguous_format)
     store_dresidual = residual_dtype is not None
     dresidual = (torch.empty_like(dy, dtype=residual_dtype, memory_format=torch.contiguous_format) if store_dresidual
-                 else torch.empty((0,), dtype=dy.dtype, device=device))
+                 else None)
 
     interpreted_kernel = interpreted(_add_layer_norm_bwd_kernel)
     block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel, backward=True)
@@ -387,11 +447,15 @@ def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, ro
     rows_per_program = cdiv(n_row_blocks, n_programs) * block_m
     n_programs = cdiv(n_row_blocks * block_m, rows_per_program)
 
-    # The float32 partial rows of every parameter gradient in one buffer, summed by one launch.
-    given = [param is not None for param in (weight, bias, gamma)]
-    partials = torch.empty((sum(given), n_programs, n_cols), dtype=torch.float32, device=device)
+    # The float32 partial rows of every parameter gradient in one buffer, a slab each.
+    params = (weight, bias, gamma)
+    slabs, n_slabs = [], 0
+    for param in params:
+        slabs.append(n_slabs if param is not None else -1)
+        n_slabs += param is not None
+    partials = torch.empty((n_slabs, n_programs, n_cols), dtype=torch.float32, device=device)
     rows_of = iter(partials.unbind(0))
-    dw_partial, db_partial, dgamma_partial = (next(rows_of) if g else None for g in given)
+    dw_partial, db_partial, dgamma_partial = (next(rows_of) if param is not None else None for param in params)
     if n_rows > 0:
         x2, x_stride = as_row_pointer(x, n_cols) if gamma is not None else (None, 0)
         dres_out2, dres_out_stride = (as_row_pointer(dresidual_out, n_cols) if dresidual_out is not None
@@ -407,7 +471,7 @@ def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, ro
             dy2,
             dres_out2,
             dx,
-            dresidual if store_dresidual else None,
+            dresidual,
             dw_partial,
             db_partial,
             dgamma_partial,
@@ -433,15 +497,39 @@ def add_layer_norm_bwd_partials(dy, dresidual_out, x, h, weight, bias, gamma, ro
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
-    else:
-        partials.zero_()
-    return dx, dresidual, partials
+    grads = [torch.empty((n_cols,), dtype=param.dtype, device=device) for param in params if param is not None]
+    if grads:
+        # No rows: no partial rows to sum (n_partials 0), so the gradients are zeros.
+        n_partials = n_programs if n_rows > 0 else 0
+        interpreted_sum = interpreted(_add_layer_norm_param_grads_kernel)
+        block_p, block_n2, num_warps2 = _param_grads_config(n_cols, interpreted_sum)
+        named = iter(grads)
+        dw, db, dgamma = (next(named) if param is not None else None for param in params)
+        launcher_for(_add_layer_norm_param_grads_kernel).call(
+            (cdiv(n_cols, block_n2), n_slabs),
+            partials,
+            dw,
+            db,
+            dgamma,
+            n_partials,
+            n_cols,
+            W_SLAB=slabs[0],
+            B_SLAB=slabs[1],
+            GAMMA_SLAB=slabs[2],
+            BLOCK_P=block_p,
+            BLOCK_N=block_n2,
+            RNE_BF16_IN_SOFTWARE=interpreted_sum,
+            num_warps=num_warps2,
+            **LAUNCH_OPTIONS,
+        )
+    return (dx, dresidual, *grads) if store_dresidual else (dx, *grads)
 
 
 def _add_layer_norm_bwd_fake(dy, dresidual_out, x, h, weight, bias, gamma, row_scale, stats, residual_dtype):
     dresidual = dy.new_empty(dy.shape if residual_dtype is not None else (0,), dtype=residual_dtype or dy.dtype)
-    n_params = sum(param is not None for param in (weight, bias, gamma))
-    return dy.new_empty(dy.shape), dresidual, dy.new_empty((n_params, dy.shape[-1]), dtype=torch.float32)
+    return (dy.new_empty(dy.shape), dresidual,
+            *(dy.new_empty(param.shape if param is not None else (0,),
+                           dtype=param.dtype if param is not None else torch.float32) for param in (weight, bias, gamma)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -472,7 +560,7 @@ def _backward(ctx, dy, dresidual_out, _dstats):
     separate_dresidual = ctx.has_residual and (
         gamma is not None or row_scale is not None or ctx.residual_dtype != dy.dtype
     )
-    dx, dresidual, param_grads = _add_layer_norm_bwd(
+    dx, dresidual, dweight, dbias, dgamma = _add_layer_norm_bwd(
         dy,
         dresidual_out,
         x,
@@ -486,14 +574,12 @@ def _backward(ctx, dy, dresidual_out, _dstats):
     )
     if ctx.has_residual and not separate_dresidual:
         dresidual = dx
-    rows = iter(param_grads.unbind(0))
-    dweight, dbias, dgamma = (as_dtype(next(rows), param.dtype) if param is not None else None for param in (weight, bias, gamma))
     return (
         dx,
         dresidual if ctx.has_residual else None,
-        dweight,
-        dbias,
-        dgamma,
+        dweight if weight is not None else None,
+        dbias if bias is not None else None,
+        dgamma if gamma is not None else None,
         None,
         None,
         None,
