@@ -106,9 +106,8 @@ variable_list error_on_differentiation(variable_list out, const char* what) {
 
 // ops/layer_norm's add_layer_norm_fwd: its _setup_context's saves and its _backward, as a
 // hand-written node (make_node).
-struct AddLayerNormBackward : public torch::autograd::Node {
-  // x with gamma, h (h_new where stored, else x), weight, bias, gamma, row_scale, stats.
-  SavedVariable saved[7];
+// saved: x with gamma, h (h_new where stored, else x), weight, bias, gamma, row_scale, stats.
+struct AddLayerNormBackward : public SavingNode<7> {
   LayerNormMeta meta;
 
   std::string name() const override { return "vit_kernels::AddLayerNormBackward"; }
@@ -118,15 +117,13 @@ struct AddLayerNormBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     return once_differentiable("add_layer_norm", [&] {
-      auto self = getptr();
-      Tensor s[7];
-      for (int i = 0; i < 7; ++i) s[i] = saved[i].unpack(self);
+      auto s = unpack_saved();
       Tensor dy = grads[0];
       if (!dy.defined()) {
         const Tensor& like = s[0].defined() ? s[0] : s[1];
         dy = at::zeros(s[1].sizes(), s[1].options().dtype(like.scalar_type()));
       }
-      auto g = layer_norm_backward(dy, grads[1], s, meta);
+      auto g = layer_norm_backward(dy, grads[1], s.data(), meta);
       variable_list out{g.dx, g.dresidual, g.dweight, g.dbias, g.dgamma};
       for (int i = 0; i < 5; ++i) {
         if (!task_should_compute_output(i)) out[i] = Tensor();
@@ -134,16 +131,10 @@ struct AddLayerNormBackward : public torch::autograd::Node {
       return out;
     });
   }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& v : saved) v.reset_data();
-  }
 };
 
 // ops/attention's flash_attention_fwd: its _setup_context's saves and its _backward (make_node).
-struct FlashAttentionBackward : public torch::autograd::Node {
-  SavedVariable saved[6];  // q, k, v, out, lse, seed
+struct FlashAttentionBackward : public SavingNode<6> {  // saved: q, k, v, out, lse, seed
   double softmax_scale = 0, dropout_p = 0;
   bool deterministic = false;
 
@@ -155,9 +146,7 @@ struct FlashAttentionBackward : public torch::autograd::Node {
     return once_differentiable("flash_attention", [&] {
       variable_list out(3);
       if (!grads[0].defined()) return out;  // out was not used: no gradient
-      auto self = getptr();
-      Tensor s[6];
-      for (int i = 0; i < 6; ++i) s[i] = saved[i].unpack(self);
+      auto s = unpack_saved();
       auto d = call_planned(PlanSite::kFlashAttentionBwd, op_bodies().flash_attention_backward,
                             {grads[0], s[0], s[1], s[2], s[3], s[4], py::float_(softmax_scale), py::float_(dropout_p),
                              s[5], py::bool_(deterministic)});
@@ -167,17 +156,11 @@ struct FlashAttentionBackward : public torch::autograd::Node {
       return out;
     });
   }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& v : saved) v.reset_data();
-  }
 };
 
 // ops/bias_gelu_linear's bias_gelu_linear_fwd (the fused MLP's activation and fc2): its
 // _setup_context's saves and its _backward (make_node).
-struct BiasGeluLinearBackward : public torch::autograd::Node {
-  SavedVariable saved[3];  // x, bias, weight
+struct BiasGeluLinearBackward : public SavingNode<3> {  // saved: x, bias, weight
   at::ScalarType linear_bias_dtype = at::ScalarType::Undefined;
   std::string approximate;
 
@@ -191,8 +174,8 @@ struct BiasGeluLinearBackward : public torch::autograd::Node {
       if (!grads[0].defined()) return out;
       bool need[4];
       for (int i = 0; i < 4; ++i) need[i] = task_should_compute_output(i);
-      Tensor x = saved[0].unpack(), bias = saved[1].unpack(), weight = saved[2].unpack();
-      auto g = mlp_backward(grads[0], x, bias, weight, need[0] || need[1], need[1], need[2], need[3],
+      auto s = unpack_saved();
+      auto g = mlp_backward(grads[0], s[0], s[1], s[2], need[0] || need[1], need[1], need[2], need[3],
                             py::str(approximate), linear_bias_dtype);
       if (need[0]) out[0] = g.dx;
       if (need[1]) out[1] = g.dbias;
@@ -200,11 +183,6 @@ struct BiasGeluLinearBackward : public torch::autograd::Node {
       if (need[3]) out[3] = g.dlinear_bias;
       return out;
     });
-  }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& v : saved) v.reset_data();
   }
 };
 

@@ -7,8 +7,10 @@
 
 #include <ATen/FuncTorchTLS.h>
 #include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/autograd/variable.h>
 
+#include <array>
 #include <type_traits>
 
 namespace vit_kernels {
@@ -101,6 +103,26 @@ auto make_node() {
     return c10::make_intrusive<T>();
   }
 }
+
+// A hand-written node's saves: N SavedVariables, unpacked together in its backward and released
+// together after a backward that does not retain the graph. mutex_ (torch::autograd::Node's) guards
+// them as it does in torch's generated nodes: a node's apply locks it too.
+template <size_t N>
+struct SavingNode : public torch::autograd::Node {
+  torch::autograd::SavedVariable saved[N];
+
+  std::array<at::Tensor, N> unpack_saved() {
+    auto self = getptr();  // a saved output unpacks with its grad_fn: this node
+    std::array<at::Tensor, N> out;
+    for (size_t i = 0; i < N; ++i) out[i] = saved[i].unpack(self);
+    return out;
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& v : saved) v.reset_data();
+  }
+};
 
 // torch.autograd.graph.node_creation_hook (in newer torch) sees every node once it is wired and its
 // saves are stored, as torch's own nodes and Functions fire it.
