@@ -11,7 +11,7 @@
 # (0 or 1/keep_prob) and layer scale as a per-channel one, so DropPath and LayerScale
 # modules cost nothing extra. The backward is one pass as well: it takes the gradients
 # of both outputs (the residual stream's gradient flows through h_new) and writes dx,
-# dh and per-program partial sums of dweight, dbias and dgamma.
+# dh and per-program partial sums of dweight, dbias and dgamma, which a second launch sums.
 #
 # Design choices.
 # - A program owns BLOCK_M whole rows: BLOCK_N = next_power_of_2(D) columns, masked,
