@@ -497,14 +497,14 @@ def add_layer_norm_bwd_grads(dy, dresidual_out, x, h, weight, bias, gamma, row_s
             num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
-    grads = [torch.empty((n_cols,), dtype=param.dtype, device=device) for param in params if param is not None]
+    dw, db, dgamma = (torch.empty((n_cols,), dtype=param.dtype, device=device) if param is not None else None
+                      for param in params)
+    grads = [grad for grad in (dw, db, dgamma) if grad is not None]
     if grads:
         # No rows: no partial rows to sum (n_partials 0), so the gradients are zeros.
         n_partials = n_programs if n_rows > 0 else 0
         interpreted_sum = interpreted(_add_layer_norm_param_grads_kernel)
         block_p, block_n2, num_warps2 = _param_grads_config(n_cols, interpreted_sum)
-        named = iter(grads)
-        dw, db, dgamma = (next(named) if param is not None else None for param in params)
         launcher_for(_add_layer_norm_param_grads_kernel).call(
             (cdiv(n_cols, block_n2), n_slabs),
             partials,
