@@ -288,3 +288,15 @@ def test_checks_run_once_per_signature_and_every_time_they_fail(monkeypatch, sig
     monkeypatch.setattr(_validate, "tracing", lambda: True)
     check(x, 1.0)
     assert len(calls) == 8
+
+
+def test_runs_kernel_by_device():
+    """runs_kernel reads the device flags: a CUDA tensor always runs the kernel, a CPU tensor only
+    through the interpreter, any other device (meta here) never."""
+    from vit_kernels.ops import layer_norm
+
+    kernel = layer_norm._add_layer_norm_fwd_kernel
+    assert _dispatch.runs_kernel(kernel, torch.empty(1)) == _dispatch.interpreted(kernel)
+    assert not _dispatch.runs_kernel(kernel, torch.empty(1, device="meta"))
+    fake_cuda = type("FakeCuda", (), {"is_cuda": True, "is_cpu": False})()
+    assert _dispatch.runs_kernel(kernel, fake_cuda)
