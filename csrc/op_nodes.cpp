@@ -76,10 +76,10 @@ MlpGrads mlp_backward(const Tensor& dout, const Tensor& x, const Tensor& bias, c
   if (needs_dx) {
     y2 = needs_weight ? at::empty(x2.sizes(), x.options()) : Tensor();
     Tensor dz2 = at::matmul(dout2, weight);  // dY, overwritten with dz by the pass
-    Tensor partial = call_planned(PlanSite::kBiasGeluBwd, op_bodies().bias_gelu_backward,
-                                  {dz2, x2, bias, approximate, dz2, y2})[0];
+    Tensor dbias = call_planned(PlanSite::kBiasGeluBwd, op_bodies().bias_gelu_backward,
+                                {dz2, x2, bias, approximate, dz2, y2})[0];
     g.dx = dz2.view(x.sizes());
-    if (needs_bias && bias.defined()) g.dbias = as_dtype(partial.sum(0), bias.scalar_type());
+    if (needs_bias && bias.defined()) g.dbias = dbias;  // in bias's dtype
   } else if (needs_weight) {
     y2 = call_planned(PlanSite::kBiasGeluFwd, op_bodies().bias_gelu, {x2, bias, approximate})[0];
   }

@@ -22,7 +22,7 @@ struct VIT_KERNELS_HIDDEN OpBodies {
   pybind11::object attention;            // ops/attention's forward impl
   pybind11::object bias_gelu;            // ops/bias_gelu's forward impl
   pybind11::object layer_norm_backward;  // ops/layer_norm.add_layer_norm_bwd_grads
-  pybind11::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_partials
+  pybind11::object bias_gelu_backward;   // ops/bias_gelu.bias_gelu_backward_dbias
   pybind11::object attention_backward;   // ops/attention.flash_attention_bwd_packed(d_attn, q, k, v, out,
                                          //   lse, scale, p, seed, deterministic) -> packed [B, N, 3 * D]
   pybind11::object flash_attention_backward;  // ops/attention._flash_attention_bwd_impl -> (dq, dk, dv)
@@ -52,7 +52,7 @@ LayerNormGrads layer_norm_backward(const at::Tensor& dy, const at::Tensor& dresi
 at::Tensor as_rows(const at::Tensor& t, int64_t n_cols);
 
 // ops/bias_gelu_linear.py's backward (_backward, _bias_gelu_linear_bwd_impl): its bias + GELU pass
-// replayed from its plan (bias_gelu_backward_partials; without `needs_dx`, the forward's), the
+// replayed from its plan (bias_gelu_backward_dbias; without `needs_dx`, the forward's), the
 // sums and GEMMs here. Each gradient is computed where its `needs_` says so (dx with needs_dx).
 struct MlpGrads {
   at::Tensor dx, dbias, dweight, dlinear_bias;

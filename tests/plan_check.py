@@ -51,14 +51,14 @@ from vit_kernels.nn import block_step  # noqa: E402
 from vit_kernels.ops import _nodes  # noqa: E402
 from vit_kernels.ops.attention import (_flash_attention_bwd, _flash_attention_fwd,  # noqa: E402
                                        flash_attention_bwd_packed)
-from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_impl, bias_gelu_backward_partials  # noqa: E402
+from vit_kernels.ops.bias_gelu import _bias_gelu_fwd_impl, bias_gelu_backward_dbias  # noqa: E402
 from vit_kernels.ops.layer_norm import _add_layer_norm_fwd, add_layer_norm_bwd_grads  # noqa: E402
 
 SITES = {name: index for index, name in enumerate(_nodes.PLAN_SITES)}
 BODIES = {"add_layer_norm_fwd": _add_layer_norm_fwd.impl, "attention_fwd": _flash_attention_fwd.impl,
           "bias_gelu_fwd": _bias_gelu_fwd_impl, "attention_bwd": flash_attention_bwd_packed,
           "flash_attention_bwd": _flash_attention_bwd.impl,
-          "add_layer_norm_bwd": add_layer_norm_bwd_grads, "bias_gelu_bwd": bias_gelu_backward_partials}
+          "add_layer_norm_bwd": add_layer_norm_bwd_grads, "bias_gelu_bwd": bias_gelu_backward_dbias}
 
 
 def _address(value):

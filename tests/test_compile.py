@@ -40,9 +40,9 @@ def test_aot_graphs_call_our_triton_kernels(dynamic):
     assert out.returncode == 0, out.stderr[-4000:]
     calls = json.loads(out.stdout.strip().splitlines()[-1])
     want = {
-        "add_layer_norm": ["_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel", "_add_layer_norm_param_grads_kernel"],
-        "bias_gelu": ["_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"],
-        "bias_gelu_linear": ["_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"],
+        "add_layer_norm": ["_add_layer_norm_fwd_kernel", "_add_layer_norm_bwd_kernel", "_partial_row_sums_kernel"],
+        "bias_gelu": ["_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_partial_row_sums_kernel"],
+        "bias_gelu_linear": ["_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_partial_row_sums_kernel"],
         "flash_attention": ["_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel"],
         "flash_attention_dropout": ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"],
     }

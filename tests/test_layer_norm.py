@@ -208,24 +208,21 @@ def test_gradients_are_bitwise_reproducible(seed):
 
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_the_second_stage_sums_partial_rows_over_several_tiles(seed, param_dtype):
-    """The backward's second stage (each parameter's partial rows summed, cast to its dtype) on more
-    partial rows than one tile holds (a GPU has 8 per SM; the interpreter's backward makes 4), with
-    a parameter absent between two given ones and an odd width: against a float64 sum, and the
-    same bits on a second run."""
-    from vit_kernels.ops import layer_norm as layer_norm_ops
-    from vit_kernels.ops._launcher import launcher_for
+    """The backward's second stage (ops/_partial_sums.py: each gradient's partial rows summed, cast
+    to its dtype), shared with bias + GELU's dbias, on more partial rows than one tile holds (a GPU
+    has 8 per SM; the interpreter's backward makes 4), with an output absent between two given
+    ones and an odd width: against a float64 sum, and the same bits on a second run."""
+    from vit_kernels.ops import _partial_sums
 
-    kernel = layer_norm_ops._add_layer_norm_param_grads_kernel
     n_partials, n_cols = 300, 40
     partials = torch.randn(2, n_partials, n_cols, device=DEVICE)
-    block_p, block_n, num_warps = layer_norm_ops._param_grads_config(n_cols, layer_norm_ops.interpreted(kernel))
+    block_p, _, _ = _partial_sums.partial_sums_config(n_cols, _partial_sums.interpreted(
+        _partial_sums._partial_row_sums_kernel))
     assert block_p < n_partials  # several tiles, the last one masked
 
     def second_stage():
         dw, dgamma = (torch.full((n_cols,), float("nan"), dtype=param_dtype, device=DEVICE) for _ in range(2))
-        launcher_for(kernel).call((-(-n_cols // block_n), 2), partials, dw, None, dgamma, n_partials, n_cols,
-                                  W_SLAB=0, B_SLAB=-1, GAMMA_SLAB=1, BLOCK_P=block_p, BLOCK_N=block_n,
-                                  RNE_BF16_IN_SOFTWARE=layer_norm_ops.interpreted(kernel), num_warps=num_warps)
+        _partial_sums.sum_partial_rows(partials, n_partials, (dw, None, dgamma))
         return dw, dgamma
 
     first, second = second_stage(), second_stage()
@@ -234,6 +231,9 @@ def test_the_second_stage_sums_partial_rows_over_several_tiles(seed, param_dtype
         assert torch.equal(got, again)
         torch.testing.assert_close(got.double(), want.to(param_dtype).double(), rtol=1e-5 if param_dtype == torch.float32
                                    else 8e-3, atol=1e-4)
+    empty = torch.full((n_cols,), float("nan"), dtype=param_dtype, device=DEVICE)
+    _partial_sums.sum_partial_rows(partials, 0, (None, empty))  # no partial rows: zeros
+    assert torch.count_nonzero(empty) == 0
 
 
 def test_empty_batch():

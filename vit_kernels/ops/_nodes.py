@@ -56,7 +56,7 @@ def load():
         return f"the extension loaded from {_extension.load()} predates csrc/op_nodes.cpp: rebuild it"
     module.set_op_bodies(layer_norm._add_layer_norm_fwd.impl, attention._flash_attention_fwd.impl,
                          bias_gelu._bias_gelu_fwd_impl, layer_norm.add_layer_norm_bwd_grads,
-                         bias_gelu.bias_gelu_backward_partials, attention.flash_attention_bwd_packed,
+                         bias_gelu.bias_gelu_backward_dbias, attention.flash_attention_bwd_packed,
                          attention._flash_attention_bwd.impl)
     set_launch_plans(module, os.environ.get(LAUNCH_PLANS_ENV) != "0")
     FAST_SIGNATURE.function = module.check_signature

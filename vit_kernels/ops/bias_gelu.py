@@ -30,8 +30,8 @@
 #   sm_90; so did taking e r^2 first (8 bytes, triton 3.8).
 # - dbias: each backward program owns a group of rows of one column block, adds its
 #   tiles elementwise into a float32 [BLOCK_M, BLOCK_N] accumulator, sums its rows once
-#   at the end and writes one float32 partial row; torch.sum over the partials is the
-#   second stage. No atomics: bitwise reproducible.
+#   at the end and writes one float32 partial row; a second launch (ops/_partial_sums.py)
+#   sums them in a fixed order into bias's dtype. No atomics: bitwise reproducible.
 #
 # Layout: x [..., N] with the last dim contiguous (rows may be strided); bias [N] in
 # float32 or x's dtype (autocast keeps parameters in float32), or None.
@@ -49,7 +49,8 @@ from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from .._validate import check_float_tensor, check_optional_float_tensor, check_same_device, check_shape, checked_once
 from ._launcher import launcher_for
-from ._triton_helpers import LAUNCH_OPTIONS, as_dtype, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
+from ._partial_sums import sum_partial_rows
+from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, as_rows, cast_for_store, cdiv, next_power_of_2
 
 APPROXIMATIONS = ("none", "tanh", "quick")  # the kernels' FORM is the index
 # The kernels spell their constants as literals: the GPU compiler rejects plain float
@@ -246,17 +247,17 @@ def bias_gelu_backward_into(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], app
                             y2: Optional[Tensor] = None) -> Optional[Tensor]:
     """One backward pass over rows: dx2 = dy2 * gelu'(x2 + bias), y2 = gelu(x2 + bias) when
     given (the forward's output, recomputed for a caller that did not keep it); returns dbias
-    (float32) or None without a bias. dx2 may be dy2 itself: each element is read before it
-    is written, by the same program."""
-    partial = bias_gelu_backward_partials(dy2, x2, bias, approximate, dx2, y2)
-    return partial.sum(0) if bias is not None else None
+    in bias's dtype, or None without a bias. dx2 may be dy2 itself: each element is read before
+    it is written, by the same program."""
+    dbias = bias_gelu_backward_dbias(dy2, x2, bias, approximate, dx2, y2)
+    return dbias if bias is not None else None
 
 
-def bias_gelu_backward_partials(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], approximate: str, dx2: Tensor,
-                                y2: Optional[Tensor] = None) -> Tensor:
-    """bias_gelu_backward_into's launch: returns dbias's float32 partial sums [groups, H] (an
-    empty tensor without a bias), summed over groups by the caller (the one-node block step
-    replays this part from its launch plan, ops/_plans.py, and sums in C++)."""
+def bias_gelu_backward_dbias(dy2: Tensor, x2: Tensor, bias: Optional[Tensor], approximate: str, dx2: Tensor,
+                             y2: Optional[Tensor] = None) -> Tensor:
+    """bias_gelu_backward_into's launches, returning dbias in bias's dtype (an empty tensor without
+    a bias): the pass writes float32 partial sums [groups, H], a second launch sums them
+    (ops/_partial_sums.py). The C++ nodes replay this from its launch plan (ops/_plans.py)."""
     n_rows, n_cols = x2.shape
     interpreted_kernel = interpreted(_bias_gelu_bwd_kernel)
     block_m, block_n, num_warps = _block_config(n_cols, interpreted_kernel)
@@ -277,9 +278,12 @@ def bias_gelu_backward_partials(dy2: Tensor, x2: Tensor, bias: Optional[Tensor],
             BLOCK_N=block_n, RNE_BF16_IN_SOFTWARE=interpreted_kernel, num_warps=num_warps,
             **LAUNCH_OPTIONS,
         )
-    elif partial is not None:
-        partial.zero_()
-    return partial if partial is not None else torch.empty((0,), dtype=torch.float32, device=x2.device)
+    if bias is None:
+        return torch.empty((0,), dtype=torch.float32, device=x2.device)
+    dbias = torch.empty((n_cols,), dtype=bias.dtype, device=x2.device)
+    # No rows: no partial rows to sum (n_partials 0), so dbias is zeros.
+    sum_partial_rows(partial, n_groups if n_rows > 0 else 0, (dbias,))
+    return dbias
 
 
 def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str) -> tuple[Tensor, Tensor]:
@@ -287,7 +291,7 @@ def bias_gelu_bwd_impl(dy: Tensor, x: Tensor, bias: Optional[Tensor], approximat
     n_cols = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dbias = bias_gelu_backward_into(as_rows(dy, n_cols), as_rows(x, n_cols), bias, approximate, dx.view(-1, n_cols))
-    return dx, (as_dtype(dbias, bias.dtype) if bias is not None else x.new_empty(0))
+    return dx, (dbias if bias is not None else x.new_empty(0))
 
 
 def _bias_gelu_fwd_fake(x, bias, approximate):

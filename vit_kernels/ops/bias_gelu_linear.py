@@ -58,10 +58,8 @@ def _bias_gelu_linear_bwd_impl(dout: Tensor, x: Tensor, bias: Optional[Tensor], 
     if needs_dx:
         y2 = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if needs_dweight else None
         dz2 = dout2 @ weight  # dY, overwritten with dz by the pass below
-        bias_sum = bias_gelu_backward_into(dz2, x2, bias, approximate, dz2, y2)
+        dbias = bias_gelu_backward_into(dz2, x2, bias, approximate, dz2, y2)
         dx = dz2.view(x.shape)
-        if bias is not None:
-            dbias = as_dtype(bias_sum, bias.dtype)
     elif needs_dweight:
         y2 = _bias_gelu_fwd_impl(x2, bias, approximate)
     if needs_dweight:

@@ -26,8 +26,8 @@
 #   residual stream of a bf16 ViT then accumulates 24 or 32 blocks without bf16
 #   rounding at every add.
 # - dweight/dbias/dgamma: each backward program accumulates its rows in float32
-#   registers and writes one partial row; a second launch sums each parameter's partial
-#   rows in a fixed order and stores the gradient in the parameter's dtype. No atomics and
+#   registers and writes one partial row; a second launch (ops/_partial_sums.py) sums each
+#   parameter's partial rows in a fixed order and stores the gradient in the parameter's dtype. No atomics and
 #   no spin locks, so gradients are bitwise reproducible. (A torch.sum over the partials,
 #   then a row view and a cast per parameter, cost the host about 5 us a backward in aten
 #   calls; the second launch is one replayed call: benchmarks/results/, the add_layer_norm rows.)
@@ -55,6 +55,7 @@ from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
 from ._launcher import launcher_for
 from ._nodes import CppNode
+from ._partial_sums import sum_partial_rows
 from ._triton_helpers import LAUNCH_OPTIONS, as_row_pointer, cast_for_store, cdiv, next_power_of_2
 from .._validate import (
     check_float_tensor,
@@ -236,61 +237,6 @@ def _add_layer_norm_bwd_kernel(
         tl.store(DGAMMA_PARTIAL + pid * n_cols + cols, dgamma_acc, mask=col_mask)
 
 
-@triton.jit
-def _add_layer_norm_param_grads_kernel(
-    PARTIALS,
-    DW,
-    DB,
-    DGAMMA,
-    n_partials,
-    n_cols,
-    W_SLAB: tl.constexpr,
-    B_SLAB: tl.constexpr,
-    GAMMA_SLAB: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    RNE_BF16_IN_SOFTWARE: tl.constexpr,
-):
-    """The backward's second stage: a column block of one parameter's gradient, the sum of its
-    float32 partial rows. PARTIALS holds a [n_partials, n_cols] slab per given parameter; program
-    axis 1 picks the slab, and *_SLAB says whose it is (-1: that parameter is not given). Each
-    lane of the [BLOCK_P, BLOCK_N] accumulator adds its rows in order, then one tree sum over
-    BLOCK_P: the same order on every run."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_cols
-    slab = tl.program_id(1)
-    base = PARTIALS + slab.to(tl.int64) * n_partials * n_cols
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for start in range(0, n_partials, BLOCK_P):
-        rows = start + tl.arange(0, BLOCK_P)
-        mask = (rows < n_partials)[:, None] & col_mask[None, :]
-        acc += tl.load(base + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if W_SLAB >= 0:
-        if slab == W_SLAB:
-            tl.store(DW + cols, cast_for_store(total, DW.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=col_mask)
-    if B_SLAB >= 0:
-        if slab == B_SLAB:
-            tl.store(DB + cols, cast_for_store(total, DB.dtype.element_ty, RNE_BF16_IN_SOFTWARE), mask=col_mask)
-    if GAMMA_SLAB >= 0:
-        if slab == GAMMA_SLAB:
-            tl.store(DGAMMA + cols, cast_for_store(total, DGAMMA.dtype.element_ty, RNE_BF16_IN_SOFTWARE),
-                     mask=col_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _param_grads_config(n_cols: int, interpreted_kernel: bool) -> tuple[int, int, int]:
-    """(BLOCK_P, BLOCK_N, num_warps) of the second stage. GPU: 32 columns a program, so that a
-    ViT's D gives a few dozen programs per parameter, each reading its partial rows 128 at a time
-    (a [128, 32] float32 accumulator: 32 registers a thread at 4 warps). Interpreter: one program
-    per parameter, the 4 partial rows its backward makes (num_programs_for_reduction) a tile.
-    Not from the count of partial rows: under torch.compile with a symbolic batch it is symbolic,
-    and a constexpr must not be."""
-    if interpreted_kernel:
-        return 4, next_power_of_2(n_cols), 4
-    return 128, min(32, next_power_of_2(n_cols)), 4
-
-
 @functools.lru_cache(maxsize=None)
 def _block_config(n_cols: int, interpreted_kernel: bool, *, backward: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for rows of n_cols elements.
@@ -449,10 +395,7 @@ def add_layer_norm_bwd_grads(dy, dresidual_out, x, h, weight, bias, gamma, row_s
 
     # The float32 partial rows of every parameter gradient in one buffer, a slab each.
     params = (weight, bias, gamma)
-    slabs, n_slabs = [], 0
-    for param in params:
-        slabs.append(n_slabs if param is not None else -1)
-        n_slabs += param is not None
+    n_slabs = sum(param is not None for param in params)
     partials = torch.empty((n_slabs, n_programs, n_cols), dtype=torch.float32, device=device)
     rows_of = iter(partials.unbind(0))
     dw_partial, db_partial, dgamma_partial = (next(rows_of) if param is not None else None for param in params)
@@ -499,29 +442,9 @@ def add_layer_norm_bwd_grads(dy, dresidual_out, x, h, weight, bias, gamma, row_s
         )
     dw, db, dgamma = (torch.empty((n_cols,), dtype=param.dtype, device=device) if param is not None else None
                       for param in params)
+    # No rows: no partial rows to sum (n_partials 0), so the gradients are zeros.
+    sum_partial_rows(partials, n_programs if n_rows > 0 else 0, (dw, db, dgamma))
     grads = [grad for grad in (dw, db, dgamma) if grad is not None]
-    if grads:
-        # No rows: no partial rows to sum (n_partials 0), so the gradients are zeros.
-        n_partials = n_programs if n_rows > 0 else 0
-        interpreted_sum = interpreted(_add_layer_norm_param_grads_kernel)
-        block_p, block_n2, num_warps2 = _param_grads_config(n_cols, interpreted_sum)
-        launcher_for(_add_layer_norm_param_grads_kernel).call(
-            (cdiv(n_cols, block_n2), n_slabs),
-            partials,
-            dw,
-            db,
-            dgamma,
-            n_partials,
-            n_cols,
-            W_SLAB=slabs[0],
-            B_SLAB=slabs[1],
-            GAMMA_SLAB=slabs[2],
-            BLOCK_P=block_p,
-            BLOCK_N=block_n2,
-            RNE_BF16_IN_SOFTWARE=interpreted_sum,
-            num_warps=num_warps2,
-            **LAUNCH_OPTIONS,
-        )
     return (dx, dresidual, *grads) if store_dresidual else (dx, *grads)
 
 
