@@ -4,8 +4,11 @@ A ViT step at a small batch is launch-bound: the GPU waits for Python. This meas
 Python and dispatcher cost of our ops on any machine: CPU tensors, the op's kernel path
 forced, and every Triton launch replaced by a no-op (Triton's own launcher is therefore not
 counted; `scripts/gpu_diag.py overhead` measures the whole host cost on a device). The
-eager equivalents run their real CPU kernels on tiny tensors, so their numbers are an
-upper bound on their host cost. Ours and eager's take turns, a batch of calls each, 7 rounds:
+eager equivalents run their real CPU kernels on tiny tensors: their numbers count that tiny
+compute where a GPU would count the CUDA launch's host cost (a few us each), as ours count a
+no-op where a GPU counts Triton's C launcher. Neither side pays the driver here, so a ratio is
+the Python and dispatcher work compared, not a bound on either side's GPU host time; the
+device's numbers come from `scripts/gpu_diag.py`. Ours and eager's take turns, a batch of calls each, 7 rounds:
 times are each one's minimum over the rounds, in us (ops) or ms (ViT steps), and each ratio is
 the median of the rounds' ratios (the machine's drift falls on both sides alike).
 
