@@ -79,15 +79,16 @@ def sum_partial_rows(partials: Tensor, n_partials: int, outs: Sequence[Optional[
     """outs[k] = the sum of the first n_partials rows of its slab of `partials`, in outs[k]'s dtype,
     for the up to three outs given; the given ones take the slabs in order. n_partials 0 writes
     zeros (a batch without rows)."""
+    if len(outs) > 3:
+        raise ValueError(f"sum_partial_rows takes at most three outputs, got {len(outs)}")
     given = [out for out in outs if out is not None]
     if not given:
         return
+    out0, out1, out2 = (*outs, None, None)[:3]
     slabs, next_slab = [], 0
-    for out in outs:
+    for out in (out0, out1, out2):
         slabs.append(next_slab if out is not None else -1)
         next_slab += out is not None
-    slabs += [-1] * (3 - len(slabs))
-    out0, out1, out2 = (*outs, None, None, None)[:3]
     n_cols = given[0].shape[0]
     interpreted_kernel = interpreted(_partial_row_sums_kernel)
     block_p, block_n, num_warps = partial_sums_config(n_cols, interpreted_kernel)
