@@ -26,11 +26,10 @@
 #   residual stream of a bf16 ViT then accumulates 24 or 32 blocks without bf16
 #   rounding at every add.
 # - dweight/dbias/dgamma: each backward program accumulates its rows in float32
-#   registers and writes one partial row; a second launch (ops/_partial_sums.py) sums each
-#   parameter's partial rows in a fixed order and stores the gradient in the parameter's dtype. No atomics and
-#   no spin locks, so gradients are bitwise reproducible. (A torch.sum over the partials,
-#   then a row view and a cast per parameter, cost the host about 5 us a backward in aten
-#   calls; the second launch is one replayed call: benchmarks/results/, the add_layer_norm rows.)
+#   registers and writes one partial row; a second launch (ops/_partial_sums.py, which says
+#   why a launch and not aten's sum) sums each parameter's partial rows in a fixed order and
+#   stores the gradient in the parameter's dtype. No atomics and no spin locks, so gradients
+#   are bitwise reproducible.
 # - Row offsets are computed in int64: B*N*D passes 2^31 at ViT-H sizes.
 #
 # Alone, between CUDA events, the op can be slower than eager although the GPU's time is half
