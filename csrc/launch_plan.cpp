@@ -324,28 +324,38 @@ py::dict launch_plan_counts() {
   return out;
 }
 
-// _validate.checked_once's signature of `args` as bytes: per tensor (exactly a torch.Tensor or an
-// nn.Parameter, strided) its type, dtype, device, sizes and strides; per scalar what a plan's key
-// holds. The tuple signature costs several us a call in attribute reads and tuple hashing; this one
-// is a buffer. None for an argument it does not cover (another Tensor subclass, another type):
-// the caller then builds the tuple signature.
-py::object check_signature(const py::tuple& args, const py::handle& parameter_type) {
-  std::vector<int64_t> key;
-  key.reserve(12 * args.size());
-  for (const auto& arg : args) {
-    PyObject* value = arg.ptr();
-    bool parameter = Py_TYPE(value) == reinterpret_cast<PyTypeObject*>(parameter_type.ptr());
+}  // namespace
+
+bool signature_key(std::vector<int64_t>& key, PyObject* const* args, size_t n, PyObject* parameter_type) {
+  for (size_t i = 0; i < n; ++i) {
+    PyObject* value = args[i];
+    bool parameter = Py_TYPE(value) == reinterpret_cast<PyTypeObject*>(parameter_type);
     if (THPVariable_CheckExact(value) || parameter) {
       const Tensor& t = THPVariable_Unpack(value);
-      if (t.layout() != at::kStrided) return py::none();
+      if (t.layout() != at::kStrided) return false;
       key.insert(key.end(), {parameter ? -11 : -10, static_cast<int64_t>(t.scalar_type()),
                              static_cast<int64_t>(t.device().type()), static_cast<int64_t>(t.device().index()),
                              t.dim()});
       key.insert(key.end(), t.sizes().begin(), t.sizes().end());
       key.insert(key.end(), t.strides().begin(), t.strides().end());
     } else if (THPVariable_Check(value) || !scalar_key(key, value)) {
-      return py::none();
+      return false;
     }
+  }
+  return true;
+}
+
+namespace {
+
+// _validate.checked_once's signature of `args` as bytes (signature_key's). The tuple signature
+// costs several us a call in attribute reads and tuple hashing; this one is a buffer. None for an
+// argument it does not cover (another Tensor subclass, another type): the caller then builds the
+// tuple signature.
+py::object check_signature(const py::tuple& args, const py::handle& parameter_type) {
+  std::vector<int64_t> key;
+  key.reserve(12 * args.size());
+  if (!signature_key(key, reinterpret_cast<PyTupleObject*>(args.ptr())->ob_item, args.size(), parameter_type.ptr())) {
+    return py::none();
   }
   return py::bytes(reinterpret_cast<const char*>(key.data()), key.size() * sizeof(int64_t));
 }

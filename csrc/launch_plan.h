@@ -38,6 +38,12 @@ enum class PlanSite {
 // recorded). The GIL must be held.
 std::vector<at::Tensor> call_planned(PlanSite site, const pybind11::object& body, const std::vector<OpArg>& args);
 
+// _validate.checked_once's signature of args[0:n], appended to `key`: per tensor (exactly a
+// torch.Tensor or a `parameter_type`, strided) its type, dtype, device, sizes and strides; per scalar
+// what a plan's key holds. False for an argument it does not cover (another Tensor subclass,
+// another type).
+bool signature_key(std::vector<int64_t>& key, PyObject* const* args, size_t n, PyObject* parameter_type);
+
 void define_launch_plans(pybind11::module_& m);
 
 }  // namespace vit_kernels

@@ -15,10 +15,15 @@
 
 #include "op_nodes.h"
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/python.h>
+
+#include <algorithm>
 
 namespace vit_kernels {
 
@@ -188,36 +193,120 @@ struct BiasGeluLinearBackward : public SavingNode<3> {  // saved: x, bias, weigh
 
 namespace {
 
-// (y, h_new or an empty tensor, stats), the arguments as add_layer_norm_fwd takes them; y and
-// h_new from one AddLayerNormBackward where an input needs a gradient.
-py::tuple add_layer_norm_node(const OptTensor& x, const OptTensor& residual, const OptTensor& weight,
-                              const OptTensor& bias, const OptTensor& gamma, const OptTensor& row_scale,
-                              const py::object& eps, const py::object& residual_dtype, bool store_residual) {
+// (y, h_new or an empty tensor, stats), the arguments as add_layer_norm_fwd takes them (an
+// undefined tensor for None); y and h_new from one AddLayerNormBackward where an input needs a gradient.
+std::vector<Tensor> add_layer_norm_outputs(const Tensor& x, const Tensor& residual, const Tensor& weight,
+                                           const Tensor& bias, const Tensor& gamma, const Tensor& row_scale,
+                                           const py::object& eps, const py::object& residual_dtype,
+                                           bool store_residual) {
   refuse_functorch_transforms();
-  Tensor x_ = value_or_undefined(x), residual_ = value_or_undefined(residual), weight_ = value_or_undefined(weight),
-         bias_ = value_or_undefined(bias), gamma_ = value_or_undefined(gamma),
-         row_scale_ = value_or_undefined(row_scale);
   std::vector<Tensor> out;
   {
     at::AutoGradMode no_grad(false);
     out = call_planned(PlanSite::kAddLayerNormFwd, op_bodies().layer_norm,
-                       {x_, residual_, weight_, bias_, gamma_, row_scale_, eps, residual_dtype,
-                        py::bool_(store_residual)});
+                       {x, residual, weight, bias, gamma, row_scale, eps, residual_dtype, py::bool_(store_residual)});
   }
-  if (torch::autograd::compute_requires_grad(x_, residual_, weight_, bias_, gamma_)) {
+  if (torch::autograd::compute_requires_grad(x, residual, weight, bias, gamma)) {
     auto node = make_node<AddLayerNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x_, residual_, weight_, bias_, gamma_));
+    node->set_next_edges(torch::autograd::collect_next_edges(x, residual, weight, bias, gamma));
     torch::autograd::set_history(out[0], node);  // the outputs' (the gradients') order: y, h_new
     torch::autograd::set_history(out[1], node);
-    Tensor saves[7] = {gamma_.defined() ? x_ : Tensor(), store_residual ? out[1] : x_, weight_, bias_, gamma_,
-                       row_scale_, out[2]};
+    Tensor saves[7] = {gamma.defined() ? x : Tensor(), store_residual ? out[1] : x, weight, bias, gamma, row_scale,
+                       out[2]};
     for (int i = 0; i < 7; ++i) node->saved[i] = SavedVariable(saves[i], /*is_output=*/i == 1 && store_residual);
-    node->meta = {residual_.defined(), store_residual,
-                  residual_.defined() ? residual_.scalar_type() : at::ScalarType::Undefined};
+    node->meta = {residual.defined(), store_residual,
+                  residual.defined() ? residual.scalar_type() : at::ScalarType::Undefined};
     fire_creation_hooks(node);
   }
+  return out;
+}
+
+py::tuple add_layer_norm_node(const OptTensor& x, const OptTensor& residual, const OptTensor& weight,
+                              const OptTensor& bias, const OptTensor& gamma, const OptTensor& row_scale,
+                              const py::object& eps, const py::object& residual_dtype, bool store_residual) {
+  auto out = add_layer_norm_outputs(value_or_undefined(x), value_or_undefined(residual), value_or_undefined(weight),
+                                    value_or_undefined(bias), value_or_undefined(gamma), value_or_undefined(row_scale),
+                                    eps, residual_dtype, store_residual);
   return py::make_tuple(out[0], out[1], out[2]);
 }
+
+// The public add_layer_norm's calls (ops/layer_norm.add_layer_norm) that reached this node, by
+// signature, with what its Python derived from them. A later call at one of these signatures
+// goes to the node from add_layer_norm_call, without the public function's Python: its checks
+// (passed), its choice of path (the kernel's) and its derivations are all functions of the
+// signature, so they would come out the same. What is not in the signature, add_layer_norm_call
+// checks on every call, or the Python does before it (docs/design.md, "Host cost, graphs and syncs").
+struct RememberedCall {
+  std::vector<int64_t> key;
+  py::object residual_dtype;
+  bool store_residual;
+};
+struct RememberedCalls {
+  py::object parameter_type;  // torch.nn.Parameter, a tensor type the signature covers
+  std::vector<RememberedCall> calls;
+};
+RememberedCalls* remembered = nullptr;  // never freed, as `bodies`
+constexpr size_t kMaxRememberedCalls = 64;  // past it the table is cleared and refilled as calls come
+constexpr Py_ssize_t kPublicArguments = 8;  // x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32
+
+// The public arguments' signature (signature_key's), or false where it does not cover one or eps
+// is not a float (the public function hands the body float(eps)).
+bool public_call_key(std::vector<int64_t>& key, PyObject* const* args) {
+  if (remembered == nullptr || !PyFloat_CheckExact(args[4])) return false;
+  key.reserve(64);
+  return signature_key(key, args, kPublicArguments, remembered->parameter_type.ptr());
+}
+
+void remember_add_layer_norm_call(const py::tuple& args, py::object residual_dtype, bool store_residual) {
+  TORCH_CHECK(args.size() == kPublicArguments, "remember_add_layer_norm_call: ", kPublicArguments,
+              " public arguments, got ", args.size());
+  std::vector<int64_t> key;
+  if (!public_call_key(key, reinterpret_cast<PyTupleObject*>(args.ptr())->ob_item)) return;
+  auto& calls = remembered->calls;
+  if (std::any_of(calls.begin(), calls.end(), [&key](const RememberedCall& c) { return c.key == key; })) return;
+  if (calls.size() >= kMaxRememberedCalls) calls.clear();
+  calls.push_back({std::move(key), std::move(residual_dtype), store_residual});
+}
+
+// add_layer_norm(x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32), all eight
+// positional, at a remembered signature: (y, h_new), as the public function returns them. None
+// where it cannot tell that the public function's Python would reach this node: a signature not
+// remembered, or a Python dispatch mode (FakeTensorMode, a tracer) or a functorch transform on.
+// (The public function checks torch.compile and forward-mode AD before calling this.)
+PyObject* add_layer_norm_call(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == kPublicArguments, "add_layer_norm_call takes ", kPublicArguments,
+                   " positional arguments, got ", nargs);
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    Py_RETURN_NONE;
+  }
+  std::vector<int64_t> key;
+  if (!public_call_key(key, args)) Py_RETURN_NONE;
+  const auto& calls = remembered->calls;
+  auto found = std::find_if(calls.begin(), calls.end(), [&key](const RememberedCall& c) { return c.key == key; });
+  if (found == calls.end()) Py_RETURN_NONE;
+  // Copied out: the body and the launches run Python, which may change the table.
+  py::object residual_dtype = found->residual_dtype;
+  bool store_residual = found->store_residual;
+  auto tensor = [&](int i) { return args[i] == Py_None ? Tensor() : THPVariable_Unpack(args[i]); };
+  auto out = add_layer_norm_outputs(tensor(0), tensor(1), tensor(2), tensor(3), tensor(5), tensor(6),
+                                    py::reinterpret_borrow<py::object>(args[4]), residual_dtype, store_residual);
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(out[0])));
+  if (store_residual) {
+    PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(out[1])));
+  } else {
+    Py_INCREF(args[0]);  // h_new *is* x
+    PyTuple_SET_ITEM(result, 1, args[0]);
+  }
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef add_layer_norm_call_def = {"add_layer_norm_call", reinterpret_cast<PyCFunction>(
+    reinterpret_cast<void (*)()>(&add_layer_norm_call)), METH_FASTCALL, nullptr};
 
 // (out, lse), the arguments as flash_attention_fwd takes them; out from one FlashAttentionBackward
 // where an input needs a gradient.
@@ -273,6 +362,9 @@ Tensor bias_gelu_linear_node(const Tensor& x, const OptTensor& bias, const Tenso
 void set_op_bodies(py::object layer_norm, py::object attention, py::object bias_gelu, py::object layer_norm_backward,
                    py::object bias_gelu_backward, py::object attention_backward, py::object flash_attention_backward) {
   if (bodies == nullptr) bodies = new OpBodies;
+  if (remembered == nullptr) remembered = new RememberedCalls;
+  remembered->parameter_type = py::module_::import("torch.nn").attr("Parameter");
+  remembered->calls.clear();
   *bodies = OpBodies{std::move(layer_norm), std::move(attention), std::move(bias_gelu), std::move(layer_norm_backward),
                      std::move(bias_gelu_backward), std::move(attention_backward),
                      std::move(flash_attention_backward)};
@@ -283,6 +375,8 @@ void set_op_bodies(py::object layer_norm, py::object attention, py::object bias_
 void define_op_nodes(py::module_& m) {
   m.def("set_op_bodies", &set_op_bodies);
   m.def("add_layer_norm_node", &add_layer_norm_node);
+  m.add_object("add_layer_norm_call", py::reinterpret_steal<py::object>(PyCFunction_New(&add_layer_norm_call_def, nullptr)));
+  m.def("remember_add_layer_norm_call", &remember_add_layer_norm_call);
   m.def("flash_attention_node", &flash_attention_node);
   m.def("bias_gelu_linear_node", &bias_gelu_linear_node);
 }

@@ -53,6 +53,15 @@ MUTANTS = (
     Mutant("bias-gelu-row-stride-assumed", "vit_kernels/ops/bias_gelu.py",
            "        x2, bias, y, x_stride, n_cols, n_rows, n_cols,", "        x2, bias, y, n_cols, n_cols, n_rows, n_cols,",
            ("tests/test_fuzz.py", "-k", "test_bias_gelu and not linear")),
+    # The public entry (ops/_nodes.PublicEntry) must leave forward-mode AD to the Python, which raises.
+    Mutant("public-entry-under-forward-ad", "vit_kernels/ops/layer_norm.py",
+           "    if not torch.compiler.is_compiling() and forward_ad._current_level < 0:",
+           "    if not torch.compiler.is_compiling():", ("tests/test_op_nodes.py", "-k", "leaves_to_the_python")),
+    Mutant("public-entry-remembers-h-new-stored", "vit_kernels/ops/layer_norm.py",
+           "        entry.remember((x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32), residual_dtype,\n"
+           "                       store_residual)",
+           "        entry.remember((x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32), residual_dtype,\n"
+           "                       True)", ("tests/test_op_nodes.py", "-k", "remembered_public_call")),
     Mutant("row-pointer-ignores-strides", "vit_kernels/ops/_triton_helpers.py", "    if t.is_contiguous():",
            "    if True:", ("tests/test_fuzz.py", "-k", "add_layer_norm or test_bias_gelu")),
 )

@@ -67,6 +67,7 @@ def _run(inputs, grads, frozen=(), **kwargs):
 def _python_autograd(monkeypatch):
     for op in OPS:
         monkeypatch.setattr(op, "apply", op.function.apply)
+        monkeypatch.setattr(op, "entry", None)  # else a remembered public call would still take the node
 
 
 VARIANTS = list(itertools.product([torch.float32, torch.bfloat16], [False, True], [False, True], [False, True]))
@@ -141,7 +142,7 @@ def test_without_the_extension_the_python_autograd_runs(monkeypatch):
     monkeypatch.setattr(_nodes, "_loaded", "no extension here")
     OP.attach()
     try:
-        assert OP.apply == OP.function.apply and OP.run is OP.impl
+        assert OP.apply == OP.function.apply and OP.run is OP.impl and OP.entry is None
         inputs = _inputs(torch.float32, residual=True, gamma=False, row_scale=False, affine=True)
         x = inputs["x"].requires_grad_()
         y, _ = add_layer_norm(x, inputs["residual"], inputs["weight"], inputs["bias"])
@@ -149,6 +150,168 @@ def test_without_the_extension_the_python_autograd_runs(monkeypatch):
     finally:
         monkeypatch.undo()
         OP.attach()
+
+
+def _public_args(inputs, eps=1e-6, residual_in_fp32=False):
+    """add_layer_norm's eight arguments in the order its PublicEntry takes them."""
+    return (inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"], eps, inputs["gamma"],
+            inputs["row_scale"], residual_in_fp32)
+
+
+@pytest.fixture
+def python_runs(monkeypatch):
+    """A list that gets an entry each time add_layer_norm's Python (its check) runs."""
+    runs = []
+    validate = layer_norm_ops._validate
+
+    def counted(*args):
+        runs.append(args)
+        validate(*args)
+
+    monkeypatch.setattr(layer_norm_ops, "_validate", counted)
+    return runs
+
+
+@pytest.mark.parametrize("dtype,residual,gamma,row_scale", VARIANTS)
+@pytest.mark.parametrize("case", ["grad", "residual_in_fp32", "no_grad"])
+def test_a_remembered_public_call_skips_the_python_and_equals_it(node, monkeypatch, python_runs, dtype, residual,
+                                                                 gamma, row_scale, case):
+    """add_layer_norm's PublicEntry (ops/_nodes.py, csrc/op_nodes.cpp): a signature's first call runs
+    the Python and remembers the call; a later one goes to the node from C++, without the Python, and
+    its outputs and gradients are bit-equal to the Python's, h_new x itself where nothing is added."""
+    inputs = _inputs(dtype, residual, gamma, row_scale, affine=True)
+    kwargs = {"residual_in_fp32": True} if case == "residual_in_fp32" else {}
+    grads = (torch.randn(3, 7, 48, dtype=dtype, device=DEVICE),
+             torch.randn(3, 7, 48, dtype=torch.float32 if case == "residual_in_fp32" else
+                         (inputs["residual"] if residual else inputs["x"]).dtype, device=DEVICE))
+    if case == "no_grad":
+        with torch.no_grad():
+            add_layer_norm(**inputs, **kwargs)
+            runs = len(python_runs)
+            got = add_layer_norm(**inputs, **kwargs)
+            assert len(python_runs) == runs and not got[0].requires_grad
+            monkeypatch.setattr(OP, "entry", None)
+            want = add_layer_norm(**inputs, **kwargs)
+            assert len(python_runs) == runs + 1
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        if not (residual or gamma or row_scale):
+            assert got[1] is inputs["x"]
+        return
+    _run(inputs, grads, **kwargs)
+    runs = len(python_runs)
+    assert OP.entry.call(*_public_args(inputs, **kwargs)) is not None
+    got = _run(inputs, grads, **kwargs)
+    assert len(python_runs) == runs  # the node, from C++
+    _python_autograd(monkeypatch)
+    want = _run(inputs, grads, **kwargs)
+    assert len(python_runs) == runs + 1
+    _assert_equal(got, want)
+
+
+def test_what_the_public_entry_leaves_to_the_python(node, python_runs):
+    """Where the signature cannot tell that the Python would reach the node, the entry returns None and
+    the Python runs: an unseen signature (a bad argument there still raises), eps not a float, a Tensor
+    subclass, a Python dispatch mode, forward-mode AD, a functorch transform."""
+    from torch.autograd import forward_ad
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    inputs = _inputs(torch.float32, residual=True, gamma=False, row_scale=False, affine=True)
+    args = _public_args(inputs)
+    add_layer_norm(*args[:5])
+    assert OP.entry.call(*args) is not None
+    with pytest.raises(ValueError, match="weight must have shape"):
+        add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"][:-1], inputs["bias"])
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        add_layer_norm(inputs["x"], inputs["residual"], inputs["weight"], inputs["bias"].int())
+    assert OP.entry.call(*_public_args(inputs, eps=0)) is None  # the Python hands the body float(eps)
+    want = add_layer_norm(*args[:4], 0.0)
+    got = add_layer_norm(*args[:4], 0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+    class Subclass(torch.Tensor):
+        pass
+
+    assert OP.entry.call(inputs["x"].as_subclass(Subclass), *args[1:]) is None
+
+    class Recording(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Recording() as mode:
+        assert OP.entry.call(*args) is None
+        add_layer_norm(*args[:5])
+    assert "vit_kernels.add_layer_norm_fwd.default" in mode.ops, mode.ops
+
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(inputs["x"], torch.randn_like(inputs["x"]))
+        with pytest.raises(NotImplementedError, match="forward-mode"):
+            add_layer_norm(dual, *args[1:5])
+
+    seen = []
+
+    def probe(x):
+        # What the entry reads: functorch's dispatch key is on inside any transform.
+        seen.append((torch._C._dispatch_tls_is_dispatch_key_included(
+            torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode), OP.entry.call(x, *args[1:])))
+        return x.sum()
+
+    torch.func.grad(probe)(inputs["x"])
+    assert seen == [(True, None)]
+    calls = len(python_runs)
+    add_layer_norm(*args[:5])
+    assert len(python_runs) == calls  # all of it left the signature remembered
+
+
+def test_the_public_entry_forgets_past_its_bound(node, python_runs):
+    """Its table holds 64 signatures; the 65th clears it, and the calls it held run the Python again
+    (and are remembered again), each still right."""
+    weight, bias = torch.randn(80, device=DEVICE), torch.randn(80, device=DEVICE)
+
+    def call(hidden):
+        x = torch.randn(1, hidden, device=DEVICE)
+        y, h = add_layer_norm(x, None, weight[:hidden], bias[:hidden])
+        torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (hidden,), weight[:hidden], bias[:hidden],
+                                                                     1e-6), rtol=1e-5, atol=1e-5)
+        assert h is x
+
+    with torch.no_grad():
+        for hidden in range(1, 66):
+            call(hidden)
+        runs = len(python_runs)
+        call(65)
+        assert len(python_runs) == runs  # remembered since the table was cleared
+        call(1)
+        assert len(python_runs) == runs + 1  # forgotten with the others
+        call(1)
+        assert len(python_runs) == runs + 1
+
+
+@pytest.mark.inductor
+def test_torch_compile_traces_the_python_of_a_remembered_call(node):
+    """Dynamo sees the public function's Python (is_compiling() first), so a remembered signature
+    compiles as any other: to the reference, which Inductor generates (_dispatch.inductor_generates)."""
+    inputs = _inputs(torch.float32, residual=True, gamma=False, row_scale=False, affine=True)
+    args = _public_args(inputs)[:5]
+    add_layer_norm(*args)
+    assert OP.entry.call(*_public_args(inputs)) is not None
+    called = set()
+
+    def record(graph_module, example_inputs):
+        called.update(str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+        return graph_module
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: add_layer_norm(*a), backend=record, fullgraph=True)
+    got = compiled(*args)
+    assert not any("vit_kernels" in target for target in called), called
+    want = add_layer_norm(*args)
+    torch.testing.assert_close(got, want)
 
 
 def _assert_equal(got, want, output_names=("y", "h_new")):

@@ -148,6 +148,8 @@ class FusedOp:
         self.node = node
         self.apply = self._attach_then_apply if node is not None else function.apply if function else None
         self.run = self._attach_then_run if node is not None else impl
+        # The op's public function in C++ (ops/_nodes.PublicEntry), once attached, where the node has one.
+        self.entry = None
 
     def __call__(self, *inputs):
         if tracing():
@@ -164,7 +166,7 @@ class FusedOp:
 
     def attach(self) -> None:
         """Looks up the C++ node again (tests do, after changing what the extension gets)."""
-        apply, run = self.node.resolve(self.impl)
+        apply, run, self.entry = self.node.resolve(self.impl)
         self.apply = apply or self.function.apply
         self.run = run or self.impl
 

@@ -12,7 +12,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 from .._dispatch import TRACED_LAUNCHES
 from .._validate import FAST_SIGNATURE
@@ -71,23 +71,37 @@ def set_launch_plans(module, enabled: bool) -> None:
                             TRACED_LAUNCHES)
 
 
+class PublicEntry(NamedTuple):
+    """An op's public function in C++ (csrc/op_nodes.cpp, RememberedCall) at the signatures whose
+    calls reached the op's node before: `call(*public_args)` returns what the public function
+    would, or None where it cannot tell that the public function's Python would reach the node
+    (then that Python runs, and `remember(public_args, *what_it_derived)` notes the call)."""
+
+    call: Callable
+    remember: Callable
+
+
 @dataclass(frozen=True)
 class CppNode:
     """An op's C++ node (csrc/op_nodes.cpp): the extension function that applies it, and the
     launch-plan site (PLAN_SITES) of the op's forward body where that body is planned (its site's
     one body: a site keys plans by arguments, not by body), which then runs planned without a
-    gradient."""
+    gradient; `entry`, the extension's name for the op's public function (PublicEntry: `<entry>`
+    and `remember_<entry>`) where it has one."""
 
     function: str
     plan_site: Optional[str] = None
+    entry: Optional[str] = None
 
     def resolve(self, impl):
-        """(the node's apply, `impl` as an eager call without a gradient runs it), or (None, None)
-        without the extension."""
+        """(the node's apply, `impl` as an eager call without a gradient runs it, the PublicEntry or
+        None), or (None, None, None) without the extension."""
         module = extension()
         if module is None:
-            return None, None
+            return None, None, None
+        entry = (PublicEntry(getattr(module, self.entry), getattr(module, f"remember_{self.entry}"))
+                 if self.entry is not None else None)
         if self.plan_site is None:
-            return getattr(module, self.function), impl
+            return getattr(module, self.function), impl, entry
         return getattr(module, self.function), functools.partial(module.call_planned,
-                                                                 PLAN_SITES.index(self.plan_site), impl)
+                                                                 PLAN_SITES.index(self.plan_site), impl), entry

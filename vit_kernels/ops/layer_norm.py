@@ -49,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import reference
 from .._dispatch import define_op, inductor_generates, interpreted, num_programs_for_reduction, runs_kernel
@@ -512,7 +513,8 @@ def _backward(ctx, dy, dresidual_out, _dstats):
 _add_layer_norm_fwd = define_op("add_layer_norm_fwd", _add_layer_norm_fwd_impl, fake=_add_layer_norm_fwd_fake,
                                 setup_context=_setup_context, backward=_backward, non_differentiable=(2,),
                                 kernel=_add_layer_norm_fwd_kernel,
-                                node=CppNode("add_layer_norm_node", "add_layer_norm_fwd"))
+                                node=CppNode("add_layer_norm_node", "add_layer_norm_fwd",
+                                             entry="add_layer_norm_call"))
 _add_layer_norm_bwd = define_op("add_layer_norm_bwd", _add_layer_norm_bwd_impl, fake=_add_layer_norm_bwd_fake,
                                 kernel=_add_layer_norm_bwd_kernel)
 
@@ -591,6 +593,16 @@ def add_layer_norm(
         ValueError: D out of range, shapes that do not match x, row_scale not [B],
             tensors on different devices, eps < 0.
     """
+    # At a signature whose call reached the C++ node before, the node straight from C++: all the
+    # Python below decides is a function of the signature, and it costs about a third of the call's
+    # host time (ops/_nodes.PublicEntry; docs/design.md, "The public entry"). Not while
+    # torch.compile traces (it must see the Python below) or under forward-mode AD (which raises).
+    if not torch.compiler.is_compiling() and forward_ad._current_level < 0:
+        entry = _add_layer_norm_fwd.entry
+        if entry is not None:
+            outputs = entry.call(x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32)
+            if outputs is not None:
+                return outputs
     _validate(x, residual, weight, bias, eps, gamma, row_scale)
     if (x.dtype == torch.float64 or not runs_kernel(_add_layer_norm_fwd_kernel, x)
             or inductor_generates("add_layer_norm")):
@@ -602,4 +614,8 @@ def add_layer_norm(
     y, residual_out, _ = _add_layer_norm_fwd(
         x, residual, weight, bias, gamma, row_scale, float(eps), residual_dtype, store_residual
     )
+    entry = _add_layer_norm_fwd.entry
+    if entry is not None:
+        entry.remember((x, residual, weight, bias, eps, gamma, row_scale, residual_in_fp32), residual_dtype,
+                       store_residual)
     return y, residual_out if store_residual else x
