@@ -67,6 +67,7 @@ def _run(inputs, grads, frozen=(), **kwargs):
 def _python_autograd(monkeypatch):
     for op in OPS:
         monkeypatch.setattr(op, "apply", op.function.apply)
+        monkeypatch.setattr(op, "run", op.impl)
         monkeypatch.setattr(op, "entry", None)  # else a remembered public call would still take the node
 
 
@@ -395,6 +396,22 @@ def test_the_mlp_node_equals_the_python_autograd(node, monkeypatch, dtype, bias,
     _python_autograd(monkeypatch)
     want = run()
     _assert_equal(got, want, ("out",))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_without_a_gradient_the_mlp_runs_its_node_function(node, monkeypatch, autocast):
+    """Its body is not planned whole (fc2's GEMM is aten work): without a gradient the node's
+    function runs it (bias + GELU from its plan, then the GEMM), equal to the Python impl, call
+    after call (the plan is recorded at the second and replayed from the third)."""
+    assert MLP.run is _nodes.extension().bias_gelu_linear_node
+    x, weight = torch.randn(3, 5, 96, device=DEVICE), torch.randn(40, 96, device=DEVICE) * 0.1
+    bias, linear_bias = torch.randn(96, device=DEVICE), torch.randn(40, device=DEVICE)
+    with torch.no_grad(), torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+        got = [bias_gelu_linear(x, bias, weight, linear_bias, "tanh") for _ in range(3)]
+        _python_autograd(monkeypatch)
+        want = bias_gelu_linear(x, bias, weight, linear_bias, "tanh")
+    for out in got:
+        assert out.dtype == want.dtype and torch.equal(out, want)
 
 
 def test_the_mlp_node_raises_on_a_double_backward(node):

@@ -83,11 +83,12 @@ class PublicEntry(NamedTuple):
 
 @dataclass(frozen=True)
 class CppNode:
-    """An op's C++ node (csrc/op_nodes.cpp): the extension function that applies it, and the
-    launch-plan site (PLAN_SITES) of the op's forward body where that body is planned (its site's
-    one body: a site keys plans by arguments, not by body), which then runs planned without a
-    gradient; `entry`, the extension's name for the op's public function (PublicEntry: `<entry>`
-    and `remember_<entry>`) where it has one."""
+    """An op's C++ node (csrc/op_nodes.cpp): the extension function that applies it; the
+    launch-plan site (PLAN_SITES) of the op's forward body where that body is planned as a whole
+    (its site's one body: a site keys plans by arguments, not by body), which then runs planned
+    without a gradient, and where it is not (the fused MLP: its fc2 GEMM is aten work), the node's
+    function runs without a gradient too, planning the pieces it can; `entry`, the extension's name
+    for the op's public function (PublicEntry: `<entry>` and `remember_<entry>`) where it has one."""
 
     function: str
     plan_site: Optional[str] = None
@@ -101,7 +102,7 @@ class CppNode:
             return None, None, None
         entry = (PublicEntry(getattr(module, self.entry), getattr(module, f"remember_{self.entry}"))
                  if self.entry is not None else None)
+        node = getattr(module, self.function)
         if self.plan_site is None:
-            return getattr(module, self.function), impl, entry
-        return getattr(module, self.function), functools.partial(module.call_planned,
-                                                                 PLAN_SITES.index(self.plan_site), impl), entry
+            return node, node, entry
+        return node, functools.partial(module.call_planned, PLAN_SITES.index(self.plan_site), impl), entry

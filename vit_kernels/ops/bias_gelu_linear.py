@@ -105,7 +105,7 @@ def _backward(ctx, dout):
 
 _bias_gelu_linear_fwd = define_op("bias_gelu_linear_fwd", _bias_gelu_linear_fwd_impl, fake=_bias_gelu_linear_fwd_fake,
                                   setup_context=_setup_context, backward=_backward, kernel=_bias_gelu_fwd_kernel,
-                                  node=CppNode("bias_gelu_linear_node"))  # fc2's GEMM: its impl is not planned
+                                  node=CppNode("bias_gelu_linear_node"))  # fc2's GEMM: its impl is not planned whole
 _bias_gelu_linear_bwd = define_op("bias_gelu_linear_bwd", _bias_gelu_linear_bwd_impl, fake=_bias_gelu_linear_bwd_fake,
                                   kernel=_bias_gelu_fwd_kernel)
 
