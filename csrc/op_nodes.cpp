@@ -235,7 +235,7 @@ py::tuple add_layer_norm_node(const OptTensor& x, const OptTensor& residual, con
 // goes to the node from add_layer_norm_call, without the public function's Python: its checks
 // (passed), its choice of path (the kernel's) and its derivations are all functions of the
 // signature, so they would come out the same. What is not in the signature, add_layer_norm_call
-// checks on every call, or the Python does before it (docs/design.md, "Host cost, graphs and syncs").
+// checks on every call, or the Python does before it (docs/design.md, "The public entry").
 struct RememberedCall {
   std::vector<int64_t> key;
   py::object residual_dtype;
